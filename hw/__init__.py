@@ -1,0 +1,1 @@
+"""Amaranth HDL generator for the binary neural network accelerator."""

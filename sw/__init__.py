@@ -1,0 +1,1 @@
+"""Host side: protocol, bit packing, transports and the device driver (no Amaranth needed)."""
