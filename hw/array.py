@@ -13,7 +13,7 @@ from amaranth import Module, Mux, Signal, unsigned
 from amaranth.lib import data, stream, wiring
 from amaranth.lib.wiring import In, Out
 
-__all__ = ["popcount", "XnorArray"]
+__all__ = ["XnorArray", "popcount"]
 
 
 def popcount(value):

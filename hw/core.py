@@ -11,6 +11,7 @@ from amaranth.lib.wiring import In, Out
 
 from sw import protocol
 from sw.protocol import Command, Memory, Status
+
 from .gemm import GemmEngine
 from .link import FrameReceiver, FrameTransmitter
 
@@ -188,32 +189,31 @@ class DeviceCore(wiring.Component):
                 length = event.length
                 with m.If(event.status != Status.OK):
                     fail(event.status)
-                with m.Else():
-                    with m.Switch(event.command):
-                        with m.Case(Command.PING):
-                            reply(Status.OK, length, payload_states.index("Send buffer"))
-                        with m.Case(Command.INFO):
-                            with m.If(length != 0):
-                                fail(Status.BAD_LENGTH)
-                            with m.Else():
-                                reply(Status.OK, len(info), payload_states.index("Send info"))
-                        with m.Case(Command.WRITE):
-                            with m.If(length <= protocol.WRITE_HEADER.size):
-                                fail(Status.BAD_LENGTH)
-                            with m.Else():
-                                m.next = "Read arguments"
-                        with m.Case(Command.READ):
-                            with m.If(length != protocol.READ_REQUEST.size):
-                                fail(Status.BAD_LENGTH)
-                            with m.Else():
-                                m.next = "Read arguments"
-                        with m.Case(Command.GEMM):
-                            with m.If(length != protocol.GEMM_REQUEST.size):
-                                fail(Status.BAD_LENGTH)
-                            with m.Else():
-                                m.next = "Read arguments"
-                        with m.Default():
-                            fail(Status.UNKNOWN_COMMAND)
+                with m.Else(), m.Switch(event.command):
+                    with m.Case(Command.PING):
+                        reply(Status.OK, length, payload_states.index("Send buffer"))
+                    with m.Case(Command.INFO):
+                        with m.If(length != 0):
+                            fail(Status.BAD_LENGTH)
+                        with m.Else():
+                            reply(Status.OK, len(info), payload_states.index("Send info"))
+                    with m.Case(Command.WRITE):
+                        with m.If(length <= protocol.WRITE_HEADER.size):
+                            fail(Status.BAD_LENGTH)
+                        with m.Else():
+                            m.next = "Read arguments"
+                    with m.Case(Command.READ):
+                        with m.If(length != protocol.READ_REQUEST.size):
+                            fail(Status.BAD_LENGTH)
+                        with m.Else():
+                            m.next = "Read arguments"
+                    with m.Case(Command.GEMM):
+                        with m.If(length != protocol.GEMM_REQUEST.size):
+                            fail(Status.BAD_LENGTH)
+                        with m.Else():
+                            m.next = "Read arguments"
+                    with m.Default():
+                        fail(Status.UNKNOWN_COMMAND)
 
             # Copy the fixed-size request header from the frame buffer into `args`, one byte
             # every two cycles (address, then data).
@@ -225,25 +225,24 @@ class DeviceCore(wiring.Component):
                 with m.If((index + 1 == _ARGS_SIZE) | (index + 1 == event.length)):
                     m.next = "Check arguments"
 
-            with m.State("Check arguments"):
-                with m.Switch(event.command):
-                    with m.Case(Command.WRITE):
-                        m.d.sync += [
-                            mem_id.eq(_field(args, protocol.WRITE_HEADER, "memory")),
-                            address.eq(_field(args, protocol.WRITE_HEADER, "address")),
-                            remainder.eq(event.length - protocol.WRITE_HEADER.size),
-                            words.eq(0),
-                        ]
-                        m.next = "Count words"
-                    with m.Case(Command.READ):
-                        m.d.sync += [
-                            mem_id.eq(_field(args, protocol.READ_REQUEST, "memory")),
-                            address.eq(_field(args, protocol.READ_REQUEST, "address")),
-                            words.eq(_field(args, protocol.READ_REQUEST, "count")),
-                        ]
-                        m.next = "Check read"
-                    with m.Case(Command.GEMM):
-                        m.next = "Check GEMM"
+            with m.State("Check arguments"), m.Switch(event.command):
+                with m.Case(Command.WRITE):
+                    m.d.sync += [
+                        mem_id.eq(_field(args, protocol.WRITE_HEADER, "memory")),
+                        address.eq(_field(args, protocol.WRITE_HEADER, "address")),
+                        remainder.eq(event.length - protocol.WRITE_HEADER.size),
+                        words.eq(0),
+                    ]
+                    m.next = "Count words"
+                with m.Case(Command.READ):
+                    m.d.sync += [
+                        mem_id.eq(_field(args, protocol.READ_REQUEST, "memory")),
+                        address.eq(_field(args, protocol.READ_REQUEST, "address")),
+                        words.eq(_field(args, protocol.READ_REQUEST, "count")),
+                    ]
+                    m.next = "Check read"
+                with m.Case(Command.GEMM):
+                    m.next = "Check GEMM"
 
             # WRITE: divide the data length by the word size by repeated subtraction (at most
             # max_payload cycles), then check the range.
@@ -317,10 +316,9 @@ class DeviceCore(wiring.Component):
                 with m.Else():
                     m.d.comb += [engine.start.valid.eq(1), engine.start.payload.eq(request)]
                     m.next = "Run GEMM"
-            with m.State("Run GEMM"):
-                with m.If(~engine.busy):
-                    reply(Status.OK, protocol.GEMM_REPLY.size,
-                          payload_states.index("Send cycles"))
+            with m.State("Run GEMM"), m.If(~engine.busy):
+                reply(Status.OK, protocol.GEMM_REPLY.size,
+                      payload_states.index("Send cycles"))
 
             with m.State("Reply header"):
                 m.d.comb += [
@@ -328,11 +326,10 @@ class DeviceCore(wiring.Component):
                     transmitter.start.payload.status.eq(reply_status),
                     transmitter.start.payload.length.eq(reply_length),
                 ]
-                with m.If(transmitter.start.ready):
-                    with m.Switch(payload_state_reg):
-                        for number, state in enumerate(payload_states):
-                            with m.Case(number):
-                                m.next = state
+                with m.If(transmitter.start.ready), m.Switch(payload_state_reg):
+                    for number, state in enumerate(payload_states):
+                        with m.Case(number):
+                            m.next = state
 
             # Reply payloads. Each presents one byte on the transmitter's payload stream and
             # advances `index` when it is taken.

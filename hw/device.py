@@ -28,7 +28,7 @@ class Device(wiring.Component):
 
     def __init__(self, config):
         self.config = config
-        super().__init__({"rx": In(1), "tx": Out(1)})
+        super().__init__({"rx": In(1, init=1), "tx": Out(1, init=1)})
 
     def elaborate(self, platform):
         m = Module()

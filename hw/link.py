@@ -5,6 +5,7 @@ from amaranth.lib import data, memory, stream, wiring
 from amaranth.lib.wiring import In, Out
 
 from sw import protocol
+
 from .crc import crc16_next
 
 __all__ = ["FrameEvent", "FrameReceiver", "FrameTransmitter"]
@@ -156,10 +157,9 @@ class FrameReceiver(wiring.Component):
                         report(protocol.Status.OK)
                     with m.Else():
                         report(protocol.Status.BAD_CRC)
-            with m.State("Report"):
-                with m.If(self.event.ready):
-                    m.d.sync += self.event.valid.eq(0)
-                    m.next = "Hunt"
+            with m.State("Report"), m.If(self.event.ready):
+                m.d.sync += self.event.valid.eq(0)
+                m.next = "Hunt"
 
         m.d.comb += [
             self.event.payload.command.eq(command),

@@ -36,9 +36,25 @@ import enum
 import struct
 
 __all__ = [
-    "REQUEST_SYNC", "REPLY_SYNC", "PROTOCOL_VERSION", "NO_COMMAND", "HEADER_SIZE", "CRC_SIZE",
-    "MAX_LENGTH", "Command", "Status", "Memory", "crc16", "crc16_update", "encode_frame",
-    "InfoLayout", "INFO", "WRITE_HEADER", "READ_REQUEST", "GEMM_REQUEST", "GEMM_REPLY",
+    "CRC_SIZE",
+    "GEMM_REPLY",
+    "GEMM_REQUEST",
+    "HEADER_SIZE",
+    "INFO",
+    "MAX_LENGTH",
+    "NO_COMMAND",
+    "PROTOCOL_VERSION",
+    "READ_REQUEST",
+    "REPLY_SYNC",
+    "REQUEST_SYNC",
+    "WRITE_HEADER",
+    "Command",
+    "InfoLayout",
+    "Memory",
+    "Status",
+    "crc16",
+    "crc16_update",
+    "encode_frame",
 ]
 
 REQUEST_SYNC = 0xA5

@@ -11,7 +11,6 @@ from hw.core import DeviceCore
 from sw import protocol
 from sw.protocol import Command, Memory, Status
 
-
 SMALL = DeviceConfig(rows=2, cols=3, lane=8, max_depth=64, weight_depth=32,
                      activation_depth=32, result_depth=32, max_payload=64,
                      clock_hz=1_000_000, baud=250_000, byte_timeout_us=200)
@@ -195,7 +194,8 @@ def test_gemm_matches_reference(M, K, N):
     gemm_reply = got[2 * len(ok):2 * len(ok) + 6 + protocol.GEMM_REPLY.size]
     assert gemm_reply[:4] == bytes([protocol.REPLY_SYNC, Status.OK, 4, 0]), gemm_reply.hex()
     cycles = struct.unpack("<I", gemm_reply[4:8])[0]
-    assert 0 < cycles < 10_000
+    tiles = m_tiles * n_tiles
+    assert cycles == (tiles - 1) * max(k_words, rows) + k_words + 2 * rows + cols + 3
     read_reply = got[2 * len(ok) + len(gemm_reply):]
     width = cols * cfg.acc_width
     size = (width + 7) // 8

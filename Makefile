@@ -1,0 +1,29 @@
+# The two entry points of the README's quick start. Each sets up .venv first (idempotent).
+PYTHON ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+BOARD ?= ulx3s
+
+.PHONY: setup bitstream test lint clean
+
+$(BIN)/python:
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install --upgrade pip
+	# The CPU wheel first: anything that asks for torch later finds it satisfied.
+	$(BIN)/pip install torch==2.13.0
+
+setup: $(BIN)/python
+	$(BIN)/pip install -e ".[test]"
+
+bitstream: setup
+	$(BIN)/python -m hw.build --board $(BOARD)
+
+test: setup
+	$(BIN)/python -m ruff check .
+	$(BIN)/python -m pytest
+
+lint: setup
+	$(BIN)/python -m ruff check .
+
+clean:
+	rm -rf sim_build build bitstreams/*/work

