@@ -158,6 +158,12 @@ class DeviceCore(wiring.Component):
 
         info = Array(Const(byte, 8) for byte in cfg.info())
 
+        # A GEMM request and the products its check compares with the memory depths.
+        gemm_request = Signal(engine.start.payload.shape())
+        gemm_weight_words = Signal(32)
+        gemm_activation_words = Signal(32)
+        gemm_tiles = Signal(32)
+
         m.d.comb += [
             buffer_read.addr.eq(index),
             receiver.pause.eq(1),
@@ -242,6 +248,20 @@ class DeviceCore(wiring.Component):
                     ]
                     m.next = "Check read"
                 with m.Case(Command.GEMM):
+                    # Register the request and the products the check needs: the 16 x 16
+                    # multiplications would otherwise sit on one path with the comparisons and
+                    # the reply multiplexers (the critical path of the first builds).
+                    m_tiles = _field(args, protocol.GEMM_REQUEST, "m_tiles")
+                    n_tiles = _field(args, protocol.GEMM_REQUEST, "n_tiles")
+                    k_words = _field(args, protocol.GEMM_REQUEST, "k_words")
+                    m.d.sync += [
+                        gemm_request.m_tiles.eq(m_tiles),
+                        gemm_request.n_tiles.eq(n_tiles),
+                        gemm_request.k_words.eq(k_words),
+                        gemm_weight_words.eq(m_tiles * k_words),
+                        gemm_activation_words.eq(n_tiles * k_words),
+                        gemm_tiles.eq(m_tiles * n_tiles),
+                    ]
                     m.next = "Check GEMM"
 
             # WRITE: divide the data length by the word size by repeated subtraction (at most
@@ -298,19 +318,15 @@ class DeviceCore(wiring.Component):
                     reply(Status.OK, reply_bytes, payload_states.index("Send memory"))
 
             with m.State("Check GEMM"):
-                request = Signal(engine.start.payload.shape())
-                m.d.comb += [
-                    request.m_tiles.eq(_field(args, protocol.GEMM_REQUEST, "m_tiles")),
-                    request.n_tiles.eq(_field(args, protocol.GEMM_REQUEST, "n_tiles")),
-                    request.k_words.eq(_field(args, protocol.GEMM_REQUEST, "k_words")),
-                ]
+                request = gemm_request
                 fits = Signal()
+                # m_tiles * n_tiles * rows <= result_depth, without the third multiplication.
                 m.d.comb += fits.eq(
                     (request.m_tiles != 0) & (request.n_tiles != 0) & (request.k_words != 0)
                     & (request.k_words <= cfg.max_k_words)
-                    & (request.m_tiles * request.k_words <= cfg.weight_depth)
-                    & (request.n_tiles * request.k_words <= cfg.activation_depth)
-                    & (request.m_tiles * request.n_tiles * cfg.rows <= cfg.result_depth))
+                    & (gemm_weight_words <= cfg.weight_depth)
+                    & (gemm_activation_words <= cfg.activation_depth)
+                    & (gemm_tiles <= cfg.result_depth // cfg.rows))
                 with m.If(~fits):
                     fail(Status.BAD_ARGUMENT)
                 with m.Else():
