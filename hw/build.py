@@ -361,14 +361,21 @@ def _versions():
     return versions
 
 
+#: Paths whose changes make a build differ from the commit it reports.
+_BUILD_SOURCES = ("hw", "sw", "pyproject.toml")
+
+
 def _git():
-    """Commit of the working tree, and whether tracked files differ from it; None outside git."""
+    """Commit of the working tree, and whether the sources of a build (``hw/``, ``sw/``,
+    ``pyproject.toml``) differ from it; None outside git. Other files (docs, the bitstreams just
+    built for another board) do not make a build dirty."""
     def git(*args):
         return subprocess.run(["git", *args], cwd=_REPO, capture_output=True, text=True,
                               check=True).stdout.strip()
     try:
         commit = git("rev-parse", "HEAD")
-        dirty = bool(git("status", "--porcelain", "--untracked-files=no"))
+        dirty = bool(git("status", "--porcelain", "--untracked-files=no", "--",
+                         *_BUILD_SOURCES))
     except (OSError, subprocess.CalledProcessError):
         return None
     return {"commit": commit, "dirty": dirty}
