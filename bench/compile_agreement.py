@@ -3,7 +3,8 @@
 ::
 
     python -m bench.compile_agreement CHECKPOINT [CHECKPOINT ...] [--board ulx3s]
-                                      [--limit N] [--act-bits 8] [--threads 1]
+                                      [--activation-depth WORDS] [--limit N] [--act-bits 8]
+                                      [--threads 1]
                                       [--output bench/results/compile_agreement.json]
 
 Each checkpoint (of :mod:`sw.train`) is compiled with :func:`sw.compile.compile_checkpoint` for
@@ -65,6 +66,10 @@ def main(argv=None):
     parser.add_argument("checkpoints", metavar="CHECKPOINT", nargs="+")
     parser.add_argument("--board", metavar="BOARD", default="ulx3s",
                         help="target board (default: %(default)s)")
+    parser.add_argument("--activation-depth", metavar="WORDS", type=int, default=None,
+                        help="compile for the board's default build with this many words of "
+                             "activation memory instead (a model too large for the default "
+                             "build can still be measured; default: the board's)")
     parser.add_argument("--limit", metavar="N", type=int, default=None,
                         help="only the first N test images (default: all)")
     parser.add_argument("--act-bits", metavar="BITS", type=int, default=8,
@@ -76,6 +81,8 @@ def main(argv=None):
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
     config = get_board(args.board).default_config
+    if args.activation_depth is not None:
+        config = config.replace(activation_depth=args.activation_depth)
     rows = []
     for checkpoint in args.checkpoints:
         row = measure(checkpoint, config, limit=args.limit, act_bits=args.act_bits)
@@ -90,7 +97,7 @@ def main(argv=None):
         "date": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
         "host": {"machine": platform.machine(), "python": platform.python_version(),
                  "torch": torch.__version__},
-        "board": args.board, "rows": rows,
+        "board": args.board, "activation_depth": config.activation_depth, "rows": rows,
     }
     Path(args.output).parent.mkdir(parents=True, exist_ok=True)
     Path(args.output).write_text(json.dumps(result, indent=2) + "\n")
