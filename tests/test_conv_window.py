@@ -1,0 +1,234 @@
+"""amaranth.sim tests of the window generator: its words, fed to a model of the XNOR array,
+give the golden model's ``bconv`` counts exactly."""
+
+import random
+import types
+
+import pytest
+import torch
+from amaranth import Elaboratable, Module
+from amaranth.lib import memory
+from amaranth.sim import Simulator
+
+from hw.conv_window import ConvWindow
+from sw.compile import golden
+
+
+def golden_bconv(bits, weight_bits, kernel, stride, padding):
+    op = types.SimpleNamespace(kind="bconv", name="b",
+                               attrs={"kernel": kernel, "stride": stride, "padding": padding},
+                               params={"weight_bits": weight_bits})
+    return golden._execute(op, [torch.as_tensor(bits, dtype=torch.int64).unsqueeze(0)])[0]
+
+
+def pack_map(bits, lane, rng):
+    """Memory words of a ``(C, H, W)`` bit map; channel-tail bits random (don't-care)."""
+    c_total, h, w = len(bits), len(bits[0]), len(bits[0][0])
+    words = (c_total + lane - 1) // lane
+    out = []
+    for y in range(h):
+        for x in range(w):
+            for cw in range(words):
+                word = 0
+                for b in range(lane):
+                    c = cw * lane + b
+                    bit = bits[c][y][x] if c < c_total else rng.randint(0, 1)
+                    word |= bit << b
+                out.append(word)
+    return out
+
+
+def pack_weights(weight_bits, c_total, kernel, lane):
+    """Per output channel, the K words in the documented order (0 bits for c >= C)."""
+    words = (c_total + lane - 1) // lane
+    kk = kernel * kernel
+    packed = []
+    for row in weight_bits:
+        ws = []
+        for pos in range(kk):
+            for cw in range(words):
+                word = 0
+                for b in range(lane):
+                    c = cw * lane + b
+                    if c < c_total:
+                        word |= int(row[c * kk + pos]) << b
+                ws.append(word)
+        packed.append(ws)
+    return packed
+
+
+class Harness(Elaboratable):
+    def __init__(self, dut, init):
+        self.dut = dut
+        self.init = init
+
+    def elaborate(self, platform):
+        m = Module()
+        m.submodules.dut = dut = self.dut
+        m.submodules.mem = mem = memory.Memory(shape=dut.lane, depth=dut.depth, init=self.init)
+        for c in range(dut.cols):
+            port = mem.read_port(domain="sync")
+            m.d.comb += [port.addr.eq(dut.rd[c].addr), port.en.eq(dut.rd[c].en),
+                         dut.rd[c].data.eq(port.data)]
+        return m
+
+
+def run_pass(dut, init, config, stall, seed, passes=1):
+    """Start ``passes`` passes one after the other; return the accepted beats of each pass
+    (a list when ``passes > 1``) and the cycles (from start) the last one took."""
+    runs = []
+    stats = {}
+
+    async def bench(ctx):
+        rng = random.Random(seed)
+        for name, value in config.items():
+            ctx.set(getattr(dut.config, name), value)
+        for _ in range(passes):
+            beats = []
+            ctx.set(dut.start, 1)
+            await ctx.tick()
+            ctx.set(dut.start, 0)
+            cycles = 0
+            while True:
+                ready = rng.random() >= stall
+                ctx.set(dut.o.ready, ready)
+                *_, valid, act, first, last, busy = await ctx.tick().sample(
+                    dut.o.valid, dut.o.payload.activations, dut.o.payload.first,
+                    dut.o.payload.last, dut.busy)
+                cycles += 1
+                if valid and ready:
+                    beats.append((int(act), int(first), int(last)))
+                if not busy and not valid and cycles > 2:
+                    break
+                assert cycles < 100000
+            stats["cycles"] = cycles
+            runs.append(beats)
+            for _ in range(4):                               # nothing more after the pass
+                assert not ctx.get(dut.o.valid)
+                await ctx.tick()
+
+    sim = Simulator(Harness(dut, init))
+    sim.add_clock(1e-6)
+    sim.add_testbench(bench)
+    sim.run()
+    return (runs if passes > 1 else runs[0]), stats
+
+
+def array_counts(beats, weights, cols, lane, n_pixels):
+    """Model of XnorArray: per tile (first..last), per column, popcount(xnor) over K."""
+    mask = (1 << lane) - 1
+    k_words = len(weights[0])
+    counts = {}
+    tile = []
+    tiles = 0
+    for act, first, last in beats:
+        assert bool(first) == (not tile)
+        tile.append(act)
+        if last:
+            assert len(tile) == k_words
+            for c in range(cols):
+                n = tiles * cols + c
+                if n >= n_pixels:
+                    continue
+                for o, ws in enumerate(weights):
+                    counts[(o, n)] = sum(
+                        (~(w ^ (a >> (c * lane))) & mask).bit_count()
+                        for w, a in zip(ws, tile))
+            tiles += 1
+            tile = []
+    assert not tile
+    return counts, tiles
+
+
+CASES = [
+    # (kernel, stride, padding, cols, lane, C, H, W)
+    (3, 1, 1, 4, 8, 11, 5, 7),
+    (3, 2, 1, 3, 8, 13, 7, 5),
+    (1, 1, 0, 4, 4, 6, 3, 5),
+    (1, 2, 0, 2, 4, 7, 5, 7),
+    (3, 1, 0, 5, 4, 5, 5, 3),
+    (3, 2, 0, 4, 8, 8, 7, 7),
+    (3, 1, 1, 8, 4, 3, 1, 3),        # more columns than output pixels per row
+]
+
+
+def check_layer(rng, kernel, stride, padding, cols, lane, c_total, h, w, stall=0.4):
+    out_channels = rng.randint(1, 5)
+    bits = [[[rng.randint(0, 1) for _ in range(w)] for _ in range(h)] for _ in range(c_total)]
+    weight_bits = [[rng.randint(0, 1) for _ in range(c_total * kernel * kernel)]
+                   for _ in range(out_channels)]
+    expected = golden_bconv(bits, weight_bits, kernel, stride, padding)
+    _, oh, ow = expected.shape
+
+    words = (c_total + lane - 1) // lane
+    dut = ConvWindow(cols, lane, max_width=8, max_height=8, max_channel_words=words + 1)
+    init = pack_map(bits, lane, rng)
+    config = {"height": h, "width": w, "channels": c_total, "channel_words": words,
+              "kernel": kernel, "stride": stride, "padding": padding}
+    beats, _ = run_pass(dut, init, config, stall=stall, seed=rng.randint(0, 1 << 30))
+    counts, tiles = array_counts(beats, pack_weights(weight_bits, c_total, kernel, lane),
+                                 cols, lane, oh * ow)
+    assert tiles == -(-oh * ow // cols)
+    for o in range(out_channels):
+        for n in range(oh * ow):
+            assert counts[(o, n)] == int(expected[o, n // ow, n % ow]), (o, n)
+
+
+@pytest.mark.parametrize("kernel,stride,padding,cols,lane,c_total,h,w", CASES)
+def test_counts_match_golden_bconv(kernel, stride, padding, cols, lane, c_total, h, w):
+    rng = random.Random(kernel * 1000 + stride * 100 + padding * 10 + cols + c_total)
+    check_layer(rng, kernel, stride, padding, cols, lane, c_total, h, w)
+
+
+@pytest.mark.parametrize("kernel,stride,padding", [(3, 1, 1), (3, 2, 1), (1, 1, 0), (1, 2, 0)])
+def test_random_layers(kernel, stride, padding):
+    """Seeded random odd-sized maps, C not a multiple of lane, random backpressure."""
+    rng = random.Random(kernel * 10 + stride)
+    for _ in range(6):
+        lane = rng.choice([2, 4, 8])
+        c_total = rng.randint(1, 3 * lane)
+        if c_total % lane == 0:
+            c_total += 1
+        h, w = rng.choice([1, 3, 5, 7]), rng.choice([1, 3, 5, 7])
+        if kernel == 3 and padding == 0:
+            h, w = max(h, 3), max(w, 3)
+        check_layer(rng, kernel, stride, padding, rng.randint(1, 6), lane, c_total, h, w,
+                    stall=rng.choice([0.0, 0.3, 0.7]))
+
+
+def test_full_rate():
+    """With ready always high: one beat per cycle, no gaps between tiles."""
+    rng = random.Random(5)
+    c_total, h, w, lane, cols = 9, 5, 5, 4, 4
+    bits = [[[rng.randint(0, 1) for _ in range(w)] for _ in range(h)] for _ in range(c_total)]
+    dut = ConvWindow(cols, lane, max_width=5, max_height=5, max_channel_words=3)
+    config = {"height": h, "width": w, "channels": c_total, "channel_words": 3,
+              "kernel": 3, "stride": 1, "padding": 1}
+    beats, stats = run_pass(dut, pack_map(bits, lane, rng), config, stall=0.0, seed=0)
+    expected = -(-25 // cols) * 9 * 3
+    assert len(beats) == expected
+    # Valid from the second sampled edge on, every cycle, then the loop's stop cycle.
+    assert stats["cycles"] == expected + 2
+
+
+def test_passes_repeat():
+    """A second start (as for the next row tile of the weights) replays the same words."""
+    rng = random.Random(9)
+    c_total, h, w, lane, cols = 5, 3, 5, 4, 3
+    bits = [[[rng.randint(0, 1) for _ in range(w)] for _ in range(h)] for _ in range(c_total)]
+    dut = ConvWindow(cols, lane, max_width=5, max_height=3, max_channel_words=2)
+    config = {"height": h, "width": w, "channels": c_total, "channel_words": 2,
+              "kernel": 3, "stride": 2, "padding": 1}
+    runs, _ = run_pass(dut, pack_map(bits, lane, rng), config, stall=0.5, seed=3, passes=3)
+    assert len(runs[0]) == 2 * 9 * 2
+    assert runs[0] == runs[1] == runs[2]
+
+
+def test_bad_parameters():
+    with pytest.raises(ValueError, match="must be a positive integer"):
+        ConvWindow(0, 8, 4, 4, 1)
+
+
+def test_converts_to_rtlil():
+    from amaranth.back import rtlil
+    assert "module" in rtlil.convert(ConvWindow(8, 32, 32, 32, 8))
