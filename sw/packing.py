@@ -48,8 +48,8 @@ says what the values mean, so an all-ones array is never ambiguous:
 import numpy as np
 
 __all__ = [
-    "ENCODINGS", "bytes_to_words", "gemm_tiling", "pack_activations", "pack_weights",
-    "reference_counts", "to_bits", "unpack_results", "word_bytes", "words_to_bytes",
+    "ENCODINGS", "bytes_to_words", "conv_window_weight_bits", "gemm_tiling", "pack_activations",
+    "pack_weights", "reference_counts", "to_bits", "unpack_results", "word_bytes", "words_to_bytes",
 ]
 
 #: The accepted values of the ``encoding`` arguments.
@@ -191,6 +191,41 @@ def pack_weights(W, rows, lane, *, encoding="sign"):
     # (mt, r, kw, i) -> (mt, kw, r, i): word (mt, kw), bit r * lane + i.
     tiles = padded.reshape(m_tiles, rows, k_words, lane).transpose(0, 2, 1, 3)
     return _rows_to_words(tiles.reshape(m_tiles * k_words, rows * lane))
+
+
+def conv_window_weight_bits(weight_bits, channels, kernel, lane):
+    """Reorder a binary conv's weights into the K order of :class:`hw.conv_window.ConvWindow`.
+
+    Parameters
+    ----------
+    weight_bits : array_like of bool, shape (O, channels * kernel * kernel)
+        Weight bits in PyTorch's order (index ``c * kernel * kernel + ky * kernel + kx``), as a
+        ``bconv`` op of the compiler stores them.
+    channels, kernel, lane : int
+
+    Returns
+    -------
+    numpy.ndarray of bool, shape (O, kernel * kernel * ceil(channels / lane) * lane)
+        Column ``((ky * kernel + kx) * channel_words + c // lane) * lane + c % lane`` holds the
+        bit of channel ``c`` at kernel position ``(ky, kx)``; the columns of the channels past
+        ``channels`` in each kernel position are 0 (the conv window sends 1 there, so they add
+        nothing to a count). Pack the result with :func:`pack_weights` (``encoding="bit"``).
+    """
+    channels = _check_positive("channels", channels)
+    kernel = _check_positive("kernel", kernel)
+    lane = _check_positive("lane", lane)
+    bits = _matrix_bits(weight_bits, "bit", "weight_bits")
+    out_channels, fan_in = bits.shape
+    positions = kernel * kernel
+    if fan_in != channels * positions:
+        raise ValueError(f"weight_bits must have channels * kernel**2 = {channels * positions} "
+                         f"columns, not {fan_in}")
+    channel_words = _ceil_div(channels, lane)
+    # (O, c, pos) -> (O, pos, c), then pad c up to whole lane words.
+    by_position = bits.reshape(out_channels, channels, positions).transpose(0, 2, 1)
+    padded = np.zeros((out_channels, positions, channel_words * lane), dtype=bool)
+    padded[:, :, :channels] = by_position
+    return padded.reshape(out_channels, positions * channel_words * lane)
 
 
 def pack_activations(A, cols, lane, *, encoding="sign"):

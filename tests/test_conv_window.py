@@ -11,6 +11,7 @@ from amaranth.lib import memory
 from amaranth.sim import Simulator
 
 from hw.conv_window import ConvWindow
+from sw import packing
 from sw.compile import golden
 
 
@@ -55,6 +56,23 @@ def pack_weights(weight_bits, c_total, kernel, lane):
                 ws.append(word)
         packed.append(ws)
     return packed
+
+
+def test_sw_packing_matches_the_documented_order():
+    """sw.packing.conv_window_weight_bits + pack_weights give the words written out above."""
+    rng = random.Random(7)
+    for c_total, kernel, lane, out_c, rows in [(5, 3, 4, 3, 2), (8, 1, 8, 4, 4), (13, 3, 8, 5, 3)]:
+        bits = [[rng.randint(0, 1) for _ in range(c_total * kernel * kernel)]
+                for _ in range(out_c)]
+        expected = pack_weights(bits, c_total, kernel, lane)
+        reordered = packing.conv_window_weight_bits(bits, c_total, kernel, lane)
+        words = packing.pack_weights(reordered, rows, lane, encoding="bit")
+        k_words = len(expected[0])
+        for o in range(out_c):
+            mt, r = divmod(o, rows)
+            for kw in range(k_words):
+                got = words[mt * k_words + kw] >> (r * lane) & ((1 << lane) - 1)
+                assert got == expected[o][kw], f"o={o} kw={kw}"
 
 
 class Harness(Elaboratable):
