@@ -19,7 +19,7 @@ def golden_bconv(bits, weight_bits, kernel, stride, padding):
     op = types.SimpleNamespace(kind="bconv", name="b",
                                attrs={"kernel": kernel, "stride": stride, "padding": padding},
                                params={"weight_bits": weight_bits})
-    return golden._execute(op, [torch.as_tensor(bits, dtype=torch.int64).unsqueeze(0)])[0]
+    return golden.execute_op(op, [torch.as_tensor(bits, dtype=torch.int64).unsqueeze(0)])[0]
 
 
 def pack_map(bits, lane, rng):

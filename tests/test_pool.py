@@ -14,7 +14,7 @@ from sw.compile import golden
 
 def golden_op(kind, x, **attrs):
     op = types.SimpleNamespace(kind=kind, name="p", attrs=attrs, params={})
-    return golden._execute(op, [torch.as_tensor(x, dtype=torch.int64).unsqueeze(0)])[0]
+    return golden.execute_op(op, [torch.as_tensor(x, dtype=torch.int64).unsqueeze(0)])[0]
 
 
 def value_range(width, is_signed):

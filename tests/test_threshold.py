@@ -18,7 +18,7 @@ def golden_bits(x, threshold, direction):
     op = types.SimpleNamespace(kind="threshold", name="t", attrs={},
                                params={"threshold": threshold, "direction": direction})
     x = torch.as_tensor(x, dtype=torch.int64).view(1, len(threshold), 1, -1)
-    return golden._execute(op, [x])[0, :, 0].tolist()
+    return golden.execute_op(op, [x])[0, :, 0].tolist()
 
 
 def value_range(width, is_signed):

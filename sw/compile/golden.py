@@ -7,7 +7,7 @@ Every tensor is ``torch.int64``; bit tensors hold 0/1. The operations' semantics
 import torch
 import torch.nn.functional as F
 
-__all__ = ["requantize", "run"]
+__all__ = ["execute_op", "requantize", "run"]
 
 _INT64_MIN = -(1 << 63)
 
@@ -88,7 +88,8 @@ def _combine(op, inputs):
     return requantize(v, p["shift"], a["relu"], a["bits"])
 
 
-def _execute(op, inputs):
+def execute_op(op, inputs):
+    """One op on int64 inputs ``(B, C, H, W)`` (the op's input slices); returns its output slice."""
     kind, a, p = op.kind, op.attrs, op.params
     x = inputs[0]
     if kind == "input":
@@ -148,7 +149,7 @@ def run(program, images, return_intermediates=False):
     intermediates = {}
     for op in program.ops:
         inputs = [env[s.tensor][:, s.start:s.stop] for s in op.inputs]
-        y = _execute(op, inputs)
+        y = execute_op(op, inputs)
         out = env[op.output.tensor]
         if op.mode == "add":
             out[:, op.output.start:op.output.stop] += y

@@ -1,0 +1,192 @@
+"""The accelerator's instruction set: layer-program descriptors and per-channel parameter records.
+
+This module is the single definition of the bit layouts that the compiler's code generator
+(:mod:`sw.compile.codegen`) writes and the hardware (:mod:`hw.sequencer`, :mod:`hw.fixed_unit`,
+:mod:`hw.bconv_engine`) decodes. Like :mod:`sw.protocol` it depends only on the standard
+library: the hardware builds :class:`amaranth.lib.data.StructLayout` s from the same field
+lists (:func:`hw.isa_layout`), so both sides cannot disagree.
+
+A record is a little-endian bit field: the first field occupies the lowest bits. The host sees
+a record as a memory word of ``ceil(width / 8)`` bytes (see :class:`sw.protocol.Memory`).
+
+Execution model (details in ``docs/accelerator.md``)
+----------------------------------------------------
+* **INTS** memory: signed integers of ``element_width`` bits, one per address. A tensor of
+  shape ``(C, H, W)`` at element address ``base`` holds element ``(c, y, x)`` at
+  ``base + (c * H + y) * W + x`` (channel planes).
+* **BITS** memory: words of ``lane`` bits. A bit tensor at word address ``base`` holds channel
+  ``c`` of pixel ``(y, x)`` in bit ``c % lane`` of word ``base + (y * W + x) * cw + c // lane``,
+  ``cw = ceil(C / lane)`` (the layout :class:`hw.conv_window.ConvWindow` reads).
+* **WEIGHTS** memory: the binary weights of a ``bconv``, ``rows * lane`` bits per word; row tile
+  ``t`` (output channels ``t * rows + r``), K word ``kw`` at ``weight_base + t * k_words + kw``,
+  in ConvWindow's K order (:func:`sw.packing.conv_window_weight_bits`).
+* **COEFS** memory: signed 8-bit fixed-point weights (conv weights, ABC-Net coefficients).
+* **PARAMS** memory: one :data:`PARAM` record per output channel of a fixed-point op.
+* **PROGRAM** memory: one :data:`DESCRIPTOR` per op; **COUNTERS**: the cycles each op took.
+"""
+
+import enum
+
+__all__ = [
+    "BCONV_FIELDS", "DESCRIPTOR", "FIXED_FIELDS", "PARAM", "BitRecord", "Opcode", "Post",
+    "Reduce",
+]
+
+
+class Opcode(enum.IntEnum):
+    """What a descriptor runs."""
+    #: Do nothing (the cycle counter still records the dispatch).
+    NOP = 0
+    #: A fixed-point op on :class:`hw.fixed_unit.FixedUnit` (the ``fixed_*`` fields).
+    FIXED = 1
+    #: A binary conv on :class:`hw.bconv_engine.BconvEngine` (the ``bconv_*`` fields).
+    BCONV = 2
+
+
+class Reduce(enum.IntEnum):
+    """How a fixed-point op combines its terms."""
+    SUM = 0
+    MAX = 1
+
+
+class Post(enum.IntEnum):
+    """What a fixed-point op does with a finished sum."""
+    #: Write the sum unchanged (max pool, global sum pool, channel shuffle).
+    NONE = 0
+    #: ``sat((acc * mul + bias [+ res * res_mul] + half) >> shift)`` (round half up).
+    REQUANT = 1
+    #: Per-channel threshold compare; the bit goes to BITS memory.
+    THRESHOLD = 2
+
+
+class BitRecord:
+    """A little-endian bit-field record: ``fields`` is a sequence of ``(name, width, signed)``.
+
+    :meth:`pack` checks that each value fits its field and raises ``ValueError`` naming the
+    field otherwise; nothing is silently truncated.
+    """
+
+    def __init__(self, fields):
+        self.fields = tuple((name, int(width), bool(signed)) for name, width, signed in fields)
+        names = [name for name, _, _ in self.fields]
+        if len(set(names)) != len(names):
+            raise ValueError("field names must be unique")
+        self.width = sum(width for _, width, _ in self.fields)
+        self.nbytes = (self.width + 7) // 8
+
+    @property
+    def names(self):
+        return tuple(name for name, _, _ in self.fields)
+
+    def offsets(self):
+        """Return ``{name: (bit offset, width, signed)}``."""
+        result, offset = {}, 0
+        for name, width, signed in self.fields:
+            result[name] = (offset, width, signed)
+            offset += width
+        return result
+
+    def range(self, name):
+        """``(low, high)`` of the values field ``name`` holds."""
+        _, width, signed = self.offsets()[name]
+        if signed:
+            return -(1 << (width - 1)), (1 << (width - 1)) - 1
+        return 0, (1 << width) - 1
+
+    def pack(self, **values):
+        """Return the record as an ``int``; fields not given are 0."""
+        unknown = set(values) - set(self.names)
+        if unknown:
+            raise TypeError(f"unknown fields: {sorted(unknown)}")
+        word = 0
+        for name, (offset, width, _) in self.offsets().items():
+            value = int(values.get(name, 0))
+            low, high = self.range(name)
+            if not low <= value <= high:
+                raise ValueError(f"field {name!r} must be in [{low}, {high}], not {value}")
+            word |= (value & ((1 << width) - 1)) << offset
+        return word
+
+    def pack_bytes(self, **values):
+        return self.pack(**values).to_bytes(self.nbytes, "little")
+
+    def unpack(self, word):
+        """Return ``{name: value}`` of an ``int`` or bytes record."""
+        if isinstance(word, (bytes, bytearray)):
+            word = int.from_bytes(word, "little")
+        result = {}
+        for name, (offset, width, signed) in self.offsets().items():
+            value = (word >> offset) & ((1 << width) - 1)
+            if signed and value >> (width - 1):
+                value -= 1 << width
+            result[name] = value
+        return result
+
+
+#: Per-output-channel parameters of a fixed-point op (one PARAMS word).
+PARAM = BitRecord([
+    # INTS address of the first term's input plane for this output channel (tensor base plus
+    # channel offset: the group's first input channel of a conv, the source channel of a
+    # shuffle, the channel itself for element-wise ops).
+    ("in_offset", 24, False),
+    ("mul", 18, True),
+    ("res_mul", 18, True),
+    ("shift", 6, False),
+    ("bias", 48, True),
+    ("threshold", 32, True),
+    # +1: bit = x >= threshold; -1: bit = x <= threshold; 0: bit = threshold != 0.
+    ("direction", 2, True),
+])
+
+#: Settings of a fixed-point op (:class:`hw.fixed_unit.FixedUnit`'s ``config``).
+FIXED_FIELDS = (
+    ("reduce", 1, False),        # Reduce
+    ("multiply", 1, False),      # 1: term = x * coef; 0: term = x
+    ("post", 2, False),          # Post
+    ("relu", 1, False),          # REQUANT saturates to [0, 2**bits - 1], else signed bits
+    ("bits", 6, False),          # REQUANT output width (1..element_width)
+    ("residual", 1, False),      # REQUANT adds res_mul * INTS[res_base + o * out_plane + pix]
+    ("in_h", 12, False),
+    ("in_w", 12, False),
+    ("kernel_h", 12, False),
+    ("kernel_w", 12, False),
+    ("stride", 2, False),
+    ("pad", 3, False),
+    ("terms_c", 12, False),      # term channels per output (conv: in_channels / groups)
+    ("term_stride", 24, False),  # INTS distance between term channels
+    ("out_channels", 12, False),
+    ("out_h", 12, False),
+    ("out_w", 12, False),
+    ("out_base", 24, False),     # INTS element address, or BITS word address for THRESHOLD
+    ("out_plane", 24, False),    # out_h * out_w
+    ("out_words", 8, False),     # THRESHOLD: ceil(out_channels / lane)
+    ("coef_base", 20, False),
+    ("coef_ostride", 16, False),  # COEFS distance between output channels (0: shared)
+    ("param_base", 16, False),
+    ("res_base", 24, False),
+)
+
+#: Settings of a binary conv (:class:`hw.bconv_engine.BconvEngine`'s ``config``).
+BCONV_FIELDS = (
+    ("in_base", 20, False),      # BITS word address of the input map
+    ("in_h", 12, False),
+    ("in_w", 12, False),
+    ("channels", 16, False),     # input channels C
+    ("channel_words", 8, False),  # ceil(C / lane)
+    ("kernel", 2, False),        # 1 or 3
+    ("stride", 2, False),        # 1 or 2
+    ("pad", 1, False),           # 0 or 1
+    ("weight_base", 20, False),  # WEIGHTS word address of row tile 0
+    ("k_words", 16, False),      # kernel * kernel * channel_words
+    ("m_tiles", 12, False),      # ceil(out_channels / rows)
+    ("out_channels", 12, False),
+    ("out_base", 24, False),     # INTS element address of output channel 0
+    ("out_plane", 24, False),    # OH * OW
+    ("add", 1, False),           # 1: add the counts into INTS (ImprovementBlock), 0: write
+)
+
+#: One op of the layer program (one PROGRAM word).
+DESCRIPTOR = BitRecord(
+    [("opcode", 4, False)]
+    + [(f"fixed_{name}", width, signed) for name, width, signed in FIXED_FIELDS]
+    + [(f"bconv_{name}", width, signed) for name, width, signed in BCONV_FIELDS])
