@@ -1,0 +1,32 @@
+"""Amaranth layouts of the instruction-set records defined in :mod:`sw.isa`.
+
+The field lists live in :mod:`sw.isa` (no Amaranth there, so the host needs none); this module
+turns them into :class:`amaranth.lib.data.StructLayout` s. Because a layout keeps the fields'
+order and widths, a record read from memory is a value of its layout bit for bit.
+"""
+
+from amaranth import signed, unsigned
+from amaranth.lib import data
+
+from sw import isa
+
+__all__ = ["BCONV_LAYOUT", "DESCRIPTOR_LAYOUT", "FIXED_LAYOUT", "PARAM_LAYOUT", "struct_layout"]
+
+
+def struct_layout(fields):
+    """A :class:`~amaranth.lib.data.StructLayout` of ``(name, width, signed)`` fields, the first
+    field in the lowest bits (as :class:`sw.isa.BitRecord`)."""
+    return data.StructLayout({name: signed(width) if is_signed else unsigned(width)
+                              for name, width, is_signed in fields})
+
+
+FIXED_LAYOUT = struct_layout(isa.FIXED_FIELDS)
+BCONV_LAYOUT = struct_layout(isa.BCONV_FIELDS)
+PARAM_LAYOUT = struct_layout(isa.PARAM.fields)
+#: A descriptor: the opcode, then the FIXED settings, then the BCONV settings.
+DESCRIPTOR_LAYOUT = data.StructLayout({
+    "opcode": unsigned(isa.DESCRIPTOR.offsets()["opcode"][1]),
+    "fixed": FIXED_LAYOUT,
+    "bconv": BCONV_LAYOUT,
+})
+assert DESCRIPTOR_LAYOUT.size == isa.DESCRIPTOR.width
