@@ -313,11 +313,20 @@ def _abc_conv(bld, name, conv, x, bn, stat_module, residual=None):
     shifts = _np(conv.shifts)
     out_c, k = conv.out_channels, conv.kernel_size
     weight = bases.reshape(conv.M * out_c, -1)
+    # The N activation bases' counts are slices of one tensor (base n in channels
+    # [n * M * out_c, (n + 1) * M * out_c)), so that the combine reads them with one stride.
+    _, h, w = bld.shape(x)
+    oh = (h + 2 * conv.padding - k) // conv.stride + 1
+    ow = (w + 2 * conv.padding - k) // conv.stride + 1
+    per_base = conv.M * out_c
+    store = bld.tensor(f"{name}.counts", (conv.N * per_base, oh, ow), "int")
     counts = []
     for n in range(conv.N):
         bits = bld.threshold(f"{name}.act{n}", x, np.ones(x.channels),
                              np.full(x.channels, shifts[n] - 0.5))
-        counts.append(bld.bconv(f"{name}.base{n}", bits, weight, k, conv.stride, conv.padding))
+        dst = Slice(store.tensor, n * per_base, (n + 1) * per_base)
+        counts.append(bld.bconv(f"{name}.base{n}", bits, weight, k, conv.stride, conv.padding,
+                                dst=dst))
     coef = beta[:, None] * alpha[None, :]
     limit = (1 << (COEF_BITS - 1)) - 1
     coef_scale = max(np.abs(coef).max(), 1e-30) / limit

@@ -1,0 +1,670 @@
+"""Code generation: a compiled :class:`~.ir.Program` -> the descriptors and memory images that
+the device executes (the instruction set of :mod:`sw.isa`).
+
+:func:`generate` allocates every tensor in the device's memories, maps each op onto one
+:data:`sw.isa.DESCRIPTOR` (``FIXED`` or ``BCONV``), and lays out the op's data (binary weights in
+WEIGHTS, fixed-point weights and coefficients in COEFS, one :data:`sw.isa.PARAM` record per
+output channel in PARAMS). :mod:`sim.isa_model` executes the result; it must equal
+:func:`sw.compile.golden.run` bit for bit.
+
+Memories (``config`` attributes; the ones a :class:`hw.config.DeviceConfig` may not have yet are
+read with the defaults of :data:`DEFAULTS`)
+-------------------------------------------------------------------------------------------------
+* INTS (``int_depth`` elements of ``element_width`` signed bits): every ``int`` tensor, channel
+  planes (:mod:`sw.isa`). Each tensor must fit ``element_width`` signed bits (its
+  :attr:`~.ir.TensorSpec.bits`, plus a sign bit when it is unsigned).
+* BITS (``bits_depth`` words of ``lane`` bits): every ``bits`` tensor, pixel major,
+  ``ceil(C / lane)`` words per pixel.
+* Both are allocated like :func:`.plan.plan_memory`: a tensor lives from the op that first
+  writes it to the last op that reads it (the input from the start, the logits to the end);
+  first fit in order of first write, so tensors with disjoint lifetimes share addresses.
+* WEIGHTS (``weight_depth`` words of ``rows * lane`` bits), COEFS (``coef_depth`` signed
+  :data:`COEF_WIDTH`-bit words) and PARAMS (``param_depth`` :data:`~sw.isa.PARAM` records) hold
+  the ops' data. When it does not all fit, the program is split into **segments** of
+  consecutive ops whose data fits; each segment's data starts at address 0 and the host loads
+  it before the segment runs (weight streaming). Binary convs of one segment with identical
+  weights (ABC-Net's activation bases) share one WEIGHTS block.
+* PROGRAM (``program_depth`` descriptors): all ops' descriptors, loaded once.
+
+Memory images are lists of unsigned words as the host writes them: WEIGHTS words of
+:func:`sw.packing.pack_weights`, COEFS words as ``COEF_WIDTH``-bit two's complement, PARAMS words
+of :meth:`sw.isa.PARAM.pack`.
+
+No Amaranth here: the threshold encoding below repeats :func:`hw.threshold.encode_parameter`'s
+logic (the tests check that both agree).
+"""
+
+import dataclasses
+import typing
+
+import numpy as np
+
+from sw import isa, packing
+
+from .lower import CompileError
+
+__all__ = [
+    "COEF_WIDTH", "DEFAULTS", "DeviceProgram", "Geometry", "OpInfo", "Segment",
+    "encode_threshold", "fit_requant", "generate",
+]
+
+#: Device parameters that :class:`hw.config.DeviceConfig` may not define yet, and their values.
+DEFAULTS = {"element_width": 24, "int_depth": 65536, "bits_depth": 8192, "coef_depth": 32768,
+            "param_depth": 4096, "program_depth": 512}
+#: Signed width of a COEFS word (int8 conv weights and ABC-Net coefficients).
+COEF_WIDTH = 8
+#: Memories a segment loads, in the order its writes list them.
+SEGMENT_MEMORIES = ("WEIGHTS", "COEFS", "PARAMS")
+
+
+def _ceil_div(a, b):
+    return -(-a // b)
+
+
+@dataclasses.dataclass(frozen=True)
+class Geometry:
+    """The device parameters code generation depends on (see the module documentation)."""
+    rows: int
+    cols: int
+    lane: int
+    max_depth: int
+    weight_depth: int
+    element_width: int
+    int_depth: int
+    bits_depth: int
+    coef_depth: int
+    param_depth: int
+    program_depth: int
+
+    def __post_init__(self):
+        for field in dataclasses.fields(self):
+            value = getattr(self, field.name)
+            if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < 1:
+                raise ValueError(f"{field.name} must be a positive integer, not {value!r}")
+        # Encoded thresholds lie in the element range and must fit PARAM's 32-bit field; the
+        # reference model computes in int64, so elements times multipliers stay far below
+        # 2**63 (hw.config.DeviceConfig allows 8..32 as well).
+        if not 2 <= self.element_width <= 32:
+            raise ValueError(f"element_width must be between 2 and 32, not {self.element_width}")
+
+    @classmethod
+    def from_config(cls, config):
+        """Read a :class:`hw.config.DeviceConfig`-like object (``getattr`` with defaults)."""
+        values = {}
+        for field in dataclasses.fields(cls):
+            if field.name in DEFAULTS:
+                values[field.name] = getattr(config, field.name, DEFAULTS[field.name])
+            elif hasattr(config, field.name):
+                values[field.name] = getattr(config, field.name)
+            else:
+                raise ValueError(f"config has no attribute {field.name!r}")
+        return cls(**values)
+
+    @property
+    def weight_width(self):
+        return self.rows * self.lane
+
+
+class Segment(typing.NamedTuple):
+    """Consecutive ops ``first .. first + count - 1`` and the data the host loads before them:
+    ``writes`` is a list of ``(memory name, address, list of words)``."""
+    first: int
+    count: int
+    writes: list
+
+
+@dataclasses.dataclass
+class OpInfo:
+    """One op as generated.
+
+    Members
+    -------
+    name, kind : str
+        The program op's.
+    opcode : sw.isa.Opcode
+    fields : dict
+        The descriptor's fields (``DESCRIPTOR`` names; the others are 0).
+    segment : int
+        Index into :attr:`DeviceProgram.segments`.
+    weight_words, coef_words, param_words : int
+        The data the op needs in each memory (``weight_words`` 0 when it shares the previous
+        op's block).
+    cycles : int
+        A rough estimate (FIXED: one term per cycle; BCONV: ``m_tiles * n_tiles *
+        (k_words + rows + cols)``), for the summary only.
+    """
+    name: str
+    kind: str
+    opcode: isa.Opcode
+    fields: dict
+    segment: int
+    weight_words: int
+    coef_words: int
+    param_words: int
+    cycles: int
+
+
+@dataclasses.dataclass
+class DeviceProgram:
+    """What the device executes.
+
+    Members
+    -------
+    geometry : Geometry
+    descriptors : list of int
+        One :data:`sw.isa.DESCRIPTOR` per op, for PROGRAM addresses ``0 ..``.
+    ops : list of OpInfo
+    segments : list of Segment
+        In execution order, covering every op once.
+    input_base : int
+        INTS address of the raw image, ``input_shape = (C, H, W)`` in channel planes.
+    input_shape : tuple
+    logits_base, logits_count : int
+        INTS addresses of the logits.
+    allocation : dict
+        ``{tensor: (memory name, base, size)}`` (INTS elements or BITS words).
+    ints_used, bits_used : int
+        Peak addresses used in INTS and BITS.
+    """
+    geometry: Geometry
+    descriptors: list
+    ops: list
+    segments: list
+    input_base: int
+    input_shape: tuple
+    logits_base: int
+    logits_count: int
+    allocation: dict
+    ints_used: int
+    bits_used: int
+
+    def summary(self):
+        """A per-op table (index, name, kind, opcode, segment, data words, estimated cycles)."""
+        header = f"{'#':>3}  {'op':<28} {'kind':<9} {'opcode':<6} {'seg':>3} {'weights':>7} " \
+                 f"{'coefs':>6} {'params':>6} {'cycles~':>9}"
+        lines = [header, "-" * len(header)]
+        for index, op in enumerate(self.ops):
+            lines.append(f"{index:>3}  {op.name:<28} {op.kind:<9} {op.opcode.name:<6} "
+                         f"{op.segment:>3} {op.weight_words:>7} {op.coef_words:>6} "
+                         f"{op.param_words:>6} {op.cycles:>9}")
+        lines.append("-" * len(header))
+        lines.append(f"{len(self.ops)} ops in {len(self.segments)} segment(s); INTS "
+                     f"{self.ints_used}/{self.geometry.int_depth} elements, BITS "
+                     f"{self.bits_used}/{self.geometry.bits_depth} words; estimated "
+                     f"{sum(op.cycles for op in self.ops)} cycles")
+        return "\n".join(lines)
+
+
+def encode_threshold(threshold, direction, value_width):
+    """Map a golden ``(threshold, direction)`` to an equivalent pair for signed
+    ``value_width``-bit values whose threshold lies in that range (or is the constant 0/1).
+
+    The same logic as :func:`hw.threshold.encode_parameter` with ``is_signed=True`` (repeated
+    here because ``sw`` does not import Amaranth): a threshold beyond the range of the stored
+    values (:func:`sw.compile.quantize.thresholds` clips bounds to +-2**40) makes the compare
+    constant, so it becomes direction 0 with the constant bit.
+    """
+    threshold, direction = int(threshold), int(direction)
+    lo, hi = -(1 << (value_width - 1)), (1 << (value_width - 1)) - 1
+    if direction > 0:
+        if threshold <= lo:
+            return 1, 0
+        if threshold > hi:
+            return 0, 0
+        return threshold, 1
+    if direction < 0:
+        if threshold >= hi:
+            return 1, 0
+        if threshold < lo:
+            return 0, 0
+        return threshold, -1
+    return int(threshold != 0), 0
+
+
+def fit_requant(mul, bias, shift, res_mul=0):
+    """An equivalent ``(mul, bias, shift, res_mul)`` whose bias fits the PARAM ``bias`` field.
+
+    :func:`sw.compile.quantize.requant_params` gives a channel without a multiplier (a
+    BatchNorm gamma of 0) the largest shift, 40, which scales its bias past the field. Both
+    rewrites are exact for every accumulator ``acc`` (``>>`` floors):
+
+    * ``mul == res_mul == 0``: the output is the constant ``(bias + 2**(shift-1)) >> shift``, so
+      it becomes the bias with shift 0;
+    * ``mul``, ``res_mul`` and ``bias`` all multiples of ``2**j`` (``j <= shift``):
+      ``(2**j v + 2**(shift-1)) >> shift == (v + 2**(shift-1-j)) >> (shift - j)``.
+
+    Parameters whose bias fits are returned unchanged.
+    """
+    low, high = isa.PARAM.range("bias")
+    if low <= bias <= high:
+        return mul, bias, shift, res_mul
+    if mul == 0 and res_mul == 0:
+        return 0, (bias + (1 << (shift - 1)) >> shift) if shift else bias, 0, 0
+    j = 0
+    while j < shift and not (mul | res_mul | bias) & ((2 << j) - 1):
+        j += 1
+    return mul >> j, bias >> j, shift - j, res_mul >> j
+
+
+# -- allocation --------------------------------------------------------------------------------
+
+def _lifetimes(program):
+    first, last = {program.input: -1}, {}
+    for index, op in enumerate(program.ops):
+        for s in op.inputs:
+            last[s.tensor] = index
+        first.setdefault(op.output.tensor, index)
+        last[op.output.tensor] = max(last.get(op.output.tensor, index), index)
+    last[program.logits] = len(program.ops)
+    return {name: (first[name], last.get(name, first[name])) for name in first}
+
+
+def _allocate(program, geo):
+    """``{tensor: (memory, base, size)}`` and the peak of each memory."""
+    lifetimes = _lifetimes(program)
+    writer = {}
+    for op in program.ops:
+        writer.setdefault(op.output.tensor, op.name)
+    writer.setdefault(program.input, "input")
+    for name, spec in program.tensors.items():
+        if name not in lifetimes:
+            continue
+        if spec.kind == "int":
+            need = spec.bits + (0 if spec.signed else 1)
+            if need > geo.element_width:
+                raise CompileError(
+                    f"{writer.get(name, name)}: tensor {name!r} needs {need} signed bits "
+                    f"({spec.bits} {'signed' if spec.signed else 'unsigned'}), more than the "
+                    f"INTS element_width of {geo.element_width}")
+        elif spec.kind != "bits":
+            raise CompileError(f"tensor {name!r}: unknown kind {spec.kind!r}")
+    placed = {"INTS": [], "BITS": []}
+    depth = {"INTS": geo.int_depth, "BITS": geo.bits_depth}
+    allocation = {}
+    for name in sorted(lifetimes, key=lambda n: (lifetimes[n][0], n)):
+        spec = program.tensors[name]
+        start, end = lifetimes[name]
+        c, h, w = spec.shape
+        if spec.kind == "int":
+            memory, size = "INTS", c * h * w
+        else:
+            memory, size = "BITS", h * w * _ceil_div(c, geo.lane)
+        busy = sorted((off, off + sz) for (s, e, off, sz) in placed[memory]
+                      if not (e < start or end < s))
+        offset = 0
+        for low, high in busy:
+            if offset + size <= low:
+                break
+            offset = max(offset, high)
+        if offset + size > depth[memory]:
+            unit = "elements" if memory == "INTS" else "words"
+            raise CompileError(
+                f"{writer.get(name, name)}: tensor {name!r} ({size} {unit}) overflows the "
+                f"{memory} memory: it would end at {offset + size}, the device has "
+                f"{depth[memory]} {unit}")
+        placed[memory].append((start, end, offset, size))
+        allocation[name] = (memory, offset, size)
+    peaks = {m: max((off + sz for _, _, off, sz in placed[m]), default=0) for m in placed}
+    return allocation, peaks
+
+
+# -- op mapping --------------------------------------------------------------------------------
+
+@dataclasses.dataclass
+class _Lowered:
+    opcode: isa.Opcode
+    fields: dict            # without the prefixes, without the data bases
+    coefs: list = dataclasses.field(default_factory=list)
+    params: list = dataclasses.field(default_factory=list)   # PARAM field dicts
+    weights: tuple = None   # (key, words) of a bconv
+    cycles: int = 0
+
+
+class _Mapper:
+    def __init__(self, program, geo, allocation):
+        self.program = program
+        self.geo = geo
+        self.allocation = allocation
+
+    def spec(self, s):
+        return self.program.tensors[s.tensor]
+
+    def plane(self, s):
+        _, h, w = self.spec(s).shape
+        return h * w
+
+    def ints(self, op, s):
+        """INTS address of channel ``s.start`` of an int slice."""
+        memory, base, _ = self.allocation[s.tensor]
+        if memory != "INTS":
+            raise CompileError(f"{op.name}: {s.tensor!r} must be an int tensor")
+        return base + s.start * self.plane(s)
+
+    def check_shape(self, op, s, oh, ow):
+        _, h, w = self.spec(s).shape
+        if (h, w) != (oh, ow):
+            raise CompileError(f"{op.name}: tensor {s.tensor!r} is {h}x{w}, the op makes "
+                               f"{oh}x{ow}")
+
+    def fixed(self, op, *, kernel=1, stride=1, pad=0, terms_c=1, term_stride=None,
+              reduce=isa.Reduce.SUM, multiply=0, post=isa.Post.NONE, relu=0, bits=0,
+              residual=0, res_base=0, coef_ostride=0, in_offsets, src=None, whole=False):
+        """The FIXED fields of an op reading ``src`` (default its first input) and writing its
+        output slice (INTS, or BITS for THRESHOLD); ``whole``: a kernel as large as the map."""
+        src = src or op.inputs[0]
+        _, in_h, in_w = self.spec(src).shape
+        kh, kw = (in_h, in_w) if whole else (kernel, kernel)
+        out_h = (in_h + 2 * pad - kh) // stride + 1
+        out_w = (in_w + 2 * pad - kw) // stride + 1
+        if out_h < 1 or out_w < 1:
+            raise CompileError(f"{op.name}: a {kh}x{kw} kernel does not fit a {in_h}x{in_w} map")
+        self.check_shape(op, op.output, out_h, out_w)
+        out_c = op.output.channels
+        if post == isa.Post.THRESHOLD:
+            out_base = self.allocation[op.output.tensor][1]
+            out_words = _ceil_div(out_c, self.geo.lane)
+        else:
+            out_base, out_words = self.ints(op, op.output), 0
+        fields = {
+            "reduce": int(reduce), "multiply": multiply, "post": int(post), "relu": relu,
+            "bits": bits, "residual": residual, "in_h": in_h, "in_w": in_w, "kernel_h": kh,
+            "kernel_w": kw, "stride": stride, "pad": pad, "terms_c": terms_c,
+            "term_stride": self.plane(src) if term_stride is None else term_stride,
+            "out_channels": out_c, "out_h": out_h, "out_w": out_w, "out_base": out_base,
+            "out_plane": out_h * out_w, "out_words": out_words, "coef_ostride": coef_ostride,
+            "res_base": res_base,
+        }
+        params = [{"in_offset": int(offset)} for offset in in_offsets]
+        cycles = out_c * out_h * out_w * terms_c * kh * kw
+        return _Lowered(isa.Opcode.FIXED, fields, params=params, cycles=cycles)
+
+    @staticmethod
+    def requant_params(low, op, channels):
+        p = op.params
+        for o in range(channels):
+            res_mul = int(p["res_mul"][o]) if "res_mul" in p else 0
+            mul, bias, shift, res_mul = fit_requant(int(p["mul"][o]), int(p["bias"][o]),
+                                                    int(p["shift"][o]), res_mul)
+            low.params[o].update(mul=mul, bias=bias, shift=shift, res_mul=res_mul)
+
+    def lower(self, op):
+        kind = op.kind
+        if op.mode != "write" and not (kind == "bconv" and op.mode == "add"):
+            raise CompileError(f"{op.name}: mode {op.mode!r} is not supported for a {kind} "
+                               f"(only a bconv may add into its output)")
+        method = getattr(self, f"_{kind}", None)
+        if method is None:
+            raise CompileError(f"{op.name}: the device has no operation {kind!r}")
+        if kind not in ("combine",) and len(op.inputs) != 1:
+            raise CompileError(f"{op.name}: a {kind} takes one input, not {len(op.inputs)}")
+        if kind not in ("threshold",) and self.spec(op.output).kind != "int":
+            raise CompileError(f"{op.name}: the output of a {kind} must be an int tensor")
+        return method(op)
+
+    def _elementwise_offsets(self, op):
+        src = op.inputs[0]
+        if src.channels != op.output.channels:
+            raise CompileError(f"{op.name}: {src.channels} input channels, "
+                               f"{op.output.channels} output channels")
+        base, plane = self.ints(op, src), self.plane(src)
+        return [base + o * plane for o in range(src.channels)]
+
+    def _input(self, op):
+        low = self.fixed(op, post=isa.Post.REQUANT, bits=self.geo.element_width,
+                         in_offsets=self._elementwise_offsets(op))
+        zero = np.asarray(op.params["zero"]).reshape(-1)
+        for o, param in enumerate(low.params):
+            # (x << shift) - zero as a requantization without rounding: mul 2**shift, shift 0.
+            param.update(mul=1 << int(op.attrs["shift"]), bias=-int(zero[o]), shift=0)
+        return low
+
+    def _conv(self, op):
+        a, src = op.attrs, op.inputs[0]
+        weight = np.asarray(op.params["weight"])
+        out_c, per_group, k, k2 = weight.shape
+        groups = int(a["groups"])
+        if k != k2 or k != a["kernel"]:
+            raise CompileError(f"{op.name}: weights of shape {weight.shape} do not match kernel "
+                               f"{a['kernel']}")
+        if out_c != op.output.channels or src.channels != per_group * groups \
+                or out_c % groups:
+            raise CompileError(f"{op.name}: weights of shape {weight.shape} do not match "
+                               f"{src.channels} -> {op.output.channels} channels in {groups} "
+                               f"groups")
+        base, plane = self.ints(op, src), self.plane(src)
+        offsets = [base + (o // (out_c // groups)) * per_group * plane for o in range(out_c)]
+        low = self.fixed(op, kernel=k, stride=int(a["stride"]), pad=int(a["padding"]),
+                         terms_c=per_group, multiply=1, post=isa.Post.REQUANT,
+                         relu=int(a["relu"]), bits=int(a["bits"]),
+                         coef_ostride=per_group * k * k, in_offsets=offsets)
+        self.requant_params(low, op, out_c)
+        # Flattened (o, tc, ky, kx): term t = (tc * k + ky) * k + kx of output o.
+        low.coefs = [int(v) for v in weight.reshape(-1)]
+        return low
+
+    def _requant(self, op):
+        low = self.fixed(op, post=isa.Post.REQUANT, relu=int(op.attrs["relu"]),
+                         bits=int(op.attrs["bits"]), in_offsets=self._elementwise_offsets(op))
+        self.requant_params(low, op, op.output.channels)
+        return low
+
+    def _threshold(self, op):
+        spec = self.spec(op.output)
+        if spec.kind != "bits" or op.output.start != 0 or op.output.stop != spec.shape[0]:
+            raise CompileError(f"{op.name}: a threshold must write a whole bits tensor")
+        low = self.fixed(op, post=isa.Post.THRESHOLD, in_offsets=self._elementwise_offsets(op))
+        thr = np.asarray(op.params["threshold"]).reshape(-1)
+        direction = np.asarray(op.params["direction"]).reshape(-1)
+        low_t, high_t = isa.PARAM.range("threshold")
+        for o, param in enumerate(low.params):
+            t, d = encode_threshold(thr[o], direction[o], self.geo.element_width)
+            if not low_t <= t <= high_t:
+                raise CompileError(f"{op.name}: channel {o}'s threshold {t} does not fit the "
+                                   f"PARAM threshold field [{low_t}, {high_t}]")
+            param.update(threshold=t, direction=d)
+        return low
+
+    def _maxpool(self, op):
+        a = op.attrs
+        return self.fixed(op, kernel=int(a["kernel"]), stride=int(a["stride"]),
+                          pad=int(a["padding"]), reduce=isa.Reduce.MAX,
+                          in_offsets=self._elementwise_offsets(op))
+
+    def _gap(self, op):
+        return self.fixed(op, whole=True, in_offsets=self._elementwise_offsets(op))
+
+    def _shuffle(self, op):
+        src = op.inputs[0]
+        g, c = int(op.attrs["groups"]), src.channels
+        if c % g or c != op.output.channels:
+            raise CompileError(f"{op.name}: cannot shuffle {c} channels in {g} groups")
+        base, plane = self.ints(op, src), self.plane(src)
+        offsets = [base + ((o % g) * (c // g) + o // g) * plane for o in range(c)]
+        return self.fixed(op, in_offsets=offsets)
+
+    def _combine(self, op):
+        a, p = op.attrs, op.params
+        m_bases, n_bases, residual = int(a["M"]), int(a["N"]), int(a["residual"])
+        out_c = op.output.channels
+        if len(op.inputs) != n_bases + residual:
+            raise CompileError(f"{op.name}: {len(op.inputs)} inputs for N={n_bases} bases"
+                               f"{' and a residual' if residual else ''}")
+        first = op.inputs[0]
+        per_base = m_bases * out_c
+        for n, s in enumerate(op.inputs[:n_bases]):
+            # One term stride addresses every (n, m): the bases' counts must be consecutive
+            # slices of one tensor (sw.compile.lower stores them so).
+            if s.tensor != first.tensor or s.start != first.start + n * per_base \
+                    or s.channels != per_base:
+                raise CompileError(
+                    f"{op.name}: the counts of base {n} ({s.tensor}[{s.start}:{s.stop}]) do not "
+                    f"follow base 0's ({first.tensor}[{first.start}:{first.stop}]) with a "
+                    f"stride of {per_base} channels")
+        plane = self.plane(first)
+        base = self.ints(op, first)
+        res_base = 0
+        if residual:
+            res = op.inputs[-1]
+            _, oh, ow = self.spec(op.output).shape
+            self.check_shape(op, res, oh, ow)
+            if res.channels != out_c:
+                raise CompileError(f"{op.name}: a residual of {res.channels} channels for "
+                                   f"{out_c} outputs")
+            res_base = self.ints(op, res)
+        low = self.fixed(op, terms_c=n_bases * m_bases, term_stride=out_c * plane, multiply=1,
+                         post=isa.Post.REQUANT, relu=int(a["relu"]), bits=int(a["bits"]),
+                         residual=residual, res_base=res_base, coef_ostride=0,
+                         in_offsets=[base + o * plane for o in range(out_c)], src=first)
+        self.requant_params(low, op, out_c)
+        coef = np.asarray(p["coef"])
+        if coef.shape != (n_bases, m_bases):
+            raise CompileError(f"{op.name}: coefficients of shape {coef.shape}, not "
+                               f"{(n_bases, m_bases)}")
+        low.coefs = [int(v) for v in coef.reshape(-1)]   # t = n * M + m
+        return low
+
+    def _bconv(self, op):
+        geo, a, src = self.geo, op.attrs, op.inputs[0]
+        spec = self.spec(src)
+        if spec.kind != "bits" or src.start != 0 or src.stop != spec.shape[0]:
+            raise CompileError(f"{op.name}: a bconv must read a whole bits tensor")
+        k, stride, pad = int(a["kernel"]), int(a["stride"]), int(a["padding"])
+        if k not in (1, 3) or stride not in (1, 2) or pad not in (0, 1):
+            raise CompileError(f"{op.name}: the device's binary conv supports kernel 1 or 3, "
+                               f"stride 1 or 2, padding 0 or 1, not {k}, {stride}, {pad}")
+        c, h, w = spec.shape
+        if h + 2 * pad < k or w + 2 * pad < k:
+            raise CompileError(f"{op.name}: a {k}x{k} kernel does not fit a {h}x{w} map")
+        oh, ow = (h + 2 * pad - k) // stride + 1, (w + 2 * pad - k) // stride + 1
+        self.check_shape(op, op.output, oh, ow)
+        weight_bits = np.asarray(op.params["weight_bits"], dtype=bool)
+        out_c = weight_bits.shape[0]
+        if out_c != op.output.channels or weight_bits.shape[1] != c * k * k:
+            raise CompileError(f"{op.name}: weights of shape {weight_bits.shape} do not match "
+                               f"{c} -> {op.output.channels} channels")
+        cw = _ceil_div(c, geo.lane)
+        k_words = k * k * cw
+        if k_words > geo.max_depth // geo.lane:
+            raise CompileError(f"{op.name}: a dot product of {k_words} words of {geo.lane} bits "
+                               f"exceeds the array's max_depth of {geo.max_depth} bits")
+        m_tiles = _ceil_div(out_c, geo.rows)
+        words = packing.pack_weights(packing.conv_window_weight_bits(weight_bits, c, k, geo.lane),
+                                     geo.rows, geo.lane, encoding="bit")
+        key = (c, k, weight_bits.shape, weight_bits.tobytes())
+        fields = {
+            "in_base": self.allocation[src.tensor][1], "in_h": h, "in_w": w, "channels": c,
+            "channel_words": cw, "kernel": k, "stride": stride, "pad": pad, "k_words": k_words,
+            "m_tiles": m_tiles, "out_channels": out_c, "out_base": self.ints(op, op.output),
+            "out_plane": oh * ow, "add": int(op.mode == "add"),
+        }
+        cycles = m_tiles * _ceil_div(oh * ow, geo.cols) * (k_words + geo.rows + geo.cols)
+        return _Lowered(isa.Opcode.BCONV, fields, weights=(key, words), cycles=cycles)
+
+
+# -- segments and descriptors ------------------------------------------------------------------
+
+def _pack(op, record, what, **values):
+    try:
+        return record.pack(**values)
+    except ValueError as error:
+        raise CompileError(f"{op.name}: {what} does not fit the instruction set: {error}") \
+            from None
+
+
+def generate(program, config):
+    """Turn ``program`` (a :class:`~.ir.Program`, or an artifact holding one) into a
+    :class:`DeviceProgram` for a device of ``config`` (a :class:`hw.config.DeviceConfig`-like
+    object: ``rows``, ``cols``, ``lane``, ``max_depth``, ``weight_depth`` and, where present,
+    the attributes of :data:`DEFAULTS`).
+
+    Raises
+    ------
+    CompileError
+        Naming the op or tensor and the resource: a tensor wider than ``element_width``, a
+        memory that overflows, an op whose own data does not fit WEIGHTS/COEFS/PARAMS, more
+        ops than ``program_depth``, a field out of its descriptor range, an op the device does
+        not run.
+    """
+    program = getattr(program, "program", program)
+    geo = Geometry.from_config(config)
+    if len(program.ops) > geo.program_depth:
+        raise CompileError(f"program: {len(program.ops)} ops do not fit the PROGRAM memory "
+                           f"({geo.program_depth} descriptors)")
+    allocation, peaks = _allocate(program, geo)
+    mapper = _Mapper(program, geo, allocation)
+    lowered = [mapper.lower(op) for op in program.ops]
+
+    capacity = {"WEIGHTS": geo.weight_depth, "COEFS": geo.coef_depth,
+                "PARAMS": geo.param_depth}
+    segments, infos, descriptors = [], [], []
+    state = None
+
+    def open_segment(first):
+        return {"first": first, "count": 0, "used": dict.fromkeys(capacity, 0),
+                "data": {m: [] for m in capacity}, "shared": {}}
+
+    coef_low, coef_high = -(1 << (COEF_WIDTH - 1)), (1 << (COEF_WIDTH - 1)) - 1
+    for index, (op, low) in enumerate(zip(program.ops, lowered)):
+        weight_words = len(low.weights[1]) if low.weights else 0
+        need = {"WEIGHTS": weight_words, "COEFS": len(low.coefs), "PARAMS": len(low.params)}
+        for memory, words in need.items():
+            if words > capacity[memory]:
+                raise CompileError(f"{op.name}: its {words} {memory} words do not fit the "
+                                   f"{memory} memory ({capacity[memory]} words)")
+        for value in low.coefs:
+            if not coef_low <= value <= coef_high:
+                raise CompileError(f"{op.name}: coefficient {value} does not fit the "
+                                   f"{COEF_WIDTH}-bit COEFS word")
+        if state is not None:
+            shared = low.weights is not None and low.weights[0] in state["shared"]
+            extra = dict(need, WEIGHTS=0 if shared else weight_words)
+            if any(state["used"][m] + extra[m] > capacity[m] for m in capacity):
+                segments.append(state)
+                state = None
+        if state is None:
+            state = open_segment(index)
+        bases = {}
+        for memory in capacity:
+            bases[memory] = state["used"][memory]
+        if low.weights is not None:
+            key, words = low.weights
+            if key in state["shared"]:
+                # ABC-Net runs the same weights for each activation base: load them once.
+                bases["WEIGHTS"], weight_words = state["shared"][key], 0
+            else:
+                state["shared"][key] = bases["WEIGHTS"]
+                state["data"]["WEIGHTS"].extend(words)
+                state["used"]["WEIGHTS"] += len(words)
+        state["data"]["COEFS"].extend(v & ((1 << COEF_WIDTH) - 1) for v in low.coefs)
+        state["used"]["COEFS"] += len(low.coefs)
+        for param in low.params:
+            state["data"]["PARAMS"].append(_pack(op, isa.PARAM, "a parameter", **param))
+        state["used"]["PARAMS"] += len(low.params)
+        state["count"] += 1
+
+        if low.opcode == isa.Opcode.FIXED:
+            fields = dict(low.fields, coef_base=bases["COEFS"], param_base=bases["PARAMS"])
+            prefix = "fixed_"
+        else:
+            fields = dict(low.fields, weight_base=bases["WEIGHTS"])
+            prefix = "bconv_"
+        named = {"opcode": int(low.opcode)}
+        named.update({prefix + name: int(value) for name, value in fields.items()})
+        descriptors.append(_pack(op, isa.DESCRIPTOR, "the descriptor", **named))
+        infos.append(OpInfo(op.name, op.kind, low.opcode, named, len(segments), weight_words,
+                            len(low.coefs), len(low.params), low.cycles))
+    if state is not None:
+        segments.append(state)
+
+    segments = [Segment(s["first"], s["count"],
+                        [(m, 0, s["data"][m]) for m in SEGMENT_MEMORIES if s["data"][m]])
+                for s in segments]
+    image = program.tensors[program.input]
+    logits = program.tensors[program.logits]
+    if allocation[program.input][0] != "INTS" or allocation[program.logits][0] != "INTS":
+        raise CompileError("program: the input and the logits must be int tensors")
+    return DeviceProgram(
+        geometry=geo, descriptors=descriptors, ops=infos, segments=segments,
+        input_base=allocation[program.input][1], input_shape=tuple(image.shape),
+        logits_base=allocation[program.logits][1], logits_count=logits.elements,
+        allocation=allocation, ints_used=peaks["INTS"], bits_used=peaks["BITS"])
