@@ -1,0 +1,288 @@
+"""The binary conv engine: runs one ``bconv`` of the layer program from the on-chip memories.
+
+A ``bconv`` (golden model: :func:`sw.compile.golden.execute_op`, kind ``"bconv"``) is a GEMM
+whose activation matrix is the implicit im2col of a bit map: :class:`hw.conv_window.ConvWindow`
+reads the windows from BITS memory, the weights come from WEIGHTS memory in the window's K order
+(:func:`sw.packing.conv_window_weight_bits`), :class:`hw.array.XnorArray` computes the counts,
+and the engine writes (or adds) them as runs of ``cols`` pixels into INTS memory
+(:class:`hw.int_memory.IntMemory`), channel planes as :mod:`sw.isa` describes.
+"""
+
+from amaranth import Module, Mux, Signal, signed, unsigned
+from amaranth.lib import data, wiring
+from amaranth.lib.wiring import In, Out
+
+from sw import isa
+
+from .array import XnorArray
+from .conv_window import ConvWindow
+
+__all__ = ["BconvEngine", "record_layout"]
+
+
+def record_layout(fields):
+    """A :class:`~amaranth.lib.data.StructLayout` of an :mod:`sw.isa` field list
+    (``(name, width, signed)`` tuples, first field in the lowest bits)."""
+    return data.StructLayout({name: signed(width) if is_signed else unsigned(width)
+                              for name, width, is_signed in fields})
+
+
+def _setting(value, config, name, default):
+    """A constructor argument, else the device configuration's field, else the default."""
+    if value is None:
+        value = getattr(config, name, default)
+    if not isinstance(value, int) or value < 1:
+        raise ValueError(f"{name} must be a positive integer, not {value!r}")
+    return value
+
+
+class BconvEngine(wiring.Component):
+    """Computes a binary convolution from BITS and WEIGHTS memory into INTS memory.
+
+    Parameters
+    ----------
+    config : :class:`hw.config.DeviceConfig`
+        ``rows``, ``cols``, ``lane``, ``max_depth`` (the array) and ``weight_depth`` (WEIGHTS
+        words).
+    element_width, int_depth, bits_depth : int, optional
+        INTS element bits, INTS elements and BITS words. Default: the fields of these names of
+        ``config`` if it has them, else 24, 4096 and 4096. ``element_width`` must exceed the
+        array's ``acc_width`` (a count is written as a non-negative element).
+
+    Members
+    -------
+    config : ``In(record_layout(sw.isa.BCONV_FIELDS))``
+        The op's settings (see :data:`sw.isa.BCONV_FIELDS`). Hold stable from ``start`` until
+        ``busy`` falls. Requirements (not checked): ``channel_words = ceil(channels / lane)``,
+        ``k_words = kernel**2 * channel_words``, ``k_words * lane <= max_depth``,
+        ``m_tiles = ceil(out_channels / rows) >= 1``, ``out_plane = OH * OW >= 1`` with the
+        golden geometry, ``in_h + 2 * pad >= kernel`` and ``in_w + 2 * pad >= kernel``, and
+        every address in its memory.
+    start : ``In(1)``
+        While ``busy`` is low, a high ``start`` begins the op (in that cycle; ``config`` must be
+        valid then).
+    busy : ``Out(1)``
+        High from the cycle after ``start`` until the cycle after the last INTS write.
+    rd : ``Out(read_signature).array(cols)``
+        BITS read ports, as :class:`~hw.conv_window.ConvWindow`'s ``rd`` (``addr``, ``en``
+        out; ``data`` in, one cycle after an ``en`` cycle, held while ``en`` is low), but with
+        ``addr`` a BITS word address (``in_base`` added).
+    w_rd_addr : ``Out(weight_addr_width)``, w_rd_en : ``Out(1)``, w_rd_data : ``In(rows * lane)``
+        WEIGHTS read port, same timing as ``rd``.
+    int_rd_addr, int_rd_en, int_rd_data, int_wr_addr, int_wr_en, int_wr_mask, int_wr_data
+        The engine's side of :class:`~hw.int_memory.IntMemory`'s ports (directions flipped),
+        for a memory with ``banks = cols``. The read port is used only when ``add`` is set.
+
+    Semantics
+    ---------
+    For each row tile ``mt`` in ``range(m_tiles)``, one ConvWindow pass over the map; tile ``t``
+    of the pass multiplies WEIGHTS words ``weight_base + mt * k_words + kw`` (``kw`` in
+    ``range(k_words)``) with the window words of pixels ``n0 = t * cols .. n0 + cols - 1``.
+    Row ``r`` of the result is output channel ``o = mt * rows + r``; its counts are written as a
+    run to INTS ``out_base + o * out_plane + n0`` with mask ``(n0 + i < out_plane) & (o <
+    out_channels)`` (nothing else is written). With ``add`` set, the value written is the old
+    element plus the count (read-modify-write, modulo ``2**element_width``).
+
+    Throughput and latency
+    ----------------------
+    The array takes one word per cycle, tiles back to back; tiles shorter than ``rows`` words
+    are throttled to ``rows`` cycles by the array's result path; a row tile's pass starts three
+    cycles after the previous one's last word. With ``k = k_words``, ``R = rows``, ``C = cols``,
+    ``M = m_tiles``, ``N = ceil(out_plane / C)``, ``P = max(k, R)`` and ``Q = max(k + 2, R)``,
+    an op takes exactly::
+
+        cycles = M * (N - 1) * P + (M - 1) * Q + k + 2 * R + C + 4
+
+    cycles from the cycle ``start`` is seen (cycle 0) to the first cycle with ``busy`` low:
+    ``k + 1`` until the first tile's last word enters the array, ``R + C + 2`` more until its
+    first result row, one cycle per row, one for the read-modify-write stage and one for
+    ``busy`` to fall. The array does ``M * N * P`` cycles of work, so the overhead is
+    ``(M - 1) * (Q - P) <= 2 * (M - 1)`` cycles between row tiles plus a constant.
+    """
+
+    def __init__(self, config, *, element_width=None, int_depth=None, bits_depth=None):
+        self.device = config
+        self.element_width = _setting(element_width, config, "element_width", 24)
+        self.int_depth = _setting(int_depth, config, "int_depth", 4096)
+        self.bits_depth = _setting(bits_depth, config, "bits_depth", 4096)
+        self.rows, self.cols, self.lane = config.rows, config.cols, config.lane
+        self.acc_width = config.max_depth.bit_length()
+        if self.element_width <= self.acc_width:
+            raise ValueError(f"element_width must exceed acc_width ({self.acc_width}), "
+                             f"not {self.element_width!r}")
+        self.int_addr_width = max(1, (self.int_depth - 1).bit_length())
+        self.bits_addr_width = max(1, (self.bits_depth - 1).bit_length())
+        self.weight_addr_width = max(1, (config.weight_depth - 1).bit_length())
+        self.config_layout = record_layout(isa.BCONV_FIELDS)
+
+        # The window generator's bounds: the ISA fields' ranges, and no map larger than BITS.
+        fields = {name: width for name, width, _ in isa.BCONV_FIELDS}
+        self.max_height = min((1 << fields["in_h"]) - 1, self.bits_depth)
+        self.max_width = min((1 << fields["in_w"]) - 1, self.bits_depth)
+        self.max_channel_words = min((1 << fields["channel_words"]) - 1, self.bits_depth)
+
+        self.read_signature = wiring.Signature({
+            "addr": Out(self.bits_addr_width),
+            "en": Out(1),
+            "data": In(self.lane),
+        })
+        run = data.ArrayLayout(signed(self.element_width), self.cols)
+        super().__init__({
+            "config": In(self.config_layout),
+            "start": In(1),
+            "busy": Out(1),
+            "rd": Out(self.read_signature).array(self.cols),
+            "w_rd_addr": Out(self.weight_addr_width),
+            "w_rd_en": Out(1),
+            "w_rd_data": In(self.rows * self.lane),
+            "int_rd_addr": Out(self.int_addr_width),
+            "int_rd_en": Out(1),
+            "int_rd_data": In(run),
+            "int_wr_addr": Out(self.int_addr_width),
+            "int_wr_en": Out(1),
+            "int_wr_mask": Out(self.cols),
+            "int_wr_data": Out(run),
+        })
+
+    def elaborate(self, platform):
+        m = Module()
+        rows, cols, lane = self.rows, self.cols, self.lane
+        cfg = self.config
+        m.submodules.window = window = ConvWindow(
+            cols, lane, max_width=self.max_width, max_height=self.max_height,
+            max_channel_words=self.max_channel_words)
+        m.submodules.array = array = XnorArray(rows, cols, lane, self.device.max_depth)
+
+        m.d.comb += [
+            window.config.height.eq(cfg.in_h),
+            window.config.width.eq(cfg.in_w),
+            window.config.channels.eq(cfg.channels),
+            window.config.channel_words.eq(cfg.channel_words),
+            window.config.kernel.eq(cfg.kernel),
+            window.config.stride.eq(cfg.stride),
+            window.config.padding.eq(cfg.pad),
+        ]
+        for c in range(cols):
+            m.d.comb += [
+                self.rd[c].addr.eq(window.rd[c].addr + cfg.in_base),
+                self.rd[c].en.eq(window.rd[c].en),
+                window.rd[c].data.eq(self.rd[c].data),
+            ]
+
+        begin = Signal()
+        m.d.comb += begin.eq(self.start & ~self.busy)
+        with m.If(begin):
+            m.d.sync += self.busy.eq(1)
+
+        # Issue: one window pass per row tile, started as soon as the previous pass is over.
+        passes = Signal.like(cfg.m_tiles)           # passes started
+        launch = Signal()
+        w_tile = Signal(self.weight_addr_width)     # WEIGHTS address of the pass's row tile
+        kw = Signal.like(cfg.k_words)               # K word of the window's next read
+        m.d.comb += launch.eq(begin | (self.busy & ~window.busy & (passes != cfg.m_tiles)))
+        m.d.comb += window.start.eq(launch)
+
+        # The weights are read in lockstep with the window's reads (same enable), so the
+        # WEIGHTS data and the window's activations are the same beat and stall together. A
+        # pass reads a multiple of k_words words, so kw cycles through the row tile's words.
+        advance = Signal()
+        m.d.comb += [
+            advance.eq(~window.o.valid | array.i.ready),
+            self.w_rd_addr.eq(w_tile + kw),
+            self.w_rd_en.eq(advance),
+        ]
+        with m.If(advance):
+            m.d.sync += kw.eq(Mux(kw + 1 == cfg.k_words, 0, kw + 1))
+        with m.If(launch):
+            m.d.sync += [
+                kw.eq(0),
+                passes.eq(Mux(begin, 1, passes + 1)),
+                w_tile.eq(Mux(begin, cfg.weight_base, w_tile + cfg.k_words)),
+            ]
+
+        m.d.comb += [
+            array.i.valid.eq(window.o.valid),
+            array.i.payload.weights.eq(self.w_rd_data),
+            array.i.payload.activations.eq(window.o.payload.activations),
+            array.i.payload.first.eq(window.o.payload.first),
+            array.i.payload.last.eq(window.o.payload.last),
+            window.o.ready.eq(array.i.ready),
+        ]
+
+        # Results, stage 0: the array's row beat, its INTS run address and mask; the old
+        # values are read for add (the read port is one cycle ahead of the write).
+        aw = self.int_addr_width
+        plane = cfg.out_plane
+        plane_rows = Signal(aw)
+        m.d.comb += plane_rows.eq(plane * rows)
+        mt_addr = Signal(aw)        # INTS address of (channel mt * rows, pixel 0)
+        tile_addr = Signal(aw)      # ... of (channel mt * rows, pixel n0)
+        row_addr = Signal(aw)       # ... of (channel o, pixel n0): this beat's run
+        n0 = Signal(len(plane) + 1)
+        o_base = Signal(len(cfg.out_channels) + 1)
+        o = Signal(len(cfg.out_channels) + 1)
+        mt = Signal.like(cfg.m_tiles)
+
+        res = array.o
+        last_row = res.payload.row == rows - 1
+        last_tile = n0 + cols >= plane
+        final = last_row & last_tile & (mt + 1 == cfg.m_tiles)
+        mask = Signal(cols)
+        for i in range(cols):
+            m.d.comb += mask[i].eq((n0 + i < plane) & (o < cfg.out_channels))
+        with m.If(res.valid):
+            with m.If(~last_row):
+                m.d.sync += [row_addr.eq(row_addr + plane), o.eq(o + 1)]
+            with m.Elif(~last_tile):
+                m.d.sync += [
+                    tile_addr.eq(tile_addr + cols),
+                    row_addr.eq(tile_addr + cols),
+                    n0.eq(n0 + cols),
+                    o.eq(o_base),
+                ]
+            with m.Else():
+                m.d.sync += [
+                    mt_addr.eq(mt_addr + plane_rows),
+                    tile_addr.eq(mt_addr + plane_rows),
+                    row_addr.eq(mt_addr + plane_rows),
+                    n0.eq(0),
+                    o_base.eq(o_base + rows),
+                    o.eq(o_base + rows),
+                    mt.eq(mt + 1),
+                ]
+        with m.If(begin):
+            m.d.sync += [
+                mt_addr.eq(cfg.out_base), tile_addr.eq(cfg.out_base), row_addr.eq(cfg.out_base),
+                n0.eq(0), o_base.eq(0), o.eq(0), mt.eq(0),
+            ]
+        m.d.comb += [
+            self.int_rd_addr.eq(row_addr),
+            self.int_rd_en.eq(res.valid & cfg.add),
+        ]
+
+        # Stage 1: write the counts (plus the old values for add). Runs of consecutive beats
+        # never share a written element (different channel planes, or disjoint pixels of one
+        # plane), so the read in stage 0 never misses the write in stage 1.
+        valid1 = Signal()
+        final1 = Signal()
+        addr1 = Signal(aw)
+        mask1 = Signal(cols)
+        counts1 = Signal.like(res.payload.counts)
+        m.d.sync += [
+            valid1.eq(res.valid),
+            final1.eq(res.valid & final),
+            addr1.eq(row_addr),
+            mask1.eq(mask),
+            counts1.eq(res.payload.counts),
+        ]
+        m.d.comb += [
+            self.int_wr_addr.eq(addr1),
+            self.int_wr_en.eq(valid1 & (mask1 != 0)),
+            self.int_wr_mask.eq(mask1),
+        ]
+        for i in range(cols):
+            m.d.comb += self.int_wr_data[i].eq(
+                counts1[i] + Mux(cfg.add, self.int_rd_data[i], 0))
+        with m.If(valid1 & final1):
+            m.d.sync += self.busy.eq(0)
+        return m

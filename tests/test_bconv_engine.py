@@ -1,0 +1,278 @@
+"""amaranth.sim tests of the binary conv engine: BITS and WEIGHTS memories in, INTS out, exact
+against the golden model's ``bconv`` (write and add modes), with the documented cycle count."""
+
+import random
+import types
+
+import pytest
+import torch
+from amaranth import Elaboratable, Module
+from amaranth.lib import memory
+from amaranth.sim import Simulator
+
+from hw.bconv_engine import BconvEngine
+from hw.config import DeviceConfig
+from hw.int_memory import IntMemory
+from sw import isa, packing
+from sw.compile import golden
+
+INT_DEPTH = 512
+BITS_DEPTH = 256
+ELEMENT_WIDTH = 16
+
+
+def golden_bconv(bits, weight_bits, kernel, stride, padding):
+    op = types.SimpleNamespace(kind="bconv", name="b",
+                               attrs={"kernel": kernel, "stride": stride, "padding": padding},
+                               params={"weight_bits": weight_bits})
+    return golden.execute_op(op, [torch.as_tensor(bits, dtype=torch.int64).unsqueeze(0)])[0]
+
+
+def pack_map(bits, lane, rng):
+    """BITS words of a ``(C, H, W)`` bit map (ConvWindow layout); channel-tail bits random."""
+    c_total, h, w = len(bits), len(bits[0]), len(bits[0][0])
+    words = -(-c_total // lane)
+    out = []
+    for y in range(h):
+        for x in range(w):
+            for cw in range(words):
+                word = 0
+                for b in range(lane):
+                    c = cw * lane + b
+                    word |= (bits[c][y][x] if c < c_total else rng.randint(0, 1)) << b
+                out.append(word)
+    return out
+
+
+def expected_cycles(k_words, rows, cols, m_tiles, out_plane):
+    """The docstring's formula of :class:`BconvEngine`."""
+    n_tiles = -(-out_plane // cols)
+    p, q = max(k_words, rows), max(k_words + 2, rows)
+    return (m_tiles * (n_tiles - 1) * p + (m_tiles - 1) * q + k_words + 2 * rows + cols + 4)
+
+
+class Harness(Elaboratable):
+    """The engine with its three memories, connected as the device core does: INTS has the
+    power of two at least ``cols`` banks (``DeviceConfig.int_banks``); the engine's ``cols``-wide
+    runs are its low elements (the rest masked off)."""
+
+    def __init__(self, dut, bits_init, weights_init, ints_init):
+        self.dut = dut
+        self.bits_init = bits_init
+        self.weights_init = weights_init
+        banks = 1 << (dut.cols - 1).bit_length()
+        self.ints = IntMemory(dut.int_depth, dut.element_width, banks, init=ints_init)
+
+    def elaborate(self, platform):
+        m = Module()
+        dut = self.dut
+        m.submodules.dut = dut
+        m.submodules.ints = ints = self.ints
+        m.submodules.bits = bits = memory.Memory(shape=dut.lane, depth=dut.bits_depth,
+                                                 init=self.bits_init)
+        for c in range(dut.cols):
+            port = bits.read_port()
+            m.d.comb += [port.addr.eq(dut.rd[c].addr), port.en.eq(dut.rd[c].en),
+                         dut.rd[c].data.eq(port.data)]
+        m.submodules.weights = weights = memory.Memory(
+            shape=dut.rows * dut.lane, depth=dut.device.weight_depth, init=self.weights_init)
+        port = weights.read_port()
+        m.d.comb += [port.addr.eq(dut.w_rd_addr), port.en.eq(dut.w_rd_en),
+                     dut.w_rd_data.eq(port.data)]
+        m.d.comb += [
+            ints.rd_addr.eq(dut.int_rd_addr), ints.rd_en.eq(dut.int_rd_en),
+            dut.int_rd_data.eq(ints.rd_data),
+            ints.wr_addr.eq(dut.int_wr_addr), ints.wr_en.eq(dut.int_wr_en),
+            ints.wr_mask.eq(dut.int_wr_mask), ints.wr_data.eq(dut.int_wr_data),
+        ]
+        return m
+
+
+def make_layer(rng, rows, cols, lane, c_total, h, w, kernel, stride, padding, out_channels):
+    """Random bits and weights, their golden counts, and the memory images of the op."""
+    bits = [[[rng.randint(0, 1) for _ in range(w)] for _ in range(h)] for _ in range(c_total)]
+    weight_bits = [[rng.randint(0, 1) for _ in range(c_total * kernel * kernel)]
+                   for _ in range(out_channels)]
+    counts = golden_bconv(bits, weight_bits, kernel, stride, padding)
+    _, oh, ow = counts.shape
+    channel_words = -(-c_total // lane)
+    k_words = kernel * kernel * channel_words
+    m_tiles = -(-out_channels // rows)
+    weights = packing.pack_weights(
+        packing.conv_window_weight_bits(weight_bits, c_total, kernel, lane), rows, lane,
+        encoding="bit")
+    assert len(weights) == m_tiles * k_words
+    settings = {
+        "channels": c_total, "in_h": h, "in_w": w, "channel_words": channel_words,
+        "kernel": kernel, "stride": stride, "pad": padding, "k_words": k_words,
+        "m_tiles": m_tiles, "out_channels": out_channels, "out_plane": oh * ow,
+    }
+    return counts.reshape(out_channels, oh * ow).tolist(), pack_map(bits, lane, rng), weights, \
+        settings
+
+
+def run_ops(dut, bits_init, weights_init, ints_init, ops, idle=0):
+    """Run the ``ops`` (BCONV_FIELDS dicts) one after the other; return the final INTS contents
+    and each op's cycles (from the cycle start is seen to the first cycle busy is low)."""
+    harness = Harness(dut, bits_init, weights_init, ints_init)
+    result = {"cycles": []}
+
+    async def bench(ctx):
+        for op in ops:
+            for name in isa.BCONV_FIELDS:
+                ctx.set(getattr(dut.config, name[0]), op.get(name[0], 0))
+            for _ in range(idle):
+                await ctx.tick()
+            ctx.set(dut.start, 1)
+            assert not ctx.get(dut.busy)
+            await ctx.tick()
+            ctx.set(dut.start, 0)
+            cycles = 1
+            while ctx.get(dut.busy):
+                await ctx.tick()
+                cycles += 1
+                assert cycles < 20000, "the engine never finished"
+            result["cycles"].append(cycles)
+        # Nothing is written after busy falls.
+        for _ in range(8):
+            assert not ctx.get(harness.ints.wr_en)
+            await ctx.tick()
+        result["ints"] = []
+        for a in range(dut.int_depth):
+            bank, row = harness.ints.element(a)
+            result["ints"].append(ctx.get(bank[row]))
+
+    sim = Simulator(harness)
+    sim.add_clock(1e-8)
+    sim.add_testbench(bench)
+    sim.run()
+    return result
+
+
+def check_layer(rng, rows, cols, lane, c_total, h, w, kernel, stride, padding, out_channels,
+                modes=("write",)):
+    """One layer run in each of ``modes`` in turn (same engine, back to back, no reset), with
+    the INTS region of the output compared to golden and every other element untouched."""
+    counts, bits_words, weight_words, settings = make_layer(
+        rng, rows, cols, lane, c_total, h, w, kernel, stride, padding, out_channels)
+    out_plane = settings["out_plane"]
+    in_base = rng.randint(1, BITS_DEPTH - len(bits_words))
+    weight_base = rng.randint(1, 8)
+    region = out_channels * out_plane
+    out_base = rng.randint(1, INT_DEPTH - region - 1)
+    config = DeviceConfig(rows=rows, cols=cols, lane=lane, max_depth=1024, weight_depth=128)
+    dut = BconvEngine(config, element_width=ELEMENT_WIDTH, int_depth=INT_DEPTH,
+                      bits_depth=BITS_DEPTH)
+
+    bits_init = [rng.getrandbits(lane) for _ in range(BITS_DEPTH)]
+    bits_init[in_base:in_base + len(bits_words)] = bits_words
+    weights_init = [rng.getrandbits(rows * lane) for _ in range(128)]
+    weights_init[weight_base:weight_base + len(weight_words)] = weight_words
+    # Old values small enough that several adds cannot overflow ELEMENT_WIDTH bits.
+    ints_init = [rng.randint(-3000, 3000) for _ in range(INT_DEPTH)]
+
+    ops, expected = [], list(ints_init)
+    for mode in modes:
+        ops.append(dict(settings, in_base=in_base, weight_base=weight_base, out_base=out_base,
+                        add=int(mode == "add")))
+        for o in range(out_channels):
+            for n in range(out_plane):
+                a = out_base + o * out_plane + n
+                expected[a] = (expected[a] if mode == "add" else 0) + counts[o][n]
+    result = run_ops(dut, bits_init, weights_init, ints_init, ops, idle=rng.randint(0, 3))
+
+    for a, (got, want) in enumerate(zip(result["ints"], expected)):
+        if out_base <= a < out_base + region:
+            where = f"channel {(a - out_base) // out_plane}, pixel {(a - out_base) % out_plane}"
+        else:
+            where = "outside the output"
+        assert got == want, f"INTS[{a}] ({where}): expected {want}, got {got}"
+    want_cycles = expected_cycles(settings["k_words"], rows, cols, settings["m_tiles"],
+                                  out_plane)
+    assert result["cycles"] == [want_cycles] * len(modes), (result["cycles"], want_cycles)
+    return settings
+
+
+# (rows, cols, lane, C, H, W, kernel, stride, padding, out_channels)
+CASES = [
+    # 3x3 same conv, odd map, C not a multiple of lane, k_words > rows, O > rows and odd.
+    (2, 4, 8, 11, 5, 7, 3, 1, 1, 5),
+    # stride 2 with padding, k_words = 9 > rows, out_plane not a multiple of cols.
+    (4, 2, 16, 5, 5, 7, 3, 2, 1, 6),
+    # 1x1, k_words = 1 < rows (short tiles are throttled), O not a multiple of rows.
+    (4, 2, 16, 7, 3, 5, 1, 1, 0, 7),
+    # 1x1, 1 < k_words = 3 < rows: the last word of each tile stalls while the others flow.
+    (4, 2, 8, 20, 3, 5, 1, 1, 0, 5),
+    # A one-row array: every result beat is a whole tile.
+    (1, 4, 8, 9, 3, 3, 3, 1, 1, 3),
+    # 1x1 on a 1x1 map: a single pixel, one partly filled tile.
+    (2, 4, 8, 3, 1, 1, 1, 1, 0, 3),
+    # 1x1 stride 2, k_words = 2 = rows.
+    (2, 4, 8, 13, 5, 7, 1, 2, 0, 2),
+    # 3x3 valid conv (no padding), stride 2, O < rows.
+    (4, 2, 16, 20, 7, 5, 3, 2, 0, 3),
+    # cols = 3, not a power of two: INTS has 4 banks.
+    (2, 3, 8, 10, 5, 5, 3, 1, 1, 5),
+    # 3x3 valid conv, stride 1, a single row tile with O = rows.
+    (2, 4, 8, 8, 5, 3, 3, 1, 0, 2),
+]
+
+
+@pytest.mark.parametrize("rows,cols,lane,c_total,h,w,kernel,stride,padding,out_channels", CASES)
+def test_add_write_add_match_golden(rows, cols, lane, c_total, h, w, kernel, stride, padding,
+                                    out_channels):
+    """Add onto random old values, then write (the read port holds stale data from the add: a
+    write must not use it), then add again: twice the counts."""
+    rng = random.Random(rows * 10000 + c_total * 100 + h * 10 + kernel + stride)
+    check_layer(rng, rows, cols, lane, c_total, h, w, kernel, stride, padding, out_channels,
+                modes=("add", "write", "add"))
+
+
+def test_add_into_existing_values():
+    """Add mode alone: the old (random, also negative) values plus the counts."""
+    rng = random.Random(11)
+    check_layer(rng, 2, 4, 8, 9, 3, 5, 3, 1, 1, 3, modes=("add",))
+
+
+def test_random_layers():
+    rng = random.Random(2024)
+    for _ in range(3):
+        rows, cols, lane = rng.choice([(2, 4, 8), (4, 2, 16), (3, 2, 4)])
+        kernel, stride, padding = rng.choice([(3, 1, 1), (3, 2, 1), (1, 1, 0), (1, 2, 0),
+                                              (3, 1, 0)])
+        h, w = rng.choice([1, 3, 5]), rng.choice([1, 3, 5])
+        if kernel == 3 and padding == 0:
+            h, w = max(h, 3), max(w, 3)
+        check_layer(rng, rows, cols, lane, rng.randint(1, 2 * lane + 1), h, w, kernel, stride,
+                    padding, rng.randint(1, 2 * rows + 1), modes=(rng.choice(["write", "add"]),))
+
+
+def test_cycle_formula_is_near_the_array_bound():
+    """The formula's overhead over the array's work is a constant plus <= 2 per row tile."""
+    for k_words, rows, cols, m_tiles, out_plane in [(9, 4, 4, 3, 49), (1, 4, 4, 2, 16),
+                                                    (27, 8, 8, 8, 196)]:
+        n_tiles = -(-out_plane // cols)
+        work = m_tiles * n_tiles * max(k_words, rows)
+        overhead = expected_cycles(k_words, rows, cols, m_tiles, out_plane) - work
+        assert 0 < overhead <= 2 * (m_tiles - 1) + 2 * rows + cols + 4
+
+
+def test_config_layout_follows_the_isa():
+    dut = BconvEngine(DeviceConfig(rows=2, cols=4, lane=8))
+    assert dut.config_layout.size == sum(width for _, width, _ in isa.BCONV_FIELDS)
+    offsets = isa.BitRecord(isa.BCONV_FIELDS).offsets()
+    for name, field in dut.config_layout:
+        assert (field.offset, field.width, field.shape.signed) == offsets[name]
+
+
+def test_bad_parameters():
+    config = DeviceConfig(rows=2, cols=4, lane=8, max_depth=4096)
+    with pytest.raises(ValueError, match=r"element_width must exceed acc_width \(13\), not 13"):
+        BconvEngine(config, element_width=13)
+    with pytest.raises(ValueError, match="int_depth must be a positive integer, not 0"):
+        BconvEngine(config, int_depth=0)
+
+
+def test_converts_to_rtlil():
+    from amaranth.back import rtlil
+    assert "module" in rtlil.convert(BconvEngine(DeviceConfig(rows=4, cols=4, lane=32)))
