@@ -8,7 +8,7 @@ and the engine writes (or adds) them as runs of ``cols`` pixels into INTS memory
 (:class:`hw.int_memory.IntMemory`), channel planes as :mod:`sw.isa` describes.
 """
 
-from amaranth import Module, Mux, Signal, signed, unsigned
+from amaranth import Module, Mux, Signal, signed
 from amaranth.lib import data, wiring
 from amaranth.lib.wiring import In, Out
 
@@ -16,15 +16,9 @@ from sw import isa
 
 from .array import XnorArray
 from .conv_window import ConvWindow
+from .isa import BCONV_LAYOUT
 
-__all__ = ["BconvEngine", "record_layout"]
-
-
-def record_layout(fields):
-    """A :class:`~amaranth.lib.data.StructLayout` of an :mod:`sw.isa` field list
-    (``(name, width, signed)`` tuples, first field in the lowest bits)."""
-    return data.StructLayout({name: signed(width) if is_signed else unsigned(width)
-                              for name, width, is_signed in fields})
+__all__ = ["BconvEngine"]
 
 
 def _setting(value, config, name, default):
@@ -51,7 +45,7 @@ class BconvEngine(wiring.Component):
 
     Members
     -------
-    config : ``In(record_layout(sw.isa.BCONV_FIELDS))``
+    config : ``In(hw.isa.BCONV_LAYOUT)``
         The op's settings (see :data:`sw.isa.BCONV_FIELDS`). Hold stable from ``start`` until
         ``busy`` falls. Requirements (not checked): ``channel_words = ceil(channels / lane)``,
         ``k_words = kernel**2 * channel_words``, ``k_words * lane <= max_depth``,
@@ -113,7 +107,7 @@ class BconvEngine(wiring.Component):
         self.int_addr_width = max(1, (self.int_depth - 1).bit_length())
         self.bits_addr_width = max(1, (self.bits_depth - 1).bit_length())
         self.weight_addr_width = max(1, (config.weight_depth - 1).bit_length())
-        self.config_layout = record_layout(isa.BCONV_FIELDS)
+        self.config_layout = BCONV_LAYOUT
 
         # The window generator's bounds: the ISA fields' ranges, and no map larger than BITS.
         fields = {name: width for name, width, _ in isa.BCONV_FIELDS}

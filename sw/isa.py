@@ -4,7 +4,7 @@ This module is the single definition of the bit layouts that the compiler's code
 (:mod:`sw.compile.codegen`) writes and the hardware (:mod:`hw.sequencer`, :mod:`hw.fixed_unit`,
 :mod:`hw.bconv_engine`) decodes. Like :mod:`sw.protocol` it depends only on the standard
 library: the hardware builds :class:`amaranth.lib.data.StructLayout` s from the same field
-lists (:func:`hw.isa_layout`), so both sides cannot disagree.
+lists (:mod:`hw.isa`), so both sides cannot disagree.
 
 A record is a little-endian bit field: the first field occupies the lowest bits. The host sees
 a record as a memory word of ``ceil(width / 8)`` bytes (see :class:`sw.protocol.Memory`).
