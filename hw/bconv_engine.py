@@ -94,6 +94,15 @@ class BconvEngine(wiring.Component):
     ``(M - 1) * (Q - P) <= 2 * (M - 1)`` cycles between row tiles plus a constant.
     """
 
+    @staticmethod
+    def cycles(config, *, k_words, m_tiles, out_plane):
+        """The exact cycles of one op (the formula above) on a ``config``'s array."""
+        rows, cols = config.rows, config.cols
+        n_tiles = -(-out_plane // cols)
+        p, q = max(k_words, rows), max(k_words + 2, rows)
+        return (m_tiles * (n_tiles - 1) * p + (m_tiles - 1) * q + k_words + 2 * rows + cols
+                + 4)
+
     def __init__(self, config, *, element_width=None, int_depth=None, bits_depth=None):
         self.device = config
         self.element_width = _setting(element_width, config, "element_width", 24)

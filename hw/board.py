@@ -139,14 +139,18 @@ def _ulx3s(size):
     # and 11 EBR; 25F 15.2K and 20; 45F 15.2K and 37; 85F 15.2K and 71). Each default is
     # checked against check_fits in the tests.
     config = {
-        "12F": DeviceConfig(rows=4, cols=4, lane=32, weight_depth=512, activation_depth=512,
-                            result_depth=512),
-        "25F": DeviceConfig(rows=8, cols=8, lane=32, weight_depth=512, activation_depth=512,
-                            result_depth=512),
-        "45F": DeviceConfig(rows=8, cols=8, lane=32, weight_depth=1024, activation_depth=1024,
-                            result_depth=1024),
-        "85F": DeviceConfig(rows=8, cols=8, lane=32, weight_depth=2048, activation_depth=2048,
-                            result_depth=2048),
+        "12F": DeviceConfig(rows=4, cols=4, lane=32, weight_depth=512, activation_depth=128,
+                            result_depth=128, int_depth=4096, bits_depth=512,
+                            coef_depth=4096, param_depth=512, program_depth=128),
+        "25F": DeviceConfig(rows=8, cols=8, lane=32, weight_depth=512, activation_depth=128,
+                            result_depth=128, int_depth=8192, bits_depth=512,
+                            coef_depth=8192, param_depth=1024, program_depth=128),
+        "45F": DeviceConfig(rows=8, cols=8, lane=32, weight_depth=1024, activation_depth=256,
+                            result_depth=256, int_depth=24576, bits_depth=1024,
+                            coef_depth=16384, param_depth=2048, program_depth=128),
+        "85F": DeviceConfig(rows=8, cols=8, lane=32, weight_depth=2048, activation_depth=256,
+                            result_depth=256, int_depth=49152, bits_depth=2048,
+                            coef_depth=32768, param_depth=2048, program_depth=128),
     }[size]
     return Board(
         name="ulx3s", size=size, family="ecp5",
@@ -318,10 +322,20 @@ def estimate_resources(config, family):
 
 
 def _memories(config):
-    """(width, depth) of every memory the device maps to block RAM: the weight, activation and
-    result memories and the frame buffer."""
-    return [(config.word_widths()[memory], config.depths()[memory])
-            for memory in config.depths()] + [(8, config.max_payload)]
+    """(width, depth) of every memory the device maps to block RAM: the host-visible memories
+    (INTS as its banks, BITS once per read port) and the frame buffer."""
+    from sw.protocol import Memory
+    widths, depths = config.word_widths(), config.depths()
+    result = [(8, config.max_payload)]
+    for memory in depths:
+        width, depth = widths[memory], depths[memory]
+        if memory == Memory.INTS:
+            result += [(width, depth // config.int_banks)] * config.int_banks
+        elif memory == Memory.BITS:
+            result += [(width, depth)] * config.cols
+        else:
+            result.append((width, depth))
+    return result
 
 
 def _brams(width, depth, shapes):

@@ -35,6 +35,12 @@ class DeviceConfig:
         UART baud rate.
     byte_timeout_us : int
         A frame that stalls for longer than this is dropped with ``Status.TIMEOUT``.
+    element_width : int
+        Bits of one signed integer of the layer program's integer tensors (INTS memory).
+    bits_depth, int_depth, coef_depth, param_depth, program_depth : int
+        Words in the layer program's memories (see :class:`sw.protocol.Memory` and
+        :mod:`sw.isa`); ``int_depth`` must be a multiple of :attr:`int_banks`;
+        ``program_depth`` is also the number of cycle counters.
     """
     rows: int = 4
     cols: int = 4
@@ -47,10 +53,18 @@ class DeviceConfig:
     clock_hz: int = 25_000_000
     baud: int = 3_000_000
     byte_timeout_us: int = 20_000
+    element_width: int = 24
+    bits_depth: int = 1024
+    int_depth: int = 8192
+    coef_depth: int = 4096
+    param_depth: int = 512
+    program_depth: int = 256
 
     def __post_init__(self):
         for name in ("rows", "cols", "lane", "max_depth", "weight_depth", "activation_depth",
-                     "result_depth", "max_payload", "clock_hz", "baud", "byte_timeout_us"):
+                     "result_depth", "max_payload", "clock_hz", "baud", "byte_timeout_us",
+                     "element_width", "bits_depth", "int_depth", "coef_depth", "param_depth",
+                     "program_depth"):
             value = getattr(self, name)
             if not isinstance(value, int) or value < 1:
                 raise ValueError(f"{name} must be a positive integer, not {value!r}")
@@ -69,6 +83,17 @@ class DeviceConfig:
         if not 16 <= self.max_payload <= protocol.MAX_LENGTH:
             raise ValueError(f"max_payload must be between 16 and {protocol.MAX_LENGTH}, "
                              f"not {self.max_payload}")
+        if not 8 <= self.element_width <= 32:
+            raise ValueError(f"element_width must be between 8 and 32, not "
+                             f"{self.element_width}")
+        if self.int_depth % self.int_banks or self.int_depth > 1 << 24:
+            raise ValueError(f"int_depth must be a multiple of {self.int_banks} (the INTS "
+                             f"banks) and at most 2**24, not {self.int_depth}")
+        for name, limit in (("bits_depth", 1 << 20), ("coef_depth", 1 << 20),
+                            ("param_depth", 1 << 16), ("program_depth", 1 << 16),
+                            ("weight_depth", 1 << 20)):
+            if getattr(self, name) > limit:
+                raise ValueError(f"{name} must be at most {limit}, not {getattr(self, name)}")
         for memory, width in self.word_widths().items():
             if _words_bytes(width) > self.max_payload - protocol.WRITE_HEADER.size:
                 raise ValueError(f"a {memory.name} word ({_words_bytes(width)} bytes) must fit "
@@ -80,24 +105,26 @@ class DeviceConfig:
         return self.max_depth.bit_length()
 
     @property
+    def int_banks(self):
+        """Banks of INTS memory: the power of two at least ``cols``, so that the binary conv
+        engine writes the ``cols`` counts of a result row in one cycle at any address."""
+        return 1 << (self.cols - 1).bit_length()
+
+    #: Largest number of terms (``terms_c * kernel_h * kernel_w``) of one output value of the
+    #: fixed-point unit; sets its accumulator width.
+    max_fixed_terms = 1 << 16
+
+    @property
     def max_k_words(self):
         return self.max_depth // self.lane
 
     def word_widths(self):
-        """Return ``{Memory: bits per word}``."""
-        return {
-            protocol.Memory.WEIGHTS: self.rows * self.lane,
-            protocol.Memory.ACTIVATIONS: self.cols * self.lane,
-            protocol.Memory.RESULTS: self.cols * self.acc_width,
-        }
+        """Return ``{Memory: bits per word}`` (:func:`sw.protocol.memory_word_widths`)."""
+        return protocol.memory_word_widths(self)
 
     def depths(self):
-        """Return ``{Memory: words}``."""
-        return {
-            protocol.Memory.WEIGHTS: self.weight_depth,
-            protocol.Memory.ACTIVATIONS: self.activation_depth,
-            protocol.Memory.RESULTS: self.result_depth,
-        }
+        """Return ``{Memory: words}`` (:func:`sw.protocol.memory_depths`)."""
+        return protocol.memory_depths(self)
 
     def word_bytes(self, memory):
         return _words_bytes(self.word_widths()[memory])
@@ -118,7 +145,9 @@ class DeviceConfig:
             acc_width=self.acc_width, lane=self.lane, max_payload=self.max_payload,
             max_depth=self.max_depth, weight_depth=self.weight_depth,
             activation_depth=self.activation_depth, result_depth=self.result_depth,
-            clock_hz=self.clock_hz, baud=self.baud)
+            clock_hz=self.clock_hz, baud=self.baud, element_width=self.element_width,
+            bits_depth=self.bits_depth, int_depth=self.int_depth, coef_depth=self.coef_depth,
+            param_depth=self.param_depth, program_depth=self.program_depth)
 
     @property
     def byte_timeout_cycles(self):

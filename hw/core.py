@@ -5,21 +5,29 @@ computes binary GEMMs; its command executor is where the layer program of the fu
 will plug in. :class:`hw.device.Device` adds the UART.
 """
 
-from amaranth import Array, Cat, Const, Module, Mux, Signal
+from amaranth import Array, Cat, Const, Module, Signal
 from amaranth.lib import fifo, memory, stream, wiring
 from amaranth.lib.wiring import In, Out
 
 from sw import protocol
 from sw.protocol import Command, Memory, Status
 
+from .bconv_engine import BconvEngine
+from .fixed_unit import FixedUnit
 from .gemm import GemmEngine
+from .int_memory import IntMemory
 from .link import FrameReceiver, FrameTransmitter
+from .sequencer import Sequencer
 
 __all__ = ["DeviceCore"]
 
 #: Bytes of the largest request header the executor decodes (READ: memory, address, count).
 _ARGS_SIZE = max(protocol.WRITE_HEADER.size, protocol.READ_REQUEST.size,
-                 protocol.GEMM_REQUEST.size)
+                 protocol.GEMM_REQUEST.size, protocol.RUN_REQUEST.size)
+
+
+def _addr_width(depth):
+    return max(1, (depth - 1).bit_length())
 
 
 def _field(args, layout, name):
@@ -87,15 +95,28 @@ class DeviceCore(wiring.Component):
         m.submodules.transmitter = transmitter = FrameTransmitter()
         wiring.connect(m, transmitter.o, wiring.flipped(self.tx_data))
 
-        # Memories and the engine. The executor and the engine share each memory's ports; the
-        # engine owns them while it runs.
-        mems, reads, writes = {}, {}, {}
-        for mem in Memory:
-            mems[mem] = memory.Memory(shape=widths[mem], depth=depths[mem], init=[])
-            m.submodules[f"{mem.name.lower()}_memory"] = mems[mem]
-            reads[mem] = mems[mem].read_port()
-            writes[mem] = mems[mem].write_port()
+        # Memories and the units. A unit owns the ports it uses while it is active (from its
+        # start to the fall of its busy); the host's WRITE and READ use them otherwise.
         m.submodules.engine = engine = GemmEngine(cfg)
+        m.submodules.sequencer = sequencer = Sequencer(cfg.program_depth)
+        m.submodules.fixed = fixed = FixedUnit(
+            element_width=cfg.element_width, lane=cfg.lane,
+            int_addr_width=_addr_width(cfg.int_depth),
+            bits_addr_width=_addr_width(cfg.bits_depth),
+            coef_addr_width=_addr_width(cfg.coef_depth),
+            param_addr_width=_addr_width(cfg.param_depth),
+            max_terms=cfg.max_fixed_terms)
+        m.submodules.bconv = bconv = BconvEngine(cfg)
+        m.d.comb += [
+            fixed.config.eq(sequencer.fixed_config),
+            fixed.start.eq(sequencer.fixed_start),
+            sequencer.fixed_busy.eq(fixed.busy),
+            bconv.config.eq(sequencer.bconv_config),
+            bconv.start.eq(sequencer.bconv_start),
+            sequencer.bconv_busy.eq(bconv.busy),
+        ]
+        fixed_active = fixed.busy | sequencer.fixed_start
+        bconv_active = bconv.busy | sequencer.bconv_start
 
         # Executor state.
         event = Signal.like(receiver.event.payload)
@@ -114,38 +135,138 @@ class DeviceCore(wiring.Component):
         host_read_en = Signal()
         host_write_en = Signal()
         host_write_data = Signal(8 * max_word_bytes)
-        for mem in Memory:
-            read, write = reads[mem], writes[mem]
-            selected = mem_id == mem
+        host_reads = {}        # Memory -> the word a host read returns (the cycle after en)
+
+        def host_data(mem):
+            # The executor's writes land at the top of the word; shift them down.
+            return host_write_data >> (8 * (max_word_bytes - word_bytes[mem]))
+
+        def host_selected(mem):
+            return mem_id == mem
+
+        def plain_memory(mem, reads=1):
+            store = memory.Memory(shape=widths[mem], depth=depths[mem], init=[])
+            m.submodules[f"{mem.name.lower()}_memory"] = store
+            return [store.read_port() for _ in range(reads)], store.write_port()
+
+        def host_writes(write, mem):
+            m.d.comb += [
+                write.addr.eq(host_addr),
+                write.data.eq(host_data(mem)),
+                write.en.eq(host_write_en & host_selected(mem)),
+            ]
+
+        def host_reads_from(read, mem):
+            m.d.comb += [read.addr.eq(host_addr),
+                         read.en.eq(host_read_en & host_selected(mem))]
+
+        # GEMM memories; WEIGHTS also holds the binary conv engine's weights.
+        for mem in (Memory.WEIGHTS, Memory.ACTIVATIONS, Memory.RESULTS):
+            (read,), write = plain_memory(mem)
+            host_reads[mem] = read.data
             if mem == Memory.RESULTS:
-                m.d.comb += [
-                    read.addr.eq(host_addr),
-                    read.en.eq(host_read_en & selected),
-                ]
-                # The executor's writes land at the top of the word; shift them down.
-                host_data = host_write_data >> (8 * (max_word_bytes - word_bytes[mem]))
-                m.d.comb += [
-                    write.addr.eq(Mux(engine.busy, engine.results.addr, host_addr)),
-                    write.data.eq(Mux(engine.busy, engine.results.data, host_data)),
-                    write.en.eq(Mux(engine.busy, engine.results.en,
-                                    host_write_en & selected)),
-                ]
-            else:
-                port = engine.weights if mem == Memory.WEIGHTS else engine.activations
-                host_data = host_write_data >> (8 * (max_word_bytes - word_bytes[mem]))
-                m.d.comb += [
-                    read.addr.eq(Mux(engine.busy, port.addr, host_addr)),
-                    read.en.eq(Mux(engine.busy, port.en, host_read_en & selected)),
-                    port.data.eq(read.data),
-                    write.addr.eq(host_addr),
-                    write.data.eq(host_data),
-                    write.en.eq(host_write_en & selected),
-                ]
+                host_reads_from(read, mem)
+                with m.If(engine.busy):
+                    m.d.comb += [write.addr.eq(engine.results.addr),
+                                 write.data.eq(engine.results.data),
+                                 write.en.eq(engine.results.en)]
+                with m.Else():
+                    host_writes(write, mem)
+                continue
+            host_writes(write, mem)
+            port = engine.weights if mem == Memory.WEIGHTS else engine.activations
+            m.d.comb += port.data.eq(read.data)
+            if mem == Memory.WEIGHTS:
+                m.d.comb += bconv.w_rd_data.eq(read.data)
+            with m.If(engine.busy):
+                m.d.comb += [read.addr.eq(port.addr), read.en.eq(port.en)]
+            if mem == Memory.WEIGHTS:
+                with m.Elif(bconv_active):
+                    m.d.comb += [read.addr.eq(bconv.w_rd_addr), read.en.eq(bconv.w_rd_en)]
+            with m.Else():
+                host_reads_from(read, mem)
+
+        # BITS: one read port per array column for the window generator (port 0 also serves
+        # the host), written by the fixed-point unit's thresholds or the host.
+        bits_reads, bits_write = plain_memory(Memory.BITS, reads=cfg.cols)
+        host_reads[Memory.BITS] = bits_reads[0].data
+        for column, read in enumerate(bits_reads):
+            m.d.comb += bconv.rd[column].data.eq(read.data)
+            with m.If(bconv_active | (column != 0)):
+                m.d.comb += [read.addr.eq(bconv.rd[column].addr),
+                             read.en.eq(bconv.rd[column].en)]
+            with m.Else():
+                host_reads_from(read, Memory.BITS)
+        with m.If(fixed_active):
+            m.d.comb += [bits_write.addr.eq(fixed.bits_wr_addr),
+                         bits_write.data.eq(fixed.bits_wr_data),
+                         bits_write.en.eq(fixed.bits_wr_en)]
+        with m.Else():
+            host_writes(bits_write, Memory.BITS)
+
+        # COEFS and PARAMS: read by the fixed-point unit.
+        for mem, prefix in ((Memory.COEFS, "coef"), (Memory.PARAMS, "param")):
+            (read,), write = plain_memory(mem)
+            host_reads[mem] = read.data
+            host_writes(write, mem)
+            m.d.comb += getattr(fixed, f"{prefix}_rd_data").eq(read.data)
+            with m.If(fixed_active):
+                m.d.comb += [read.addr.eq(getattr(fixed, f"{prefix}_rd_addr")),
+                             read.en.eq(getattr(fixed, f"{prefix}_rd_en"))]
+            with m.Else():
+                host_reads_from(read, mem)
+
+        # PROGRAM (read by the sequencer) and COUNTERS (written by it).
+        (read,), write = plain_memory(Memory.PROGRAM)
+        host_reads[Memory.PROGRAM] = read.data
+        host_writes(write, Memory.PROGRAM)
+        m.d.comb += sequencer.prog_data.eq(read.data)
+        with m.If(sequencer.busy):
+            m.d.comb += [read.addr.eq(sequencer.prog_addr), read.en.eq(sequencer.prog_en)]
+        with m.Else():
+            host_reads_from(read, Memory.PROGRAM)
+        (read,), write = plain_memory(Memory.COUNTERS)
+        host_reads[Memory.COUNTERS] = read.data
+        host_reads_from(read, Memory.COUNTERS)
+        with m.If(sequencer.busy):
+            m.d.comb += [write.addr.eq(sequencer.counter_addr),
+                         write.data.eq(sequencer.counter_data),
+                         write.en.eq(sequencer.counter_en)]
+        with m.Else():
+            host_writes(write, Memory.COUNTERS)
+
+        # INTS: banked so that the binary conv engine writes a run of `cols` counts per cycle.
+        m.submodules.ints_memory = ints = IntMemory(depth=cfg.int_depth,
+                                                    width=cfg.element_width, banks=cfg.int_banks)
+        host_reads[Memory.INTS] = ints.rd_data[0].as_unsigned()
+        with m.If(bconv_active):
+            m.d.comb += [
+                ints.rd_addr.eq(bconv.int_rd_addr), ints.rd_en.eq(bconv.int_rd_en),
+                ints.wr_addr.eq(bconv.int_wr_addr), ints.wr_en.eq(bconv.int_wr_en),
+                ints.wr_mask.eq(bconv.int_wr_mask), ints.wr_data.eq(bconv.int_wr_data),
+            ]
+        with m.Elif(fixed_active):
+            m.d.comb += [
+                ints.rd_addr.eq(fixed.int_rd_addr), ints.rd_en.eq(fixed.int_rd_en),
+                ints.wr_addr.eq(fixed.int_wr_addr), ints.wr_en.eq(fixed.int_wr_en),
+                ints.wr_mask.eq(1), ints.wr_data[0].eq(fixed.int_wr_data),
+            ]
+        with m.Else():
+            m.d.comb += [
+                ints.rd_addr.eq(host_addr),
+                ints.rd_en.eq(host_read_en & host_selected(Memory.INTS)),
+                ints.wr_addr.eq(host_addr),
+                ints.wr_en.eq(host_write_en & host_selected(Memory.INTS)),
+                ints.wr_mask.eq(1),
+                ints.wr_data[0].eq(host_data(Memory.INTS)),
+            ]
+        m.d.comb += [bconv.int_rd_data.eq(ints.rd_data), fixed.int_rd_data.eq(ints.rd_data[0])]
+
         read_data = Signal(8 * max_word_bytes)
         with m.Switch(mem_id):
             for mem in Memory:
                 with m.Case(mem):
-                    m.d.comb += read_data.eq(reads[mem].data)
+                    m.d.comb += read_data.eq(host_reads[mem])
         selected_word_bytes = Signal(range(max_word_bytes + 1))
         selected_depth = Signal(32)
         with m.Switch(mem_id):
@@ -163,6 +284,9 @@ class DeviceCore(wiring.Component):
         gemm_weight_words = Signal(32)
         gemm_activation_words = Signal(32)
         gemm_tiles = Signal(32)
+        run_first = Signal(16)
+        run_count = Signal(16)
+        reply_cycles = Signal(32)
 
         m.d.comb += [
             buffer_read.addr.eq(index),
@@ -218,6 +342,11 @@ class DeviceCore(wiring.Component):
                             fail(Status.BAD_LENGTH)
                         with m.Else():
                             m.next = "Read arguments"
+                    with m.Case(Command.RUN):
+                        with m.If(length != protocol.RUN_REQUEST.size):
+                            fail(Status.BAD_LENGTH)
+                        with m.Else():
+                            m.next = "Read arguments"
                     with m.Default():
                         fail(Status.UNKNOWN_COMMAND)
 
@@ -263,6 +392,12 @@ class DeviceCore(wiring.Component):
                         gemm_tiles.eq(m_tiles * n_tiles),
                     ]
                     m.next = "Check GEMM"
+                with m.Case(Command.RUN):
+                    m.d.sync += [
+                        run_first.eq(_field(args, protocol.RUN_REQUEST, "first")),
+                        run_count.eq(_field(args, protocol.RUN_REQUEST, "count")),
+                    ]
+                    m.next = "Check RUN"
 
             # WRITE: divide the data length by the word size by repeated subtraction (at most
             # max_payload cycles), then check the range.
@@ -333,8 +468,25 @@ class DeviceCore(wiring.Component):
                     m.d.comb += [engine.start.valid.eq(1), engine.start.payload.eq(request)]
                     m.next = "Run GEMM"
             with m.State("Run GEMM"), m.If(~engine.busy):
+                m.d.sync += reply_cycles.eq(engine.cycles)
                 reply(Status.OK, protocol.GEMM_REPLY.size,
                       payload_states.index("Send cycles"))
+
+            with m.State("Check RUN"):
+                with m.If((run_count == 0)
+                          | (run_first + run_count > cfg.program_depth)):
+                    fail(Status.BAD_ARGUMENT)
+                with m.Else():
+                    m.d.comb += [
+                        sequencer.start.eq(1),
+                        sequencer.first.eq(run_first),
+                        sequencer.count.eq(run_count),
+                    ]
+                    m.next = "Run program"
+            # The sequencer raises busy the cycle after its start.
+            with m.State("Run program"), m.If(~sequencer.busy):
+                m.d.sync += reply_cycles.eq(sequencer.cycles)
+                reply(Status.OK, protocol.RUN_REPLY.size, payload_states.index("Send cycles"))
 
             with m.State("Reply header"):
                 m.d.comb += [
@@ -367,7 +519,7 @@ class DeviceCore(wiring.Component):
                     with m.If(index + 1 == len(info)):
                         m.next = "Finish"
             with m.State("Send cycles"):
-                cycles_bytes = Array(engine.cycles.word_select(i, 8) for i in range(4))
+                cycles_bytes = Array(reply_cycles.word_select(i, 8) for i in range(4))
                 m.d.comb += [
                     transmitter.payload.valid.eq(1),
                     transmitter.payload.payload.eq(cycles_bytes[index[:2]]),

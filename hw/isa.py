@@ -16,8 +16,12 @@ __all__ = ["BCONV_LAYOUT", "DESCRIPTOR_LAYOUT", "FIXED_LAYOUT", "PARAM_LAYOUT", 
 def struct_layout(fields):
     """A :class:`~amaranth.lib.data.StructLayout` of ``(name, width, signed)`` fields, the first
     field in the lowest bits (as :class:`sw.isa.BitRecord`)."""
-    return data.StructLayout({name: signed(width) if is_signed else unsigned(width)
-                              for name, width, is_signed in fields})
+    members = {}
+    for name, width, is_signed in fields:
+        if name in members:
+            raise ValueError(f"field names must be unique, not {name!r} twice")
+        members[name] = signed(width) if is_signed else unsigned(width)
+    return data.StructLayout(members)
 
 
 FIXED_LAYOUT = struct_layout(isa.FIXED_FIELDS)

@@ -362,21 +362,11 @@ class Device:
 
     def word_width(self, memory):
         """Bits per word of ``memory`` on this device."""
-        p = self.parameters
-        return {
-            Memory.WEIGHTS: p["rows"] * p["lane"],
-            Memory.ACTIVATIONS: p["cols"] * p["lane"],
-            Memory.RESULTS: p["cols"] * p["acc_width"],
-        }[_check_memory(memory)]
+        return protocol.memory_word_widths(self.parameters)[_check_memory(memory)]
 
     def depth(self, memory):
         """Words in ``memory`` on this device."""
-        p = self.parameters
-        return {
-            Memory.WEIGHTS: p["weight_depth"],
-            Memory.ACTIVATIONS: p["activation_depth"],
-            Memory.RESULTS: p["result_depth"],
-        }[_check_memory(memory)]
+        return protocol.memory_depths(self.parameters)[_check_memory(memory)]
 
     def _check_range(self, memory, address, words):
         depth = self.depth(memory)
@@ -484,6 +474,39 @@ class Device:
         reply = self.request(Command.GEMM, payload, expected=protocol.GEMM_REPLY.size,
                              compute_seconds=cycles / p["clock_hz"])
         return protocol.GEMM_REPLY.unpack(reply)["cycles"]
+
+    def run_ops(self, first, count, *, estimated_cycles=None):
+        """Run ops ``first .. first + count - 1`` of the layer program in PROGRAM memory.
+
+        Parameters
+        ----------
+        estimated_cycles : int, optional
+            Expected cycles, for the reply timeout (by default, one second of device clock).
+
+        Returns
+        -------
+        int
+            Clock cycles the run took (the sum of the ops' counters, see :meth:`op_cycles`).
+
+        Raises
+        ------
+        ValueError
+            If the range is empty or lies outside PROGRAM memory.
+        DeviceError
+            With :attr:`Status.BAD_ARGUMENT` if the device refuses the range.
+        """
+        depth = self.depth(Memory.PROGRAM)
+        first = _check_int("first", first, 0, depth - 1)
+        count = _check_int("count", count, 1, depth - first)
+        clock = self.parameters["clock_hz"]
+        estimate = clock if estimated_cycles is None else estimated_cycles
+        reply = self.request(Command.RUN, protocol.RUN_REQUEST.pack(first=first, count=count),
+                             expected=protocol.RUN_REPLY.size, compute_seconds=estimate / clock)
+        return protocol.RUN_REPLY.unpack(reply)["cycles"]
+
+    def op_cycles(self, first, count):
+        """The per-op cycle counters of ops ``first .. first + count - 1`` (last run)."""
+        return self.read_words(Memory.COUNTERS, first, count)
 
     def resync(self):
         """Bring the link back into step after an error.

@@ -47,6 +47,8 @@ __all__ = [
     "READ_REQUEST",
     "REPLY_SYNC",
     "REQUEST_SYNC",
+    "RUN_REPLY",
+    "RUN_REQUEST",
     "WRITE_HEADER",
     "Command",
     "InfoLayout",
@@ -55,11 +57,13 @@ __all__ = [
     "crc16",
     "crc16_update",
     "encode_frame",
+    "memory_depths",
+    "memory_word_widths",
 ]
 
 REQUEST_SYNC = 0xA5
 REPLY_SYNC = 0x5A
-PROTOCOL_VERSION = 1
+PROTOCOL_VERSION = 2
 #: Command byte used in error replies when the request's command byte was never received.
 NO_COMMAND = 0x00
 #: Sync, command/status and two length bytes.
@@ -82,6 +86,10 @@ class Command(enum.IntEnum):
     #: Run a binary GEMM over the loaded memories (:data:`GEMM_REQUEST`, reply
     #: :data:`GEMM_REPLY`). The reply is sent when the computation has finished.
     GEMM = 0x05
+    #: Run ops ``first .. first + count - 1`` of the layer program in PROGRAM memory
+    #: (:data:`RUN_REQUEST`, reply :data:`RUN_REPLY`); each op's cycles go to COUNTERS memory
+    #: at the op's index. The reply is sent when the last op has finished.
+    RUN = 0x06
 
 
 class Status(enum.IntEnum):
@@ -114,6 +122,55 @@ class Memory(enum.IntEnum):
     ACTIVATIONS = 1
     #: ``cols * acc_width`` bits per word: one output row of one tile.
     RESULTS = 2
+    #: ``lane`` bits per word: bit tensors of the layer program (see :mod:`sw.isa`).
+    BITS = 3
+    #: ``element_width`` bits per word: one signed integer of an integer tensor.
+    INTS = 4
+    #: 8 bits per word: one signed fixed-point weight or coefficient.
+    COEFS = 5
+    #: :data:`sw.isa.PARAM` records: the parameters of one output channel.
+    PARAMS = 6
+    #: :data:`sw.isa.DESCRIPTOR` records: one op of the layer program.
+    PROGRAM = 7
+    #: 32 bits per word: the clock cycles of the op with the same index (read only).
+    COUNTERS = 8
+
+
+def memory_word_widths(info):
+    """``{Memory: bits per word}`` of a device whose :data:`INFO` fields are ``info`` (a dict
+    or an object with those attributes)."""
+    from . import isa
+
+    def get(name):
+        return info[name] if isinstance(info, dict) else getattr(info, name)
+    return {
+        Memory.WEIGHTS: get("rows") * get("lane"),
+        Memory.ACTIVATIONS: get("cols") * get("lane"),
+        Memory.RESULTS: get("cols") * get("acc_width"),
+        Memory.BITS: get("lane"),
+        Memory.INTS: get("element_width"),
+        Memory.COEFS: 8,
+        Memory.PARAMS: isa.PARAM.width,
+        Memory.PROGRAM: isa.DESCRIPTOR.width,
+        Memory.COUNTERS: 32,
+    }
+
+
+def memory_depths(info):
+    """``{Memory: words}`` of a device whose :data:`INFO` fields are ``info``."""
+    def get(name):
+        return info[name] if isinstance(info, dict) else getattr(info, name)
+    return {
+        Memory.WEIGHTS: get("weight_depth"),
+        Memory.ACTIVATIONS: get("activation_depth"),
+        Memory.RESULTS: get("result_depth"),
+        Memory.BITS: get("bits_depth"),
+        Memory.INTS: get("int_depth"),
+        Memory.COEFS: get("coef_depth"),
+        Memory.PARAMS: get("param_depth"),
+        Memory.PROGRAM: get("program_depth"),
+        Memory.COUNTERS: get("program_depth"),
+    }
 
 
 def crc16_update(crc, byte):
@@ -190,6 +247,12 @@ INFO = _Layout([
     ("result_depth", "I"),    # words in Memory.RESULTS
     ("clock_hz", "I"),        # system clock of the build
     ("baud", "I"),            # UART baud rate of the build
+    ("element_width", "B"),   # bits of one INTS element (signed)
+    ("bits_depth", "I"),      # words in Memory.BITS
+    ("int_depth", "I"),       # words in Memory.INTS
+    ("coef_depth", "I"),      # words in Memory.COEFS
+    ("param_depth", "I"),     # words in Memory.PARAMS
+    ("program_depth", "I"),   # words in Memory.PROGRAM and Memory.COUNTERS
 ])
 #: Start of a WRITE payload; the data (whole words) follows.
 WRITE_HEADER = _Layout([("memory", "B"), ("address", "I")])
@@ -199,3 +262,7 @@ READ_REQUEST = _Layout([("memory", "B"), ("address", "I"), ("count", "H")])
 GEMM_REQUEST = _Layout([("m_tiles", "H"), ("n_tiles", "H"), ("k_words", "H")])
 #: Payload of the GEMM reply: clock cycles from start to the last result written.
 GEMM_REPLY = _Layout([("cycles", "I")])
+#: Payload of a RUN request: a range of ops of the layer program.
+RUN_REQUEST = _Layout([("first", "H"), ("count", "H")])
+#: Payload of the RUN reply: clock cycles from the first op's start to the last op's end.
+RUN_REPLY = _Layout([("cycles", "I")])

@@ -118,8 +118,8 @@ def test_incompatible_hardware(compiled, tmp_path):
     with pytest.raises(IncompatibleArtifactError, match="packed for rows = 4, the device has "
                                                         "rows = 8"):
         load(path, CONFIG.replace(rows=8))
-    with pytest.raises(IncompatibleArtifactError, match="activation memory overflows"):
-        load(path, CONFIG.replace(activation_depth=16))
+    with pytest.raises(IncompatibleArtifactError, match="does not fit the device: .*INTS"):
+        load(path, CONFIG.replace(int_depth=512))
 
 
 def test_shared_weight_bases_are_stored_once():

@@ -15,7 +15,7 @@ from hw.threshold import encode_parameter
 from sim import isa_model
 from sw import isa
 from sw.compile import CompileError, golden
-from sw.compile.codegen import DEFAULTS, Geometry, encode_threshold, fit_requant, generate
+from sw.compile.codegen import Geometry, encode_threshold, fit_requant, generate
 
 SEEDS = (0, 1)
 
@@ -34,10 +34,8 @@ def compiled(name, seed):
 
 
 def config(**changes):
-    """CONFIG's parameters (with codegen's defaults where CONFIG lacks one), changed."""
-    values = {name: getattr(CONFIG, name)
-              for name in ("rows", "cols", "lane", "max_depth", "weight_depth")}
-    values.update({name: getattr(CONFIG, name, default) for name, default in DEFAULTS.items()})
+    """CONFIG's parameters, changed."""
+    values = {field.name: getattr(CONFIG, field.name) for field in dataclasses.fields(Geometry)}
     values.update(changes)
     return types.SimpleNamespace(**values)
 

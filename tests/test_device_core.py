@@ -112,7 +112,7 @@ def test_errors_are_answered_and_the_link_recovers():
         (bytes(bad_crc), 0),
         (request(0x7E, b"x"), 0),
         (request(Command.INFO, b"x"), 0),
-        (request(Command.READ, protocol.READ_REQUEST.pack(memory=7, address=0, count=1)), 0),
+        (request(Command.READ, protocol.READ_REQUEST.pack(memory=9, address=0, count=1)), 0),
         (request(Command.READ, protocol.READ_REQUEST.pack(memory=0, address=31, count=2)), 0),
         (request(Command.READ, protocol.READ_REQUEST.pack(memory=0, address=0, count=0)), 0),
         (request(Command.WRITE, protocol.WRITE_HEADER.pack(memory=1, address=0) + b"\x01"),

@@ -30,7 +30,7 @@ from sw.transport import PortSelectionError, find_ftdi_port, open_transport
 
 #: Small memories, a payload that forces chunking, lane and widths that are multiples of 8.
 SMALL = DeviceConfig(rows=2, cols=3, lane=8, max_depth=256, weight_depth=64,
-                     activation_depth=64, result_depth=64, max_payload=32,
+                     activation_depth=64, result_depth=64, max_payload=64,
                      clock_hz=1_000_000, baud=250_000)
 #: Word widths that are not multiples of 8 (36, 60 and 5 * 10 bits).
 ODD = DeviceConfig(rows=3, cols=5, lane=12, max_depth=600, max_payload=100)
@@ -222,11 +222,11 @@ def test_write_and_read_in_chunks():
     assert device.read(Memory.WEIGHTS, 9, 2) == words_to_bytes([0, words[0]], width)
     frames = parse_requests(transport.written)
     writes = [p for c, p in frames if c == Command.WRITE]
-    # (32 - 5) // 2 = 13 words per WRITE; 32 // 2 = 16 words per READ.
-    assert [len(p) - protocol.WRITE_HEADER.size for p in writes] == [26, 26, 26, 2]
-    assert [protocol.WRITE_HEADER.unpack(p[:5])["address"] for p in writes] == [10, 23, 36, 49]
+    # (64 - 5) // 2 = 29 words per WRITE; 64 // 2 = 32 words per READ.
+    assert [len(p) - protocol.WRITE_HEADER.size for p in writes] == [58, 22]
+    assert [protocol.WRITE_HEADER.unpack(p[:5])["address"] for p in writes] == [10, 39]
     reads = [protocol.READ_REQUEST.unpack(p) for c, p in frames if c == Command.READ]
-    assert [(r["address"], r["count"]) for r in reads] == [(10, 16), (26, 16), (42, 8), (9, 2)]
+    assert [(r["address"], r["count"]) for r in reads] == [(10, 32), (42, 8), (9, 2)]
     assert device.read(Memory.RESULTS, 0, 0) == b""
     device.write(Memory.RESULTS, 0, b"")
     assert len(parse_requests(transport.written)) == len(frames)
@@ -244,8 +244,9 @@ def test_write_and_read_argument_errors():
                                          r"memory's 64 words$"):
         device.read(Memory.RESULTS, 0, 65)
     with pytest.raises(ValueError, match=r"^memory must be a Memory \(WEIGHTS, ACTIVATIONS, "
-                                         r"RESULTS\), not 7$"):
-        device.read(7, 0, 1)
+                                         r"RESULTS, BITS, INTS, COEFS, PARAMS, PROGRAM, "
+                                         r"COUNTERS\), not 9$"):
+        device.read(9, 0, 1)
     with pytest.raises(ValueError, match=r"^address must be an integer in 0 \.\. 4294967295, "
                                          r"not -1$"):
         device.read(Memory.WEIGHTS, -1, 1)
@@ -261,7 +262,7 @@ def test_device_errors():
     device, _, model = make_device(SMALL)
     cases = [
         (lambda: device.request(Command.READ,
-                                protocol.READ_REQUEST.pack(memory=7, address=0, count=1)),
+                                protocol.READ_REQUEST.pack(memory=9, address=0, count=1)),
          Status.BAD_ADDRESS, Command.READ,
          ("device answered READ with BAD_ADDRESS: a memory id, address or word count lies "
           "outside the device's memories")),
@@ -287,8 +288,8 @@ def test_device_errors():
         assert isinstance(info.value, DriverError)
     device.ping(b"still fine")
     assert model.gemm_runs == 0
-    with pytest.raises(ValueError, match=r"^payload must be at most max_payload \(32\) bytes, "
-                                         r"not 33$"):
+    with pytest.raises(ValueError, match=r"^payload must be at most max_payload \(64\) bytes, "
+                                         r"not 65$"):
         device.ping(bytes(SMALL.max_payload + 1))
 
 
@@ -481,11 +482,11 @@ class TestModel:
         return reply(status, bytes([command]))
 
     def test_oversize_length_is_answered_at_once(self):
-        head = bytes([protocol.REQUEST_SYNC, Command.PING]) + struct.pack("<H", 33)
+        head = bytes([protocol.REQUEST_SYNC, Command.PING]) + struct.pack("<H", 65)
         assert self.model.feed(head[:3]) == b""
         assert self.model.feed(head[3:]) == self.error(Status.BAD_LENGTH, Command.PING)
         assert not self.model.in_frame
-        assert self.model.feed(bytes(33) + b"\x11\x22") == b""
+        assert self.model.feed(bytes(65) + b"\x11\x22") == b""
         assert self.model.feed(request(Command.PING, b"hi")) == reply(Status.OK, b"hi")
 
     def test_timeout(self):
@@ -511,7 +512,7 @@ class TestModel:
         (0x7E, b"", Status.UNKNOWN_COMMAND),
         (Command.INFO, b"x", Status.BAD_LENGTH),
         (Command.WRITE, protocol.WRITE_HEADER.pack(memory=0, address=0), Status.BAD_LENGTH),
-        (Command.WRITE, protocol.WRITE_HEADER.pack(memory=3, address=0) + b"\x00\x00",
+        (Command.WRITE, protocol.WRITE_HEADER.pack(memory=9, address=0) + b"\x00\x00",
          Status.BAD_ADDRESS),
         (Command.WRITE, protocol.WRITE_HEADER.pack(memory=0, address=0) + b"\x00",
          Status.BAD_LENGTH),
@@ -519,11 +520,11 @@ class TestModel:
          Status.BAD_ADDRESS),
         (Command.READ, protocol.READ_REQUEST.pack(memory=0, address=0, count=1)[:-1],
          Status.BAD_LENGTH),
-        (Command.READ, protocol.READ_REQUEST.pack(memory=3, address=0, count=0),
+        (Command.READ, protocol.READ_REQUEST.pack(memory=9, address=0, count=0),
          Status.BAD_ADDRESS),
         (Command.READ, protocol.READ_REQUEST.pack(memory=0, address=0, count=0),
          Status.BAD_LENGTH),
-        (Command.READ, protocol.READ_REQUEST.pack(memory=1, address=0, count=11),
+        (Command.READ, protocol.READ_REQUEST.pack(memory=1, address=0, count=22),
          Status.BAD_LENGTH),
         (Command.READ, protocol.READ_REQUEST.pack(memory=2, address=60, count=5),
          Status.BAD_ADDRESS),

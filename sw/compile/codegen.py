@@ -7,9 +7,8 @@ WEIGHTS, fixed-point weights and coefficients in COEFS, one :data:`sw.isa.PARAM`
 output channel in PARAMS). :mod:`sim.isa_model` executes the result; it must equal
 :func:`sw.compile.golden.run` bit for bit.
 
-Memories (``config`` attributes; the ones a :class:`hw.config.DeviceConfig` may not have yet are
-read with the defaults of :data:`DEFAULTS`)
--------------------------------------------------------------------------------------------------
+Memories (attributes of a :class:`hw.config.DeviceConfig`, or of a device's INFO reply)
+-----------------------------------------------------------------------------------------
 * INTS (``int_depth`` elements of ``element_width`` signed bits): every ``int`` tensor, channel
   planes (:mod:`sw.isa`). Each tensor must fit ``element_width`` signed bits (its
   :attr:`~.ir.TensorSpec.bits`, plus a sign bit when it is unsigned).
@@ -42,15 +41,13 @@ import numpy as np
 from sw import isa, packing
 
 from .lower import CompileError
+from .plan import lifetimes
 
 __all__ = [
-    "COEF_WIDTH", "DEFAULTS", "DeviceProgram", "Geometry", "OpInfo", "Segment",
+    "COEF_WIDTH", "DeviceProgram", "Geometry", "OpInfo", "Segment",
     "encode_threshold", "fit_requant", "generate",
 ]
 
-#: Device parameters that :class:`hw.config.DeviceConfig` may not define yet, and their values.
-DEFAULTS = {"element_width": 24, "int_depth": 65536, "bits_depth": 8192, "coef_depth": 32768,
-            "param_depth": 4096, "program_depth": 512}
 #: Signed width of a COEFS word (int8 conv weights and ABC-Net coefficients).
 COEF_WIDTH = 8
 #: Memories a segment loads, in the order its writes list them.
@@ -89,12 +86,10 @@ class Geometry:
 
     @classmethod
     def from_config(cls, config):
-        """Read a :class:`hw.config.DeviceConfig`-like object (``getattr`` with defaults)."""
+        """Read a :class:`hw.config.DeviceConfig`-like object."""
         values = {}
         for field in dataclasses.fields(cls):
-            if field.name in DEFAULTS:
-                values[field.name] = getattr(config, field.name, DEFAULTS[field.name])
-            elif hasattr(config, field.name):
+            if hasattr(config, field.name):
                 values[field.name] = getattr(config, field.name)
             else:
                 raise ValueError(f"config has no attribute {field.name!r}")
@@ -248,26 +243,15 @@ def fit_requant(mul, bias, shift, res_mul=0):
 
 # -- allocation --------------------------------------------------------------------------------
 
-def _lifetimes(program):
-    first, last = {program.input: -1}, {}
-    for index, op in enumerate(program.ops):
-        for s in op.inputs:
-            last[s.tensor] = index
-        first.setdefault(op.output.tensor, index)
-        last[op.output.tensor] = max(last.get(op.output.tensor, index), index)
-    last[program.logits] = len(program.ops)
-    return {name: (first[name], last.get(name, first[name])) for name in first}
-
-
 def _allocate(program, geo):
     """``{tensor: (memory, base, size)}`` and the peak of each memory."""
-    lifetimes = _lifetimes(program)
+    spans = lifetimes(program)
     writer = {}
     for op in program.ops:
         writer.setdefault(op.output.tensor, op.name)
     writer.setdefault(program.input, "input")
     for name, spec in program.tensors.items():
-        if name not in lifetimes:
+        if name not in spans:
             continue
         if spec.kind == "int":
             need = spec.bits + (0 if spec.signed else 1)
@@ -281,9 +265,9 @@ def _allocate(program, geo):
     placed = {"INTS": [], "BITS": []}
     depth = {"INTS": geo.int_depth, "BITS": geo.bits_depth}
     allocation = {}
-    for name in sorted(lifetimes, key=lambda n: (lifetimes[n][0], n)):
+    for name in sorted(spans, key=lambda n: (spans[n][0], n)):
         spec = program.tensors[name]
-        start, end = lifetimes[name]
+        start, end = spans[name]
         c, h, w = spec.shape
         if spec.kind == "int":
             memory, size = "INTS", c * h * w
@@ -574,8 +558,7 @@ def _pack(op, record, what, **values):
 def generate(program, config):
     """Turn ``program`` (a :class:`~.ir.Program`, or an artifact holding one) into a
     :class:`DeviceProgram` for a device of ``config`` (a :class:`hw.config.DeviceConfig`-like
-    object: ``rows``, ``cols``, ``lane``, ``max_depth``, ``weight_depth`` and, where present,
-    the attributes of :data:`DEFAULTS`).
+    object with the fields of :class:`Geometry`).
 
     Raises
     ------

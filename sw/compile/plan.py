@@ -16,7 +16,7 @@ from sw import protocol
 
 from .lower import CompileError
 
-__all__ = ["ALIGN", "LayerStats", "check_hardware", "layer_stats", "plan_memory"]
+__all__ = ["ALIGN", "LayerStats", "check_hardware", "layer_stats", "lifetimes", "plan_memory"]
 
 #: Alignment of activation buffers in bytes.
 ALIGN = 4
@@ -28,7 +28,9 @@ def _ceil_div(a, b):
     return -(-a // b)
 
 
-def _lifetimes(program):
+def lifetimes(program):
+    """``{tensor: (first op index, last op index)}``: from the op that first writes a tensor
+    (-1 for the input) to the last op that reads it (``len(ops)`` for the logits)."""
     first, last = {}, {}
     first[program.input] = -1
     for index, op in enumerate(program.ops):
@@ -42,11 +44,11 @@ def _lifetimes(program):
 
 def plan_memory(program):
     """``({tensor: (offset, nbytes)}, total bytes)``: activation buffers with reuse."""
-    lifetimes = _lifetimes(program)
+    spans = lifetimes(program)
     placed = []
     offsets = {}
-    for name in sorted(lifetimes, key=lambda n: (lifetimes[n][0], n)):
-        start, end = lifetimes[name]
+    for name in sorted(spans, key=lambda n: (spans[n][0], n)):
+        start, end = spans[name]
         size = _ceil_div(program.tensors[name].nbytes, ALIGN) * ALIGN
         busy = sorted((off, off + sz) for (s, e, off, sz) in placed
                       if not (e < start or end < s))
@@ -134,8 +136,9 @@ def check_hardware(program, config, activation_bytes=None):
 
     Checked: each binary layer's dot product length against ``max_depth`` (the accumulator),
     one row tile of its packed weights against the weight memory, each fixed-point layer's
-    weights against the weight memory, and the memory plan's peak against activation memory
-    (``activation_depth`` words of ``cols * lane`` bits).
+    weights against the weight memory, then everything :func:`.codegen.generate` checks
+    (tensors in INTS and BITS, each op's data in WEIGHTS, COEFS and PARAMS, the instruction
+    set's field ranges). Returns the byte plan's peak (for the report).
     """
     weight_capacity = config.weight_depth * config.word_bytes(protocol.Memory.WEIGHTS)
     for s in layer_stats(program, config):
@@ -150,14 +153,11 @@ def check_hardware(program, config, activation_bytes=None):
         elif s.weight_bytes > weight_capacity:
             raise CompileError(f"{s.name}: {s.weight_bytes} bytes of weights do not fit the "
                                f"weight memory ({weight_capacity} bytes)")
-    offsets, total = plan_memory(program)
-    capacity = config.activation_depth * config.word_bytes(protocol.Memory.ACTIVATIONS)
+    _, total = plan_memory(program)
     if activation_bytes is not None:
         total = activation_bytes
-    if total > capacity:
-        worst = max(offsets, key=lambda n: offsets[n][0] + offsets[n][1])
-        writer = next((op.name for op in program.ops if op.output.tensor == worst), worst)
-        raise CompileError(f"{writer}: activation memory overflows: the plan needs {total} "
-                           f"bytes (tensor {worst!r} ends at byte "
-                           f"{sum(offsets[worst])}), the device has {capacity}")
+    # The device's activation memories (INTS, BITS), the weight memories and the instruction
+    # set: code generation checks them and names the op and the memory that does not fit.
+    from .codegen import generate
+    generate(program, config)
     return total

@@ -1,0 +1,133 @@
+"""Running a compiled network on a device: load the layer program once, then infer images.
+
+:class:`Accelerator` joins a :class:`sw.driver.Device` and a compiled program. It generates the
+device program (:func:`sw.compile.codegen.generate`) for the geometry the device reports with
+INFO, so a model compiled once runs on any build it fits, writes the descriptors into PROGRAM
+memory once, and, for each image, writes the raw pixels into INTS memory, runs the program's
+segments (loading each segment's weights first when they do not all fit on chip at once) and
+reads the logits back.
+"""
+
+import dataclasses
+import types
+
+import numpy as np
+
+from .compile.codegen import generate
+from .driver import CapacityError
+from .protocol import Memory
+
+__all__ = ["Accelerator", "InferenceResult"]
+
+
+@dataclasses.dataclass
+class InferenceResult:
+    """One image's answer from the device.
+
+    Members
+    -------
+    logits : numpy.ndarray of int64
+        The program's logits (the golden model's integers).
+    cycles : int
+        Device clock cycles of all ops (the sum of ``op_cycles``).
+    op_cycles : list of int
+        Each op's cycle counter, in program order.
+    """
+    logits: np.ndarray
+    cycles: int
+    op_cycles: list
+
+
+def _to_unsigned(values, width):
+    mask = (1 << width) - 1
+    return [int(v) & mask for v in values]
+
+
+def _to_signed(words, width):
+    return [w - (1 << width) if w >> (width - 1) else w for w in words]
+
+
+class Accelerator:
+    """A compiled program loaded on a device.
+
+    Parameters
+    ----------
+    device : :class:`sw.driver.Device`
+    program : :class:`sw.compile.ir.Program` or an artifact holding one
+    budget : optional
+        An object with the memory sizes (``weight_depth``, ``coef_depth``, ``param_depth``,
+        ...) to generate the program for, instead of the device's own: a smaller budget makes
+        the host stream weights in more segments (for tests). It must not exceed the device.
+
+    Raises
+    ------
+    CapacityError
+        If the program does not fit the device (the message names the op and the memory).
+    """
+
+    def __init__(self, device, program, *, budget=None):
+        from .compile.lower import CompileError
+        self.device = device
+        self.program = getattr(program, "program", program)
+        parameters = device.parameters
+        if budget is not None:
+            for name, value in parameters.items():
+                if name.endswith("_depth") and getattr(budget, name, value) > value:
+                    raise ValueError(f"budget {name} {getattr(budget, name)} exceeds the "
+                                     f"device's {value}")
+            parameters = {**parameters, **{name: getattr(budget, name) for name in parameters
+                                           if name.endswith("_depth")
+                                           and hasattr(budget, name)}}
+        geometry = types.SimpleNamespace(**parameters)
+        try:
+            self.device_program = generate(self.program, geometry)
+        except CompileError as error:
+            raise CapacityError(f"the model does not fit this device: {error}") from None
+        dp = self.device_program
+        self.element_width = dp.geometry.element_width
+        self.device.write_words(Memory.PROGRAM, 0, dp.descriptors)
+        # With one segment the weights are loaded once; otherwise before each segment.
+        self._resident = len(dp.segments) == 1
+        if self._resident:
+            self._load_segment(dp.segments[0])
+
+    def _load_segment(self, segment):
+        for memory, address, words in segment.writes:
+            if words:
+                self.device.write_words(Memory[memory], address, words)
+
+    def infer(self, image):
+        """Run one raw image ``(C, H, W)`` of integer pixels; return an :class:`InferenceResult`.
+
+        Raises
+        ------
+        ValueError
+            If the image has the wrong shape or values that do not fit an INTS element.
+        """
+        dp = self.device_program
+        image = np.asarray(image)
+        if image.shape != tuple(dp.input_shape):
+            raise ValueError(f"image must have shape {tuple(dp.input_shape)}, not {image.shape}")
+        if image.dtype.kind == "f" and not np.array_equal(image, np.round(image)):
+            raise ValueError("image must hold raw integer pixels, not normalized values")
+        flat = image.astype(np.int64).reshape(-1)
+        low, high = -(1 << (self.element_width - 1)), (1 << (self.element_width - 1)) - 1
+        if flat.size and (flat.min() < low or flat.max() > high):
+            raise ValueError(f"image pixels must lie in [{low}, {high}]")
+        self.device.write_words(Memory.INTS, dp.input_base,
+                                _to_unsigned(flat, self.element_width))
+        cycles = 0
+        for segment in dp.segments:
+            if not self._resident:
+                self._load_segment(segment)
+            estimate = sum(op.cycles for op in dp.ops[segment.first:segment.first
+                                                       + segment.count])
+            cycles += self.device.run_ops(segment.first, segment.count,
+                                          estimated_cycles=4 * estimate + 1000)
+        # Each RUN writes the counters of its own ops, so after the last segment COUNTERS
+        # holds every op's.
+        op_cycles = self.device.op_cycles(0, len(dp.ops))
+        logits = _to_signed(self.device.read_words(Memory.INTS, dp.logits_base,
+                                                   dp.logits_count), self.element_width)
+        return InferenceResult(np.array(logits, dtype=np.int64), cycles, op_cycles)
+

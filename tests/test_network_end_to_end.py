@@ -1,0 +1,120 @@
+"""Whole networks on the simulated device, through the host driver over ``socket://``.
+
+``python -m sim.board`` (:class:`sim.board.BoardProcess`) simulates :class:`hw.device.Device`
+under Verilator with its UART on a TCP port. :class:`sw.runtime.Accelerator` loads compiled
+programs into it (descriptors, weights, parameters) and runs images; every image's logits must
+equal the golden model's (:func:`sw.compile.golden.run`) exactly. The networks: a MeliusNet and
+an ABC-Net trained briefly on scikit-learn's digits, and seeded random networks that together
+use every op kind (grouped and strided convs, pooling with padding, channel shuffle, ABC-Net
+combinations with residuals, ImprovementBlock adds). One program runs with weight streaming
+(its weights split into several segments).
+
+The device's per-op cycle counters are checked for consistency (they sum to the run's total,
+and each binary conv's counter is its engine's exact cycle formula plus the sequencer's 4).
+"""
+
+import numpy as np
+import pytest
+import torch
+
+from hw.bconv_engine import BconvEngine
+from hw.config import DeviceConfig
+from sim.board import BoardProcess
+from sw import data, train
+from sw.compile import golden
+from sw.compile.codegen import generate
+from sw.driver import Device
+from sw.runtime import Accelerator
+from tests.compile_nets import compile_net, raw_images
+
+#: A 4x4x32 array with memories that hold the test networks, 8 clock cycles per UART bit.
+CONFIG = DeviceConfig(rows=4, cols=4, lane=32, max_depth=1024, weight_depth=256,
+                      activation_depth=16, result_depth=16, max_payload=256,
+                      clock_hz=24_000_000, baud=3_000_000, int_depth=8192, bits_depth=512,
+                      coef_depth=4096, param_depth=512, program_depth=128)
+REPLY_TIMEOUT = 10.0
+BOARD_LIMITS = {"idle_timeout": 120, "time_limit": 1200, "startup_timeout": 600}
+
+
+@pytest.fixture(scope="module")
+def board():
+    with BoardProcess(CONFIG, **BOARD_LIMITS) as process:
+        yield process
+        print("".join(line for line in process.output().splitlines(keepends=True)
+                      if line.startswith("sim.board:")))
+
+
+def open_device(board):
+    return Device.open(board.url, timeout=REPLY_TIMEOUT, time_scale=board.time_scale)
+
+
+def check_network(board, artifact, images, config=CONFIG):
+    program = artifact.program
+    expected = golden.run(program, torch.as_tensor(images)).numpy()
+    with open_device(board) as device:
+        accelerator = Accelerator(device, program)
+        dp = accelerator.device_program
+        for index, image in enumerate(images):
+            result = accelerator.infer(image)
+            assert np.array_equal(result.logits, expected[index]), (
+                f"image {index}: device logits {result.logits.tolist()} != golden "
+                f"{expected[index].tolist()}")
+            assert len(result.op_cycles) == len(dp.ops)
+            if len(dp.segments) == 1:
+                assert sum(result.op_cycles) == result.cycles
+            for op, cycles in zip(dp.ops, result.op_cycles):
+                if op.kind == "bconv":
+                    f = op.fields
+                    formula = BconvEngine.cycles(
+                        config, k_words=f["bconv_k_words"], m_tiles=f["bconv_m_tiles"],
+                        out_plane=f["bconv_out_plane"])
+                    assert cycles == formula + 4, (op.name, cycles, formula)
+    return dp
+
+
+@pytest.mark.parametrize("name,seed", [("melius", 0), ("melius-pool-shuffle", 1),
+                                       ("abc", 0), ("abc-pool", 2), ("plain", 3)])
+def test_random_networks_are_bit_exact(board, name, seed):
+    _, artifact = compile_net(name, seed, config=CONFIG)
+    size = artifact.program.tensors[artifact.program.input].shape[-1]
+    check_network(board, artifact, raw_images(seed + 3000, 2, size).numpy())
+
+
+def test_weight_streaming_is_bit_exact(board):
+    # Small WEIGHTS/COEFS/PARAMS budgets in the generator split the program into segments
+    # that the host loads one after the other (the device's memories are larger).
+    _, artifact = compile_net("abc", 4, config=CONFIG)
+    small = CONFIG.replace(weight_depth=80, coef_depth=256, param_depth=64)
+    assert len(generate(artifact.program, small).segments) > 1
+    images = raw_images(77, 2, 8).numpy()
+    expected = golden.run(artifact.program, torch.as_tensor(images)).numpy()
+    with open_device(board) as device:
+        accelerator = Accelerator(device, artifact.program, budget=small)
+        assert len(accelerator.device_program.segments) > 1
+        for index, image in enumerate(images):
+            assert np.array_equal(accelerator.infer(image).logits, expected[index])
+
+
+@pytest.fixture(scope="module")
+def digits_artifacts(tmp_path_factory):
+    """A MeliusNet and an ABC-Net trained on digits for a few epochs, compiled."""
+    from sw.compile.compiler import compile_checkpoint
+    torch.set_num_threads(1)
+    artifacts = {}
+    for model, options in (("meliusnet-small", {}), ("abcnet-small", {"M": 2, "N": 2})):
+        out = tmp_path_factory.mktemp(model)
+        config = train.TrainConfig(model=model, dataset="digits", epochs=3, batch_size=64,
+                                   seed=0, output=str(out), model_options=options,
+                                   threads=1, progress=False)
+        train.train(config)
+        artifact, _ = compile_checkpoint(out / "best.pt", CONFIG, calibration_images=256)
+        artifacts[model] = artifact
+    return artifacts
+
+
+@pytest.mark.parametrize("model", ["meliusnet-small", "abcnet-small"])
+def test_trained_digits_networks_are_bit_exact(board, digits_artifacts, model):
+    artifact = digits_artifacts[model]
+    test = data.load_dataset("digits", "test")
+    images = test.raw[:6].numpy()
+    check_network(board, artifact, images)
