@@ -139,15 +139,15 @@ def _ulx3s(size):
     # and 11 EBR; 25F 15.2K and 20; 45F 15.2K and 37; 85F 15.2K and 71). Each default is
     # checked against check_fits in the tests.
     config = {
-        "12F": DeviceConfig(rows=4, cols=4, lane=32, weight_depth=512, activation_depth=128,
-                            result_depth=128, int_depth=4096, bits_depth=512,
-                            coef_depth=4096, param_depth=512, program_depth=128),
-        "25F": DeviceConfig(rows=8, cols=8, lane=32, weight_depth=512, activation_depth=128,
-                            result_depth=128, int_depth=8192, bits_depth=512,
+        # The layer program's memories (INTS banks, a BITS copy per column, 455-bit
+        # descriptors) do not fit the 12F's and 25F's block RAMs: GEMM-only builds there.
+        "12F": DeviceConfig(rows=4, cols=4, lane=32, weight_depth=512, activation_depth=512,
+                            result_depth=512, layer_program=False),
+        "25F": DeviceConfig(rows=8, cols=8, lane=32, weight_depth=512, activation_depth=512,
+                            result_depth=512, layer_program=False),
+        "45F": DeviceConfig(rows=8, cols=8, lane=32, weight_depth=1024, activation_depth=128,
+                            result_depth=128, int_depth=16384, bits_depth=512,
                             coef_depth=8192, param_depth=1024, program_depth=128),
-        "45F": DeviceConfig(rows=8, cols=8, lane=32, weight_depth=1024, activation_depth=256,
-                            result_depth=256, int_depth=24576, bits_depth=1024,
-                            coef_depth=16384, param_depth=2048, program_depth=128),
         "85F": DeviceConfig(rows=8, cols=8, lane=32, weight_depth=2048, activation_depth=256,
                             result_depth=256, int_depth=49152, bits_depth=2048,
                             coef_depth=32768, param_depth=2048, program_depth=128),
@@ -173,9 +173,10 @@ def _icebreaker(size):
         clock_hz=12_000_000, capacity=_UP5K,
         # The FT2232H would do 3 Mbaud, but at 12 MHz that leaves 4 clocks per bit; 1 Mbaud
         # gives the UART's sampler 12.
+        # GEMM-only: the layer program's units and memories exceed the UP5K.
         default_config=DeviceConfig(
             rows=2, cols=2, lane=16, weight_depth=512, activation_depth=512,
-            result_depth=512, clock_hz=12_000_000, baud=1_000_000),
+            result_depth=512, clock_hz=12_000_000, baud=1_000_000, layer_program=False),
         bitstream_suffix=".bin",
         # The iCEBreaker boots from its SPI flash; openFPGALoader writes it over the FT2232H.
         loader_args=("-b", "ice40_generic"),
@@ -329,6 +330,8 @@ def _memories(config):
     result = [(8, config.max_payload)]
     for memory in depths:
         width, depth = widths[memory], depths[memory]
+        if not depth:
+            continue
         if memory == Memory.INTS:
             result += [(width, depth // config.int_banks)] * config.int_banks
         elif memory == Memory.BITS:

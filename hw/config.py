@@ -7,6 +7,10 @@ from sw import protocol
 
 __all__ = ["DeviceConfig"]
 
+_LAYER_PROGRAM_MEMORIES = (protocol.Memory.BITS, protocol.Memory.INTS, protocol.Memory.COEFS,
+                           protocol.Memory.PARAMS, protocol.Memory.PROGRAM,
+                           protocol.Memory.COUNTERS)
+
 
 def _words_bytes(width):
     return (width + 7) // 8
@@ -41,6 +45,10 @@ class DeviceConfig:
         Words in the layer program's memories (see :class:`sw.protocol.Memory` and
         :mod:`sw.isa`); ``int_depth`` must be a multiple of :attr:`int_banks`;
         ``program_depth`` is also the number of cycle counters.
+    layer_program : bool
+        Whether the build runs layer programs (the sequencer, the fixed-point unit, the binary
+        conv engine and their memories). ``False`` gives a GEMM-only device for FPGAs too
+        small for the rest; it reports zero words for the layer program's memories.
     """
     rows: int = 4
     cols: int = 4
@@ -59,6 +67,7 @@ class DeviceConfig:
     coef_depth: int = 4096
     param_depth: int = 512
     program_depth: int = 256
+    layer_program: bool = True
 
     def __post_init__(self):
         for name in ("rows", "cols", "lane", "max_depth", "weight_depth", "activation_depth",
@@ -94,7 +103,12 @@ class DeviceConfig:
                             ("weight_depth", 1 << 20)):
             if getattr(self, name) > limit:
                 raise ValueError(f"{name} must be at most {limit}, not {getattr(self, name)}")
+        if not isinstance(self.layer_program, bool):
+            raise TypeError(f"layer_program must be True or False, not {self.layer_program!r}")
+        depths = self.depths()
         for memory, width in self.word_widths().items():
+            if not depths[memory]:
+                continue
             if _words_bytes(width) > self.max_payload - protocol.WRITE_HEADER.size:
                 raise ValueError(f"a {memory.name} word ({_words_bytes(width)} bytes) must fit "
                                  f"one WRITE payload (max_payload {self.max_payload})")
@@ -123,8 +137,13 @@ class DeviceConfig:
         return protocol.memory_word_widths(self)
 
     def depths(self):
-        """Return ``{Memory: words}`` (:func:`sw.protocol.memory_depths`)."""
-        return protocol.memory_depths(self)
+        """Return ``{Memory: words}`` (:func:`sw.protocol.memory_depths`); the layer program's
+        memories have 0 words in a GEMM-only build."""
+        depths = protocol.memory_depths(self)
+        if not self.layer_program:
+            for memory in _LAYER_PROGRAM_MEMORIES:
+                depths[memory] = 0
+        return depths
 
     def word_bytes(self, memory):
         return _words_bytes(self.word_widths()[memory])
@@ -140,14 +159,15 @@ class DeviceConfig:
 
     def info(self):
         """Return the INFO reply payload (bytes) of a device built with this configuration."""
+        depths, M = self.depths(), protocol.Memory
         return protocol.INFO.pack(
             protocol_version=protocol.PROTOCOL_VERSION, rows=self.rows, cols=self.cols,
             acc_width=self.acc_width, lane=self.lane, max_payload=self.max_payload,
             max_depth=self.max_depth, weight_depth=self.weight_depth,
             activation_depth=self.activation_depth, result_depth=self.result_depth,
             clock_hz=self.clock_hz, baud=self.baud, element_width=self.element_width,
-            bits_depth=self.bits_depth, int_depth=self.int_depth, coef_depth=self.coef_depth,
-            param_depth=self.param_depth, program_depth=self.program_depth)
+            bits_depth=depths[M.BITS], int_depth=depths[M.INTS], coef_depth=depths[M.COEFS],
+            param_depth=depths[M.PARAMS], program_depth=depths[M.PROGRAM])
 
     @property
     def byte_timeout_cycles(self):

@@ -98,25 +98,29 @@ class DeviceCore(wiring.Component):
         # Memories and the units. A unit owns the ports it uses while it is active (from its
         # start to the fall of its busy); the host's WRITE and READ use them otherwise.
         m.submodules.engine = engine = GemmEngine(cfg)
-        m.submodules.sequencer = sequencer = Sequencer(cfg.program_depth)
-        m.submodules.fixed = fixed = FixedUnit(
-            element_width=cfg.element_width, lane=cfg.lane,
-            int_addr_width=_addr_width(cfg.int_depth),
-            bits_addr_width=_addr_width(cfg.bits_depth),
-            coef_addr_width=_addr_width(cfg.coef_depth),
-            param_addr_width=_addr_width(cfg.param_depth),
-            max_terms=cfg.max_fixed_terms)
-        m.submodules.bconv = bconv = BconvEngine(cfg)
-        m.d.comb += [
-            fixed.config.eq(sequencer.fixed_config),
-            fixed.start.eq(sequencer.fixed_start),
-            sequencer.fixed_busy.eq(fixed.busy),
-            bconv.config.eq(sequencer.bconv_config),
-            bconv.start.eq(sequencer.bconv_start),
-            sequencer.bconv_busy.eq(bconv.busy),
-        ]
-        fixed_active = fixed.busy | sequencer.fixed_start
-        bconv_active = bconv.busy | sequencer.bconv_start
+        # The layer program's units (absent from GEMM-only builds).
+        sequencer = fixed = bconv = None
+        fixed_active = bconv_active = Const(0)
+        if cfg.layer_program:
+            m.submodules.sequencer = sequencer = Sequencer(cfg.program_depth)
+            m.submodules.fixed = fixed = FixedUnit(
+                element_width=cfg.element_width, lane=cfg.lane,
+                int_addr_width=_addr_width(cfg.int_depth),
+                bits_addr_width=_addr_width(cfg.bits_depth),
+                coef_addr_width=_addr_width(cfg.coef_depth),
+                param_addr_width=_addr_width(cfg.param_depth),
+                max_terms=cfg.max_fixed_terms)
+            m.submodules.bconv = bconv = BconvEngine(cfg)
+            m.d.comb += [
+                fixed.config.eq(sequencer.fixed_config),
+                fixed.start.eq(sequencer.fixed_start),
+                sequencer.fixed_busy.eq(fixed.busy),
+                bconv.config.eq(sequencer.bconv_config),
+                bconv.start.eq(sequencer.bconv_start),
+                sequencer.bconv_busy.eq(bconv.busy),
+            ]
+            fixed_active = fixed.busy | sequencer.fixed_start
+            bconv_active = bconv.busy | sequencer.bconv_start
 
         # Executor state.
         event = Signal.like(receiver.event.payload)
@@ -176,97 +180,98 @@ class DeviceCore(wiring.Component):
             host_writes(write, mem)
             port = engine.weights if mem == Memory.WEIGHTS else engine.activations
             m.d.comb += port.data.eq(read.data)
-            if mem == Memory.WEIGHTS:
+            if mem == Memory.WEIGHTS and bconv is not None:
                 m.d.comb += bconv.w_rd_data.eq(read.data)
             with m.If(engine.busy):
                 m.d.comb += [read.addr.eq(port.addr), read.en.eq(port.en)]
-            if mem == Memory.WEIGHTS:
+            if mem == Memory.WEIGHTS and bconv is not None:
                 with m.Elif(bconv_active):
                     m.d.comb += [read.addr.eq(bconv.w_rd_addr), read.en.eq(bconv.w_rd_en)]
             with m.Else():
                 host_reads_from(read, mem)
 
-        # BITS: one read port per array column for the window generator (port 0 also serves
-        # the host), written by the fixed-point unit's thresholds or the host.
-        bits_reads, bits_write = plain_memory(Memory.BITS, reads=cfg.cols)
-        host_reads[Memory.BITS] = bits_reads[0].data
-        for column, read in enumerate(bits_reads):
-            m.d.comb += bconv.rd[column].data.eq(read.data)
-            with m.If(bconv_active | (column != 0)):
-                m.d.comb += [read.addr.eq(bconv.rd[column].addr),
-                             read.en.eq(bconv.rd[column].en)]
-            with m.Else():
-                host_reads_from(read, Memory.BITS)
-        with m.If(fixed_active):
-            m.d.comb += [bits_write.addr.eq(fixed.bits_wr_addr),
-                         bits_write.data.eq(fixed.bits_wr_data),
-                         bits_write.en.eq(fixed.bits_wr_en)]
-        with m.Else():
-            host_writes(bits_write, Memory.BITS)
-
-        # COEFS and PARAMS: read by the fixed-point unit.
-        for mem, prefix in ((Memory.COEFS, "coef"), (Memory.PARAMS, "param")):
-            (read,), write = plain_memory(mem)
-            host_reads[mem] = read.data
-            host_writes(write, mem)
-            m.d.comb += getattr(fixed, f"{prefix}_rd_data").eq(read.data)
+        if cfg.layer_program:
+            # BITS: one read port per array column for the window generator (port 0 also serves
+            # the host), written by the fixed-point unit's thresholds or the host.
+            bits_reads, bits_write = plain_memory(Memory.BITS, reads=cfg.cols)
+            host_reads[Memory.BITS] = bits_reads[0].data
+            for column, read in enumerate(bits_reads):
+                m.d.comb += bconv.rd[column].data.eq(read.data)
+                with m.If(bconv_active | (column != 0)):
+                    m.d.comb += [read.addr.eq(bconv.rd[column].addr),
+                                 read.en.eq(bconv.rd[column].en)]
+                with m.Else():
+                    host_reads_from(read, Memory.BITS)
             with m.If(fixed_active):
-                m.d.comb += [read.addr.eq(getattr(fixed, f"{prefix}_rd_addr")),
-                             read.en.eq(getattr(fixed, f"{prefix}_rd_en"))]
+                m.d.comb += [bits_write.addr.eq(fixed.bits_wr_addr),
+                             bits_write.data.eq(fixed.bits_wr_data),
+                             bits_write.en.eq(fixed.bits_wr_en)]
             with m.Else():
-                host_reads_from(read, mem)
+                host_writes(bits_write, Memory.BITS)
 
-        # PROGRAM (read by the sequencer) and COUNTERS (written by it).
-        (read,), write = plain_memory(Memory.PROGRAM)
-        host_reads[Memory.PROGRAM] = read.data
-        host_writes(write, Memory.PROGRAM)
-        m.d.comb += sequencer.prog_data.eq(read.data)
-        with m.If(sequencer.busy):
-            m.d.comb += [read.addr.eq(sequencer.prog_addr), read.en.eq(sequencer.prog_en)]
-        with m.Else():
-            host_reads_from(read, Memory.PROGRAM)
-        (read,), write = plain_memory(Memory.COUNTERS)
-        host_reads[Memory.COUNTERS] = read.data
-        host_reads_from(read, Memory.COUNTERS)
-        with m.If(sequencer.busy):
-            m.d.comb += [write.addr.eq(sequencer.counter_addr),
-                         write.data.eq(sequencer.counter_data),
-                         write.en.eq(sequencer.counter_en)]
-        with m.Else():
-            host_writes(write, Memory.COUNTERS)
+            # COEFS and PARAMS: read by the fixed-point unit.
+            for mem, prefix in ((Memory.COEFS, "coef"), (Memory.PARAMS, "param")):
+                (read,), write = plain_memory(mem)
+                host_reads[mem] = read.data
+                host_writes(write, mem)
+                m.d.comb += getattr(fixed, f"{prefix}_rd_data").eq(read.data)
+                with m.If(fixed_active):
+                    m.d.comb += [read.addr.eq(getattr(fixed, f"{prefix}_rd_addr")),
+                                 read.en.eq(getattr(fixed, f"{prefix}_rd_en"))]
+                with m.Else():
+                    host_reads_from(read, mem)
 
-        # INTS: banked so that the binary conv engine writes a run of `cols` counts per cycle.
-        m.submodules.ints_memory = ints = IntMemory(depth=cfg.int_depth,
-                                                    width=cfg.element_width, banks=cfg.int_banks)
-        host_reads[Memory.INTS] = ints.rd_data[0].as_unsigned()
-        with m.If(bconv_active):
-            m.d.comb += [
-                ints.rd_addr.eq(bconv.int_rd_addr), ints.rd_en.eq(bconv.int_rd_en),
-                ints.wr_addr.eq(bconv.int_wr_addr), ints.wr_en.eq(bconv.int_wr_en),
-                ints.wr_mask.eq(bconv.int_wr_mask), ints.wr_data.eq(bconv.int_wr_data),
-            ]
-        with m.Elif(fixed_active):
-            m.d.comb += [
-                ints.rd_addr.eq(fixed.int_rd_addr), ints.rd_en.eq(fixed.int_rd_en),
-                ints.wr_addr.eq(fixed.int_wr_addr), ints.wr_en.eq(fixed.int_wr_en),
-                ints.wr_mask.eq(1), ints.wr_data[0].eq(fixed.int_wr_data),
-            ]
-        with m.Else():
-            m.d.comb += [
-                ints.rd_addr.eq(host_addr),
-                ints.rd_en.eq(host_read_en & host_selected(Memory.INTS)),
-                ints.wr_addr.eq(host_addr),
-                ints.wr_en.eq(host_write_en & host_selected(Memory.INTS)),
-                ints.wr_mask.eq(1),
-                ints.wr_data[0].eq(host_data(Memory.INTS)),
-            ]
-        m.d.comb += [bconv.int_rd_data.eq(ints.rd_data), fixed.int_rd_data.eq(ints.rd_data[0])]
+            # PROGRAM (read by the sequencer) and COUNTERS (written by it).
+            (read,), write = plain_memory(Memory.PROGRAM)
+            host_reads[Memory.PROGRAM] = read.data
+            host_writes(write, Memory.PROGRAM)
+            m.d.comb += sequencer.prog_data.eq(read.data)
+            with m.If(sequencer.busy):
+                m.d.comb += [read.addr.eq(sequencer.prog_addr), read.en.eq(sequencer.prog_en)]
+            with m.Else():
+                host_reads_from(read, Memory.PROGRAM)
+            (read,), write = plain_memory(Memory.COUNTERS)
+            host_reads[Memory.COUNTERS] = read.data
+            host_reads_from(read, Memory.COUNTERS)
+            with m.If(sequencer.busy):
+                m.d.comb += [write.addr.eq(sequencer.counter_addr),
+                             write.data.eq(sequencer.counter_data),
+                             write.en.eq(sequencer.counter_en)]
+            with m.Else():
+                host_writes(write, Memory.COUNTERS)
+
+            # INTS: banked so that the binary conv engine writes a run of `cols` counts per cycle.
+            m.submodules.ints_memory = ints = IntMemory(depth=cfg.int_depth,
+                                                        width=cfg.element_width, banks=cfg.int_banks)
+            host_reads[Memory.INTS] = ints.rd_data[0].as_unsigned()
+            with m.If(bconv_active):
+                m.d.comb += [
+                    ints.rd_addr.eq(bconv.int_rd_addr), ints.rd_en.eq(bconv.int_rd_en),
+                    ints.wr_addr.eq(bconv.int_wr_addr), ints.wr_en.eq(bconv.int_wr_en),
+                    ints.wr_mask.eq(bconv.int_wr_mask), ints.wr_data.eq(bconv.int_wr_data),
+                ]
+            with m.Elif(fixed_active):
+                m.d.comb += [
+                    ints.rd_addr.eq(fixed.int_rd_addr), ints.rd_en.eq(fixed.int_rd_en),
+                    ints.wr_addr.eq(fixed.int_wr_addr), ints.wr_en.eq(fixed.int_wr_en),
+                    ints.wr_mask.eq(1), ints.wr_data[0].eq(fixed.int_wr_data),
+                ]
+            with m.Else():
+                m.d.comb += [
+                    ints.rd_addr.eq(host_addr),
+                    ints.rd_en.eq(host_read_en & host_selected(Memory.INTS)),
+                    ints.wr_addr.eq(host_addr),
+                    ints.wr_en.eq(host_write_en & host_selected(Memory.INTS)),
+                    ints.wr_mask.eq(1),
+                    ints.wr_data[0].eq(host_data(Memory.INTS)),
+                ]
+            m.d.comb += [bconv.int_rd_data.eq(ints.rd_data), fixed.int_rd_data.eq(ints.rd_data[0])]
 
         read_data = Signal(8 * max_word_bytes)
         with m.Switch(mem_id):
             for mem in Memory:
                 with m.Case(mem):
-                    m.d.comb += read_data.eq(host_reads[mem])
+                    m.d.comb += read_data.eq(host_reads.get(mem, 0))
         selected_word_bytes = Signal(range(max_word_bytes + 1))
         selected_depth = Signal(32)
         with m.Switch(mem_id):
@@ -343,10 +348,13 @@ class DeviceCore(wiring.Component):
                         with m.Else():
                             m.next = "Read arguments"
                     with m.Case(Command.RUN):
-                        with m.If(length != protocol.RUN_REQUEST.size):
-                            fail(Status.BAD_LENGTH)
-                        with m.Else():
-                            m.next = "Read arguments"
+                        if not cfg.layer_program:
+                            fail(Status.UNKNOWN_COMMAND)
+                        else:
+                            with m.If(length != protocol.RUN_REQUEST.size):
+                                fail(Status.BAD_LENGTH)
+                            with m.Else():
+                                m.next = "Read arguments"
                     with m.Default():
                         fail(Status.UNKNOWN_COMMAND)
 
@@ -392,12 +400,13 @@ class DeviceCore(wiring.Component):
                         gemm_tiles.eq(m_tiles * n_tiles),
                     ]
                     m.next = "Check GEMM"
-                with m.Case(Command.RUN):
-                    m.d.sync += [
-                        run_first.eq(_field(args, protocol.RUN_REQUEST, "first")),
-                        run_count.eq(_field(args, protocol.RUN_REQUEST, "count")),
-                    ]
-                    m.next = "Check RUN"
+                if cfg.layer_program:
+                    with m.Case(Command.RUN):
+                        m.d.sync += [
+                            run_first.eq(_field(args, protocol.RUN_REQUEST, "first")),
+                            run_count.eq(_field(args, protocol.RUN_REQUEST, "count")),
+                        ]
+                        m.next = "Check RUN"
 
             # WRITE: divide the data length by the word size by repeated subtraction (at most
             # max_payload cycles), then check the range.
@@ -472,21 +481,22 @@ class DeviceCore(wiring.Component):
                 reply(Status.OK, protocol.GEMM_REPLY.size,
                       payload_states.index("Send cycles"))
 
-            with m.State("Check RUN"):
-                with m.If((run_count == 0)
-                          | (run_first + run_count > cfg.program_depth)):
-                    fail(Status.BAD_ARGUMENT)
-                with m.Else():
-                    m.d.comb += [
-                        sequencer.start.eq(1),
-                        sequencer.first.eq(run_first),
-                        sequencer.count.eq(run_count),
-                    ]
-                    m.next = "Run program"
-            # The sequencer raises busy the cycle after its start.
-            with m.State("Run program"), m.If(~sequencer.busy):
-                m.d.sync += reply_cycles.eq(sequencer.cycles)
-                reply(Status.OK, protocol.RUN_REPLY.size, payload_states.index("Send cycles"))
+            if cfg.layer_program:
+                with m.State("Check RUN"):
+                    with m.If((run_count == 0)
+                              | (run_first + run_count > cfg.program_depth)):
+                        fail(Status.BAD_ARGUMENT)
+                    with m.Else():
+                        m.d.comb += [
+                            sequencer.start.eq(1),
+                            sequencer.first.eq(run_first),
+                            sequencer.count.eq(run_count),
+                        ]
+                        m.next = "Run program"
+                # The sequencer raises busy the cycle after its start.
+                with m.State("Run program"), m.If(~sequencer.busy):
+                    m.d.sync += reply_cycles.eq(sequencer.cycles)
+                    reply(Status.OK, protocol.RUN_REPLY.size, payload_states.index("Send cycles"))
 
             with m.State("Reply header"):
                 m.d.comb += [

@@ -248,6 +248,14 @@ class BoardProcess:
         self.stop()
 
 
+def _boolean(text):
+    if text.lower() in ("1", "true", "yes"):
+        return True
+    if text.lower() in ("0", "false", "no"):
+        return False
+    raise argparse.ArgumentTypeError(f"must be True or False, not {text!r}")
+
+
 def _positive_number(text):
     try:
         value = float(text)
@@ -301,9 +309,11 @@ def main(argv=None):
         "device", "DeviceConfig fields (clock_hz must be at least 4 * baud; a lower "
                   "clock_hz / baud makes bytes cheaper to simulate)")
     for field in dataclasses.fields(DeviceConfig):
-        device.add_argument(f"--{field.name.replace('_', '-')}", dest=field.name, type=int,
-                            default=getattr(BOARD_CONFIG, field.name), metavar="N",
-                            help="(default: %(default)s)")
+        is_flag = isinstance(getattr(BOARD_CONFIG, field.name), bool)
+        device.add_argument(f"--{field.name.replace('_', '-')}", dest=field.name,
+                            type=_boolean if is_flag else int,
+                            default=getattr(BOARD_CONFIG, field.name),
+                            metavar="BOOL" if is_flag else "N", help="(default: %(default)s)")
     args = parser.parse_args(argv)
     if args.port > 0xFFFF:
         parser.error(f"--port must be in 0 .. 65535, not {args.port}")

@@ -128,12 +128,19 @@ def test_estimate_block_rams_tile_the_memories():
     # (fewer than 8 x 4 of 512x36); results 8 * 13 = 104 bits: 12; frame buffer 1024 x 8: 1.
     # A build of this configuration used 71 DP16KD.
     config = DeviceConfig(rows=8, cols=8, lane=32, weight_depth=2048, activation_depth=2048,
-                          result_depth=2048, max_payload=1024)
+                          result_depth=2048, max_payload=1024, layer_program=False)
     assert estimate_resources(config, "ecp5")["brams"] == 29 + 29 + 12 + 1
+    # With the layer program: INTS as 8 banks of 1024 x 24 (2 EBR each: 1024x18 + 1024x...),
+    # BITS 1024 x 32 once per column (2 each), COEFS 4096 x 8 (2), PARAMS 512 x 148 (5 of
+    # 512x36), PROGRAM 256 x 455 (13), COUNTERS 256 x 32 (1).
+    full = config.replace(layer_program=True, int_depth=8192, bits_depth=1024,
+                          coef_depth=4096, param_depth=512, program_depth=256)
+    assert estimate_resources(full, "ecp5")["brams"] == (29 + 29 + 12 + 1 + 8 * 2 + 8 * 2 + 2
+                                                         + 5 + 13 + 1)
     # iCE40: 32-bit words, 512 deep: 4 of 256x16 each for weights, activations and results
     # (26 bits), 2 for the frame buffer, 1 for the receive FIFO; a build used 15.
     config = DeviceConfig(rows=2, cols=2, lane=16, weight_depth=512, activation_depth=512,
-                          result_depth=512, max_payload=1024)
+                          result_depth=512, max_payload=1024, layer_program=False)
     assert estimate_resources(config, "ice40")["brams"] == 4 + 4 + 4 + 2 + 1
 
 
