@@ -1,0 +1,217 @@
+"""Benchmark: whole networks on the simulated accelerator, per-layer cycles and utilization.
+
+::
+
+    python -m bench.network_performance [--networks meliusnet cnv] [--images 1]
+                                        [--fmax-mhz F] [--output-dir bench/results]
+
+Simulates the ULX3S-85F default build (:func:`hw.board.get_board`) under Verilator as a
+:mod:`sim.board` and runs each network through :class:`sw.runtime.Accelerator` over
+``socket://``: the descriptors and weights are loaded, each image is written and run, and the
+device's per-op cycle counters (COUNTERS memory) are read back. Every image's logits are
+checked against the golden model; the benchmark fails rather than report figures of a wrong
+answer. The UART runs at 4 clock cycles per bit in the simulation (the cycle counters do not
+depend on it; loading is just faster to simulate).
+
+Networks (:mod:`bench.networks`, random weights): ``meliusnet`` (``meliusnet-small`` at
+28x28x1) and ``cnv`` (FINN's CNV-W1A1 topology at 32x32x3). CNV does not fit the default
+build's memories (its 64x28x28 count map needs more INTS elements, its conv6 more WEIGHTS
+words than one segment allows), so it runs on the same array and clock with INTS and WEIGHTS
+enlarged; the JSON records the configuration used.
+
+Figures per op: cycles (hardware counter), useful binary MACs and fixed-point MACs,
+utilization of binary convs (bit-MACs / (cycles * rows * cols * lane)), share of the total.
+Per network: cycles per image, images/s at the Fmax given (default: the committed ULX3S
+build's report) and at the board clock. Writes ``bench/results/network_performance.json`` and
+a PNG per network (per-layer cycles and binary-conv utilization).
+"""
+
+import argparse
+import datetime
+import json
+import platform
+import shlex
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from bench.networks import cnv_w1a1_program, meliusnet_program
+from hw.board import get_board
+from sim.board import BoardProcess
+from sw.compile import golden
+from sw.driver import Device
+from sw.runtime import Accelerator
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def committed_fmax_mhz(board):
+    path = ROOT / "bitstreams" / board.name / "report.json"
+    if not path.exists():
+        return None
+    report = json.loads(path.read_text())
+    return min(clock["achieved_mhz"] for clock in report["fmax"].values())
+
+
+def op_figures(program, dp, config):
+    """Useful work of each op: binary MACs (bconv) and fixed-point MACs / terms."""
+    figures = []
+    peak = config.rows * config.cols * config.lane
+    for op, info in zip(program.ops, dp.ops):
+        out = program.tensors[op.output.tensor]
+        pixels = out.shape[1] * out.shape[2]
+        binary = fixed = 0
+        if op.kind == "bconv":
+            o, k = op.params["weight_bits"].shape
+            binary = o * k * pixels
+        elif op.kind == "conv":
+            w = op.params["weight"]
+            fixed = w.size // w.shape[0] * op.output.channels * pixels
+        figures.append({"name": op.name, "kind": op.kind, "binary_macs": int(binary),
+                        "fixed_macs": int(fixed), "peak": peak})
+    return figures
+
+
+def run_network(name, program, images, config, fmax, images_to_run):
+    expected = golden.run(program, torch.as_tensor(images[:images_to_run])).numpy()
+    fast = config.replace(baud=config.clock_hz // 4)
+    started = time.monotonic()
+    with BoardProcess(fast, connections=1, idle_timeout=900, time_limit=7200,
+                      startup_timeout=1800) as board, \
+            Device.open(board.url, timeout=30.0, time_scale=board.time_scale) as device:
+        accelerator = Accelerator(device, program)
+        dp = accelerator.device_program
+        loaded = time.monotonic()
+        results = []
+        for index in range(images_to_run):
+            result = accelerator.infer(images[index])
+            if not np.array_equal(result.logits, expected[index]):
+                raise AssertionError(f"{name}: image {index}: device logits "
+                                     f"{result.logits.tolist()} != golden "
+                                     f"{expected[index].tolist()}")
+            results.append(result)
+    wall = time.monotonic() - started
+    counters = results[-1].op_cycles
+    total = sum(counters)
+    figures = op_figures(program, dp, config)
+    layers = []
+    for figure, cycles in zip(figures, counters):
+        layer = dict(figure, cycles=int(cycles), share=round(cycles / total, 4))
+        if figure["binary_macs"]:
+            layer["utilization"] = round(figure["binary_macs"] / (cycles * figure["peak"]), 4)
+        del layer["peak"]
+        layers.append(layer)
+    binary_cycles = sum(lay["cycles"] for lay in layers if lay["kind"] == "bconv")
+    binary_macs = sum(lay["binary_macs"] for lay in layers)
+    record = {
+        "network": name,
+        "ops": len(layers), "segments": len(dp.segments),
+        "cycles_per_image": int(total),
+        "cycles_by_kind": {kind: int(sum(lay["cycles"] for lay in layers
+                                         if lay["kind"] == kind))
+                           for kind in sorted({lay["kind"] for lay in layers})},
+        "binary_utilization": round(binary_macs / (binary_cycles * config.peak_bit_macs_per_cycle),
+                                    4) if binary_cycles else None,
+        "images_per_s_at_clock": round(config.clock_hz / total, 1),
+        "images_per_s_at_fmax": round(fmax * 1e6 / total, 1) if fmax else None,
+        "images_checked_against_golden": images_to_run,
+        "same_cycles_every_image": all(r.op_cycles == counters for r in results),
+        "load_s": round(loaded - started, 1), "wall_s": round(wall, 1),
+        "config": {k: getattr(config, k) for k in (
+            "rows", "cols", "lane", "max_depth", "weight_depth", "int_depth", "bits_depth",
+            "coef_depth", "param_depth", "program_depth", "element_width", "clock_hz")},
+        "layers": layers,
+    }
+    return record
+
+
+def plot(record, path):
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    layers = record["layers"]
+    names = [lay["name"] for lay in layers]
+    colors = {"bconv": "tab:blue", "conv": "tab:red", "threshold": "tab:green",
+              "maxpool": "tab:orange", "requant": "tab:purple", "gap": "tab:brown",
+              "input": "tab:gray", "combine": "tab:pink", "shuffle": "tab:olive"}
+    fig, (top, bottom) = plt.subplots(2, 1, figsize=(max(8, 0.35 * len(names)), 7),
+                                      sharex=True)
+    x = np.arange(len(names))
+    top.bar(x, [lay["cycles"] for lay in layers],
+            color=[colors.get(lay["kind"], "black") for lay in layers])
+    top.set_yscale("log")
+    top.set_ylabel("cycles (log)")
+    top.set_title(f"{record['network']}: {record['cycles_per_image']:,} cycles per image "
+                  f"on {record['config']['rows']}x{record['config']['cols']}x"
+                  f"{record['config']['lane']}")
+    handles = [plt.Rectangle((0, 0), 1, 1, color=c) for k, c in colors.items()
+               if any(lay["kind"] == k for lay in layers)]
+    top.legend(handles, [k for k in colors if any(lay["kind"] == k for lay in layers)],
+               fontsize=7, ncol=4)
+    util = [100 * lay.get("utilization", 0) for lay in layers]
+    bottom.bar(x, util, color="tab:blue")
+    bottom.axhline(85, color="black", linewidth=0.8, linestyle="--")
+    bottom.set_ylim(0, 100)
+    bottom.set_ylabel("binary conv utilization %")
+    bottom.set_xticks(x, names, rotation=90, fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(
+        prog="python -m bench.network_performance",
+        description="Run whole networks on the simulated ULX3S-85F accelerator and record "
+                    "per-layer cycles, binary-conv utilization and images/s.")
+    parser.add_argument("--networks", nargs="+", choices=["meliusnet", "cnv"],
+                        default=["meliusnet", "cnv"])
+    parser.add_argument("--images", type=int, default=1,
+                        help="images run (and checked against golden) per network")
+    parser.add_argument("--fmax-mhz", type=float, default=None,
+                        help="Fmax for images/s (default: the committed ULX3S build's)")
+    parser.add_argument("--output-dir", type=Path, default=ROOT / "bench" / "results")
+    args = parser.parse_args(argv)
+    torch.set_num_threads(1)
+    board = get_board("ulx3s", "85F")
+    config = board.default_config
+    fmax = args.fmax_mhz or committed_fmax_mhz(board)
+    records = []
+    for name in args.networks:
+        if name == "meliusnet":
+            program, images = meliusnet_program(config)
+            run_config = config
+        else:
+            program, images = cnv_w1a1_program()
+            run_config = config.replace(int_depth=65536, weight_depth=4096)
+        print(f"{name}: simulating (the first run of a configuration builds it with "
+              f"Verilator)", flush=True)
+        record = run_network(name, program, images, run_config, fmax, args.images)
+        records.append(record)
+        png = args.output_dir / f"network_performance_{name}.png"
+        plot(record, png)
+        print(f"{name}: {record['cycles_per_image']:,} cycles per image, binary convs "
+              f"{100 * (record['binary_utilization'] or 0):.1f}% utilized, "
+              f"{record['images_per_s_at_fmax']} images/s at {fmax} MHz "
+              f"({record['images_per_s_at_clock']} at the board clock)", flush=True)
+        for lay in record["layers"]:
+            util = f"{100 * lay['utilization']:5.1f}%" if "utilization" in lay else "      "
+            print(f"  {lay['name']:28s} {lay['kind']:9s} {lay['cycles']:9,d} {util}")
+    output = args.output_dir / "network_performance.json"
+    output.parent.mkdir(parents=True, exist_ok=True)
+    output.write_text(json.dumps({
+        "benchmark": "network_performance",
+        "command": shlex.join(["python", "-m", "bench.network_performance", *sys.argv[1:]]),
+        "date": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
+        "host": platform.node(), "board": "ulx3s", "size": "85F", "fmax_mhz": fmax,
+        "networks": records,
+    }, indent=1) + "\n")
+    print(f"wrote {output}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
