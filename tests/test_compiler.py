@@ -130,9 +130,12 @@ def test_activation_memory_overflow_names_the_layer():
 
 
 def test_weight_memory_overflow_names_the_layer():
-    with pytest.raises(CompileError, match=r"stem\.conv1: 144 bytes of weights do not fit the "
-                                           r"weight memory \(64 bytes\)"):
+    with pytest.raises(CompileError, match=r"^blocks\.0\.0\.conv: its \d+ WEIGHTS words do not "
+                                           r"fit the WEIGHTS memory \(4 words\)"):
         compile_net("melius", 0, config=CONFIG.replace(weight_depth=4))
+    with pytest.raises(CompileError, match=r"^stem\.conv\d: its \d+ COEFS words do not fit the "
+                                           r"COEFS memory \(64 words\)"):
+        compile_net("melius", 0, config=CONFIG.replace(coef_depth=64))
 
 
 # -- command line --------------------------------------------------------------------------------

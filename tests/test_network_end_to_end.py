@@ -1,4 +1,5 @@
-"""Whole networks on the simulated device, through the host driver over ``socket://``.
+"""Single ops and whole networks on the simulated device, through the host driver over
+``socket://``.
 
 ``python -m sim.board`` (:class:`sim.board.BoardProcess`) simulates :class:`hw.device.Device`
 under Verilator with its UART on a TCP port. :class:`sw.runtime.Accelerator` loads compiled
@@ -13,6 +14,8 @@ The device's per-op cycle counters are checked for consistency (they sum to the 
 and each binary conv's counter is its engine's exact cycle formula plus the sequencer's 4).
 """
 
+import types
+
 import numpy as np
 import pytest
 import torch
@@ -26,6 +29,7 @@ from sw.compile.codegen import generate
 from sw.driver import Device
 from sw.runtime import Accelerator
 from tests.compile_nets import compile_net, raw_images
+from tests.device_programs import KINDS, single_op_program
 
 #: A 4x4x32 array with memories that hold the test networks, 8 clock cycles per UART bit.
 CONFIG = DeviceConfig(rows=4, cols=4, lane=32, max_depth=1024, weight_depth=256,
@@ -70,6 +74,16 @@ def check_network(board, artifact, images, config=CONFIG):
                         out_plane=f["bconv_out_plane"])
                     assert cycles == formula + 4, (op.name, cycles, formula)
     return dp
+
+
+@pytest.mark.parametrize("seed", [0, 1])
+@pytest.mark.parametrize("kind", KINDS)
+def test_single_ops_are_bit_exact(board, kind, seed):
+    """Each op kind with a seeded random shape and random parameters (tests/device_programs):
+    odd map sizes, channels not a multiple of the lane or the array, strides, paddings, groups,
+    saturation, the three threshold directions, residual combinations, write-then-add."""
+    program, images = single_op_program(kind, seed)
+    check_network(board, types.SimpleNamespace(program=program), images)
 
 
 @pytest.mark.parametrize("name,seed", [("melius", 0), ("melius-pool-shuffle", 1),

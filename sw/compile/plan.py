@@ -135,24 +135,14 @@ def check_hardware(program, config, activation_bytes=None):
     """Raise :class:`CompileError` naming the layer and the resource that does not fit.
 
     Checked: each binary layer's dot product length against ``max_depth`` (the accumulator),
-    one row tile of its packed weights against the weight memory, each fixed-point layer's
-    weights against the weight memory, then everything :func:`.codegen.generate` checks
-    (tensors in INTS and BITS, each op's data in WEIGHTS, COEFS and PARAMS, the instruction
-    set's field ranges). Returns the byte plan's peak (for the report).
+    then everything :func:`.codegen.generate` checks (tensors in INTS and BITS, each op's data
+    in WEIGHTS, COEFS and PARAMS, the instruction set's field ranges). Returns the byte plan's
+    peak (for the report).
     """
-    weight_capacity = config.weight_depth * config.word_bytes(protocol.Memory.WEIGHTS)
     for s in layer_stats(program, config):
-        if s.kind == "bconv":
-            if s.k_bits > config.max_depth:
-                raise CompileError(f"{s.name}: a dot product of {s.k_bits} bits exceeds the "
-                                   f"array's max_depth of {config.max_depth} bits")
-            tile_words = _ceil_div(s.k_bits, config.lane)
-            if tile_words > config.weight_depth:
-                raise CompileError(f"{s.name}: a weight tile of {tile_words} words does not "
-                                   f"fit the weight memory ({config.weight_depth} words)")
-        elif s.weight_bytes > weight_capacity:
-            raise CompileError(f"{s.name}: {s.weight_bytes} bytes of weights do not fit the "
-                               f"weight memory ({weight_capacity} bytes)")
+        if s.kind == "bconv" and s.k_bits > config.max_depth:
+            raise CompileError(f"{s.name}: a dot product of {s.k_bits} bits exceeds the "
+                               f"array's max_depth of {config.max_depth} bits")
     _, total = plan_memory(program)
     if activation_bytes is not None:
         total = activation_bytes
