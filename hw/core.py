@@ -109,7 +109,7 @@ class DeviceCore(wiring.Component):
                 bits_addr_width=_addr_width(cfg.bits_depth),
                 coef_addr_width=_addr_width(cfg.coef_depth),
                 param_addr_width=_addr_width(cfg.param_depth),
-                max_terms=cfg.max_fixed_terms)
+                max_terms=cfg.max_fixed_terms, lanes=cfg.int_banks)
             m.submodules.bconv = bconv = BconvEngine(cfg)
             m.d.comb += [
                 fixed.config.eq(sequencer.fixed_config),
@@ -254,7 +254,7 @@ class DeviceCore(wiring.Component):
                 m.d.comb += [
                     ints.rd_addr.eq(fixed.int_rd_addr), ints.rd_en.eq(fixed.int_rd_en),
                     ints.wr_addr.eq(fixed.int_wr_addr), ints.wr_en.eq(fixed.int_wr_en),
-                    ints.wr_mask.eq(1), ints.wr_data[0].eq(fixed.int_wr_data),
+                    ints.wr_mask.eq(fixed.int_wr_mask), ints.wr_data.eq(fixed.int_wr_data),
                 ]
             with m.Else():
                 m.d.comb += [
@@ -265,7 +265,7 @@ class DeviceCore(wiring.Component):
                     ints.wr_mask.eq(1),
                     ints.wr_data[0].eq(host_data(Memory.INTS)),
                 ]
-            m.d.comb += [bconv.int_rd_data.eq(ints.rd_data), fixed.int_rd_data.eq(ints.rd_data[0])]
+            m.d.comb += [bconv.int_rd_data.eq(ints.rd_data), fixed.int_rd_data.eq(ints.rd_data)]
 
         read_data = Signal(8 * max_word_bytes)
         with m.Switch(mem_id):

@@ -43,6 +43,22 @@ def _partial_products(a, b, name):
              piece * b) for shift, piece in parts]
 
 
+def _rotate_up(m, elements, amount, name):
+    """Return ``out`` with ``out[(i + amount) % n] = elements[i]`` (a logarithmic rotator of
+    ``log2(n)`` mux levels); ``n = len(elements)`` is a power of two, ``amount`` unsigned of
+    ``log2(n)`` bits."""
+    n = len(elements)
+    for stage in range(len(amount)):
+        step = 1 << stage
+        shifted = []
+        for i in range(n):
+            sig = Signal.like(elements[i], name=f"{name}_s{stage}_{i}")
+            m.d.comb += sig.eq(Mux(amount[stage], elements[(i - step) % n], elements[i]))
+            shifted.append(sig)
+        elements = shifted
+    return elements
+
+
 def _sum_shifted(parts):
     total = 0
     for shift, reg, _ in parts:
@@ -51,10 +67,11 @@ def _sum_shifted(parts):
 
 
 class FixedUnit(wiring.Component):
-    """Executes one fixed-point op, one term per cycle, fully pipelined.
+    """Executes one fixed-point op, one term of up to ``lanes`` output pixels per cycle, fully
+    pipelined.
 
     The op (``config`` holds the :data:`sw.isa.FIXED_FIELDS` settings; ``P`` is the
-    :data:`sw.isa.PARAM` record of output channel ``o``)::
+    :data:`sw.isa.PARAM` record of output channel ``o``) computes, in some order::
 
         for oy in range(out_h): for ox in range(out_w): for o in range(out_channels):
             pix = oy * out_w + ox;  P = PARAMS[param_base + o]
@@ -84,8 +101,35 @@ class FixedUnit(wiring.Component):
     arithmetic is exact (no intermediate overflows) for every PARAM value and every op of at
     most ``max_terms`` terms. A MAX window made only of padding (which the compiler never
     emits) writes the accumulator's most negative value, truncated. Addresses wrap modulo the
-    memory sizes; padding terms read nothing (``int_rd_en`` low), and COEFS are read only
-    when ``multiply`` is set.
+    memory sizes; a term that is padding in every lane reads nothing (``int_rd_en`` low), and
+    COEFS are read only when ``multiply`` is set.
+
+    Schedule (lanes)
+    ----------------
+    The unit computes ``L`` consecutive output pixels of one output channel at once, each in
+    its own lane (own accumulator and post-processing; PARAMS and COEFS are shared), where
+    ``L = lanes`` when ``stride == 1`` and ``post != THRESHOLD``, else ``L = 1`` (a strided
+    op's terms of consecutive pixels are not consecutive elements, and THRESHOLD would set bits
+    of ``L`` different BITS words; both fall back to one pixel at a time)::
+
+        for oy in range(out_h): for ox0 in range(0, out_w, L): for o in range(out_channels):
+            for each term t (tc, ky, kx) in the order above: lanes i < min(L, out_w - ox0)
+            (pixel ox0 + i of row oy) take their term t at once
+            [residual slot], then the group's results are written
+
+    Groups never cross a row end: the last group of a row is partial, its extra lanes masked.
+    With ``L > 1`` a term is ONE run read of INTS: lane ``i``'s element is at the run start
+    ``+ i``; lanes whose column ``ix + i`` lies outside ``[0, in_w)`` are padding (a row
+    outside ``[0, in_h)`` pads all lanes). The run starts at column ``max(ix, 0)`` (``ix``:
+    lane 0's column), the first lane's that is not left of the row, and the data are rotated
+    back into lane order, so a run never reaches below the input row (no reliance on the memory wrapping around below address 0; lanes past the row
+    end may read past it, and their values are ignored). The residual is a run read at
+    ``res_base + o * out_plane + pix0`` (``pix0 = oy * out_w + ox0``), and the results of
+    posts NONE and REQUANT are one run write at ``out_base + o * out_plane + pix0`` with
+    ``int_wr_mask`` bit ``i`` set for each pixel of the group. Runs are consecutive addresses
+    modulo ``2**int_addr_width`` as far as the unit is concerned; :class:`~hw.int_memory.IntMemory`
+    does not wrap a run around its end (reads there give 0, writes are dropped), so with it a
+    tensor must lie inside the memory, not wrap around its end.
 
     Parameters
     ----------
@@ -99,6 +143,10 @@ class FixedUnit(wiring.Component):
         Larger ops give wrong sums.
     element_width : int
         INTS elements are signed integers of this width (2 to 63: ``bits`` is a 6-bit field).
+    lanes : int
+        Output pixels computed at once (a power of two, default 1): the INTS ports are runs of
+        this many elements (the core passes its :class:`~hw.int_memory.IntMemory`'s
+        ``banks``). Each lane costs a term multiplier and the requant multipliers.
 
     Members
     -------
@@ -111,13 +159,15 @@ class FixedUnit(wiring.Component):
         issued; low again the cycle after. An op with a zero ``out_h``, ``out_w``,
         ``out_channels``, ``terms_c``, ``kernel_h`` or ``kernel_w`` does nothing (``busy`` stays
         low).
-    int_rd_addr, int_rd_en : ``Out(int_addr_width)``, ``Out(1)``; int_rd_data : ``In(signed(
-    element_width))``
-        INTS read port: ``int_rd_data`` is ``INTS[int_rd_addr]`` of the previous cycle's
-        request (latency exactly 1, as a block RAM's synchronous read).
-    int_wr_addr, int_wr_en, int_wr_data : ``Out(int_addr_width)``, ``Out(1)``,
-    ``Out(signed(element_width))``
-        INTS write port (outputs of posts NONE and REQUANT), driven from registers.
+    int_rd_addr, int_rd_en : ``Out(int_addr_width)``, ``Out(1)``; int_rd_data : ``In(
+    data.ArrayLayout(signed(element_width), lanes))``
+        INTS run read port: ``int_rd_data[i]`` is ``INTS[int_rd_addr + i]`` of the previous
+        cycle's request (latency exactly 1, as IntMemory's); read only while ``int_rd_en``.
+    int_wr_addr, int_wr_en, int_wr_mask, int_wr_data : ``Out(int_addr_width)``, ``Out(1)``,
+    ``Out(lanes)``, ``Out(data.ArrayLayout(signed(element_width), lanes))``
+        INTS run write port (outputs of posts NONE and REQUANT), driven from registers:
+        ``INTS[int_wr_addr + i] = int_wr_data[i]`` for each ``i`` with ``int_wr_mask[i]`` set
+        (at least bit 0 in every write).
     coef_rd_addr, coef_rd_en : ``Out(coef_addr_width)``, ``Out(1)``; coef_rd_data :
     ``In(signed(8))``
         COEFS read port, latency 1.
@@ -130,45 +180,59 @@ class FixedUnit(wiring.Component):
 
     Latency and throughput
     ----------------------
-    No backpressure: a counter chain issues one term per cycle with no gaps between output
-    elements, pixels or rows; an op with ``residual`` (and post REQUANT) spends one extra cycle
-    per output element reading the residual through the same INTS port. With
-    ``E = terms_c * kernel_h * kernel_w + (1 if post == REQUANT and residual else 0)`` and
-    ``T = out_h * out_w * out_channels * E``, ``busy`` is high for exactly ``T + LATENCY``
-    cycles (``LATENCY = 11``): the write of the element whose last term (or residual slot) is
-    issued at cycle ``c`` is issued at cycle ``c + LATENCY``. A new op can start in the cycle
-    ``busy`` falls.
+    No backpressure: a counter chain issues one term (of all lanes of a group) per cycle with
+    no gaps between output elements, groups or rows; an op with ``residual`` (and post
+    REQUANT) spends one extra cycle per group and channel reading the residual run through the
+    same INTS port. With ``E = terms_c * kernel_h * kernel_w + (1 if post == REQUANT and
+    residual else 0)``, ``L`` as above (``lanes`` for stride 1 and post NONE or REQUANT, else
+    1) and ``T = out_h * ceil(out_w / L) * out_channels * E``, ``busy`` is high for exactly
+    ``T + LATENCY`` cycles (``LATENCY = 12``): the write of the group whose last term (or
+    residual slot) is issued at cycle ``c`` is issued at cycle ``c + LATENCY``. A new op can
+    start in the cycle ``busy`` falls.
 
-    Pipeline (cycle ``k`` after a term leaves the counters, every stage a register):
+    Pipeline (cycle ``k`` after a term leaves the counters, every stage a register; the
+    per-lane datapath is replicated ``lanes`` times):
 
     0. counters (incremental addresses: no runtime multiply); PARAMS read issued;
-    1. ``P`` valid; window bounds and the relative address registered;
+    1. ``P`` valid; the lanes' window bounds, the relative address and the rotation
+       registered;
     2. INTS address ``P.in_offset + relative`` (or the residual's) and COEFS address issued;
-    3. INTS and COEFS data valid;
-    4. ``x * coef`` registered (one ``element_width x 8`` multiplier, a DSP);
-    5. accumulator (sum or max); in the residual slot, ``res * res_mul`` in registered
+    3. INTS run and COEFS data valid; the run rotated into lane order;
+    4. the lanes' ``x`` and the coefficient registered (the rotator gets no multiplier
+       behind it in the same cycle);
+    5. ``x * coef`` registered (per lane one ``element_width x 8`` multiplier);
+    6. accumulators (sum or max); in the residual slot, ``res * res_mul`` in registered
        partial products (as ``acc * mul`` below);
-    6. ``acc * mul`` in registered partial products (17-bit slices of ``acc``, each one
+    7. ``acc * mul`` in registered partial products (17-bit slices of ``acc``, each one
        18 x 18 DSP with no wide adder behind it in the same cycle), ``res * res_mul``
-       combined, ``bias + half``, the threshold compare;
-    7. partial products combined; ``res * res_mul + bias + half``;
-    8. ``v``; 9. ``v >> shift`` (barrel shifter); 10. the saturation compares;
-    11. the saturation mux, BITS word assembly, the write registers.
+       combined, ``bias + half``, the threshold compare (lane 0);
+    8. partial products combined; ``res * res_mul + bias + half``;
+    9. ``v``; 10. ``v >> shift`` (barrel shifter); 11. the saturation compares;
+    12. the saturation mux, BITS word assembly, the write registers.
 
     Resources (Yosys ``synth_ecp5`` and nextpnr ``--85k --out-of-context``, seed 1, for
     ``lane=32, int_addr_width=16, bits_addr_width=14, coef_addr_width=16,
-    param_addr_width=10, max_terms=4096``): 9 ``MULT18X18D``, about 2,200 LUT4, 600 CCU2C and
-    2,270 FFs (most of them the per-element parameters and addresses that travel down the
-    pipeline); Fmax 121 MHz, the critical path the 66-bit barrel shifter of stage 9.
+    param_addr_width=10, max_terms=4096``), measured before lanes existed (``lanes=1``,
+    ``LATENCY = 11``): 9 ``MULT18X18D``, about 2,200 LUT4, 600 CCU2C and 2,270 FFs (most of
+    them the per-element parameters and addresses that travel down the pipeline); Fmax
+    121 MHz, the critical path the 66-bit barrel shifter. Each further lane adds its
+    multipliers (7 ``MULT18X18D`` at ``element_width=24``: 2 for ``x * coef``, 3 for
+    ``acc * mul``, 2 for ``res * res_mul``), accumulator, requant datapath and barrel shifter:
+    Yosys ``synth_ecp5`` (before LUT mapping; ``max_terms=65536`` as the core's, otherwise as
+    above) counts 30 ``MULT18X18D`` and 4,900 FFs at ``lanes=4``, 58 and 8,100 at ``lanes=8``
+    (the LFE5U-45F has 72 multipliers).
     """
 
-    LATENCY = 11
+    LATENCY = 12
 
     def __init__(self, *, lane, int_addr_width, bits_addr_width, coef_addr_width,
-                 param_addr_width, max_terms, element_width=24):
+                 param_addr_width, max_terms, element_width=24, lanes=1):
         if not isinstance(element_width, int) or not 2 <= element_width <= 63:
             raise ValueError(f"element_width must be an integer in [2, 63], not "
                              f"{element_width!r}")
+        if (not isinstance(lanes, int) or isinstance(lanes, bool) or lanes < 1
+                or lanes & (lanes - 1)):
+            raise ValueError(f"lanes must be a positive power of two, not {lanes!r}")
         for name, value in (("lane", lane), ("int_addr_width", int_addr_width),
                             ("bits_addr_width", bits_addr_width),
                             ("coef_addr_width", coef_addr_width),
@@ -177,6 +241,7 @@ class FixedUnit(wiring.Component):
                 raise ValueError(f"{name} must be a positive integer, not {value!r}")
         self.element_width = element_width
         self.lane = lane
+        self.lanes = lanes
         self.int_addr_width = int_addr_width
         self.bits_addr_width = bits_addr_width
         self.coef_addr_width = coef_addr_width
@@ -193,10 +258,11 @@ class FixedUnit(wiring.Component):
             "busy": Out(1),
             "int_rd_addr": Out(int_addr_width),
             "int_rd_en": Out(1),
-            "int_rd_data": In(signed(element_width)),
+            "int_rd_data": In(data.ArrayLayout(signed(element_width), lanes)),
             "int_wr_addr": Out(int_addr_width),
             "int_wr_en": Out(1),
-            "int_wr_data": Out(signed(element_width)),
+            "int_wr_mask": Out(lanes),
+            "int_wr_data": Out(data.ArrayLayout(signed(element_width), lanes)),
             "coef_rd_addr": Out(coef_addr_width),
             "coef_rd_en": Out(1),
             "coef_rd_data": In(signed(8)),
@@ -211,27 +277,32 @@ class FixedUnit(wiring.Component):
     def elaborate(self, platform):
         m = Module()
         cfg = self.config
-        ew, lane = self.element_width, self.lane
+        ew, lane, lanes = self.element_width, self.lane, self.lanes
         iaw, baw, caw = self.int_addr_width, self.bits_addr_width, self.coef_addr_width
         is_max = cfg.reduce == isa.Reduce.MAX
         post_requant = cfg.post == isa.Post.REQUANT
         post_threshold = cfg.post == isa.Post.THRESHOLD
         res_mode = post_requant & cfg.residual
+        # Lanes compute consecutive pixels only where their terms are consecutive elements (one
+        # run read) and their results are consecutive elements (one run write).
+        wide = (cfg.stride == 1) & ~post_threshold
+        step = Mux(wide, lanes, 1)              # pixels of a group (but the row's last)
 
         # ---- Stage 0: the counter chain --------------------------------------------------
         running = Signal()
         res_phase = Signal()        # the residual read slot after an element's last term
         kx, ky, tc = Signal(12), Signal(12), Signal(12)
-        o, ox, oy = Signal(12), Signal(12), Signal(12)
+        o, oy = Signal(12), Signal(12)
+        rem = Signal(13)            # out_w - ox0: the row's pixels from the group's first on
         obit = Signal(range(lane))
         oword = Signal(12)
-        # Window coordinates: |iy| <= 4095 * 3 + 4095 < 2**15 for any field values.
+        # Window coordinates of lane 0: |iy| <= 4095 * 3 + 4095 < 2**15 for any field values.
         ix, iy, ix0, iy0 = (Signal(signed(16), name=n) for n in ("ix", "iy", "ix0", "iy0"))
         # Address parts, kept modulo the memory size: a real term's address is then right
         # however negative or large the parts of padding terms become.
         iy_row, iy0_row, chan = Signal(iaw), Signal(iaw), Signal(iaw)
         stride_row = Signal(iaw)    # stride * in_w
-        o_plane, pix = Signal(iaw), Signal(iaw)
+        o_plane, pix = Signal(iaw), Signal(iaw)     # pix: the group's first pixel
         pixw = Signal(baw)          # pix * out_words
         coef_el, coef_addr = Signal(caw), Signal(caw)
         sat_lo, sat_hi = Signal(signed(65)), Signal(signed(65))
@@ -241,7 +312,7 @@ class FixedUnit(wiring.Component):
         tc_last = tc == cfg.terms_c - 1
         term_last = kx_last & ky_last & tc_last
         o_last = o == cfg.out_channels - 1
-        ox_last = ox == cfg.out_w - 1
+        group_last = rem <= step
         oy_last = oy == cfg.out_h - 1
         first0 = (kx == 0) & (ky == 0) & (tc == 0) & ~res_phase
         elem_end = res_phase | (term_last & ~res_mode)
@@ -263,15 +334,16 @@ class FixedUnit(wiring.Component):
                         m.d.sync += [ky.eq(ky + 1), iy.eq(iy + 1), iy_row.eq(iy_row + cfg.in_w)]
                 with m.Else():
                     m.d.sync += [kx.eq(kx + 1), ix.eq(ix + 1)]
-            # Later assignments override the ones above (next element, pixel, row).
+            # Later assignments override the ones above (next element, group, row).
             with m.If(elem_end):
                 m.d.sync += res_phase.eq(0)
                 with m.If(o_last):
                     m.d.sync += [o.eq(0), obit.eq(0), oword.eq(0), o_plane.eq(0),
                                  coef_el.eq(cfg.coef_base), coef_addr.eq(cfg.coef_base),
-                                 pix.eq(pix + 1), pixw.eq(pixw + cfg.out_words)]
-                    with m.If(ox_last):
-                        m.d.sync += [ox.eq(0), ix0.eq(-cfg.pad), ix.eq(-cfg.pad)]
+                                 pix.eq(pix + Mux(group_last, rem, step)),
+                                 pixw.eq(pixw + cfg.out_words)]
+                    with m.If(group_last):
+                        m.d.sync += [rem.eq(cfg.out_w), ix0.eq(-cfg.pad), ix.eq(-cfg.pad)]
                         with m.If(oy_last):
                             m.d.sync += running.eq(0)
                         with m.Else():
@@ -280,8 +352,9 @@ class FixedUnit(wiring.Component):
                                          iy0_row.eq(iy0_row + stride_row),
                                          iy_row.eq(iy0_row + stride_row)]
                     with m.Else():
-                        m.d.sync += [ox.eq(ox + 1), ix0.eq(ix0 + cfg.stride),
-                                     ix.eq(ix0 + cfg.stride)]
+                        ix_step = Mux(wide, lanes, cfg.stride)
+                        m.d.sync += [rem.eq(rem - step), ix0.eq(ix0 + ix_step),
+                                     ix.eq(ix0 + ix_step)]
                 with m.Else():
                     m.d.sync += [o.eq(o + 1), o_plane.eq(o_plane + cfg.out_plane),
                                  coef_el.eq(coef_el + cfg.coef_ostride),
@@ -298,7 +371,7 @@ class FixedUnit(wiring.Component):
         with m.If(self.start & ~self.busy):
             m.d.sync += [
                 running.eq(nonempty), res_phase.eq(0),
-                kx.eq(0), ky.eq(0), tc.eq(0), o.eq(0), ox.eq(0), oy.eq(0),
+                kx.eq(0), ky.eq(0), tc.eq(0), o.eq(0), oy.eq(0), rem.eq(cfg.out_w),
                 obit.eq(0), oword.eq(0),
                 ix.eq(-cfg.pad), iy.eq(-cfg.pad), ix0.eq(-cfg.pad), iy0.eq(-cfg.pad),
                 iy_row.eq(-(cfg.pad * cfg.in_w)), iy0_row.eq(-(cfg.pad * cfg.in_w)),
@@ -318,17 +391,31 @@ class FixedUnit(wiring.Component):
 
         # ---- Stage 1: PARAMS data valid; bounds and relative addresses registered ---------
         valid = _delay(m, running, self.LATENCY, "valid")
-        first = _delay(m, running & first0, 4, "first")
-        end = _delay(m, running & elem_end, 10, "end")
-        res = _delay(m, res_phase, 4, "res")
-        inside = (iy >= 0) & (iy < cfg.in_h) & (ix >= 0) & (ix < cfg.in_w)
-        pad1 = Signal()
+        first = _delay(m, running & first0, 5, "first")
+        end = _delay(m, running & elem_end, 11, "end")
+        res = _delay(m, res_phase, 5, "res")
+        iy_inside = (iy >= 0) & (iy < cfg.in_h)
+        real1 = Signal(lanes)       # per lane: a real term (not padding), or the residual slot
+        live1 = Signal(lanes)       # per lane: a pixel of the group (the write mask)
+        for i in range(lanes):
+            # Lane i's window column is ix + i (stride 1; lanes > 0 are unused otherwise).
+            inside = iy_inside & (ix >= -i) & (ix < cfg.in_w - i)
+            m.d.sync += [
+                real1[i].eq(res_phase | inside),
+                live1[i].eq((rem > i) & (wide if i else 1)),
+            ]
+        # The run starts at the first lane whose column is not left of the row (ix >= 0): a
+        # run then never reaches below the input row, so it needs no wrap-around below
+        # address 0 (IntMemory has none). The data are rotated back by the lanes skipped.
+        # When ix < -(lanes - 1) every lane is padding and nothing is read.
+        rot_width = (lanes - 1).bit_length()
+        rot1 = Signal(rot_width)
         rel1, outa1, resa1 = Signal(iaw), Signal(iaw), Signal(iaw)
         coefa1, bitsa1 = Signal(caw), Signal(baw)
         obit1, wlast1 = Signal(range(lane)), Signal()
         m.d.sync += [
-            pad1.eq(~res_phase & ~inside),
-            rel1.eq(chan + iy_row + ix),
+            rel1.eq(chan + iy_row + Mux(ix < 0, 0, ix)),
+            rot1.eq(Mux(ix < 0, -ix, 0)),
             coefa1.eq(coef_addr),
             outa1.eq(cfg.out_base + o_plane + pix),
             resa1.eq(cfg.res_base + o_plane + pix),
@@ -336,115 +423,132 @@ class FixedUnit(wiring.Component):
             obit1.eq(obit),
             wlast1.eq((obit == lane - 1) | o_last),
         ]
-        pad = _delay(m, pad1, 3, "pad")     # pad[k] is stage k + 1
+        real = _delay(m, real1, 4, "real")      # real[k] is stage k + 1
         p1 = self.param_rd_data
 
         # ---- Stage 2: memory addresses ----------------------------------------------------
-        addr2, coefa2 = Signal(iaw), Signal(caw)
+        addr2, coefa2, rot2, any2 = Signal(iaw), Signal(caw), Signal(rot_width), Signal()
         m.d.sync += [
             addr2.eq(Mux(res[1], resa1, p1.in_offset + rel1)),
+            rot2.eq(Mux(res[1], 0, rot1)),
+            any2.eq((real1 & live1).any()),
             coefa2.eq(coefa1),
         ]
         m.d.comb += [
             self.int_rd_addr.eq(addr2),
-            self.int_rd_en.eq(valid[2] & ~pad[1]),
+            self.int_rd_en.eq(valid[2] & any2),
             self.coef_rd_addr.eq(coefa2),
-            self.coef_rd_en.eq(valid[2] & ~pad[1] & ~res[2] & cfg.multiply),
+            self.coef_rd_en.eq(valid[2] & any2 & ~res[2] & cfg.multiply),
         ]
 
-        # ---- Stage 3 -> 4: the term (registered multiply) ---------------------------------
-        x3, c3 = self.int_rd_data, self.coef_rd_data
-        term4 = Signal(signed(self.term_width))
-        resv4 = Signal(signed(ew))
-        m.d.sync += [
-            term4.eq(Mux(pad[2], 0, Mux(cfg.multiply, x3 * c3, x3))),
-            resv4.eq(x3),
-        ]
+        # ---- Stage 3 -> 4: the run back in lane order, registered ahead of the multiply ----
+        rot3 = Signal(rot_width)
+        m.d.sync += rot3.eq(rot2)
+        run3 = [self.int_rd_data[i] for i in range(lanes)]
+        x4 = [Signal(signed(ew), name=f"x4_{i}") for i in range(lanes)]
+        c4 = Signal(signed(8))
+        m.d.sync += [reg.eq(value) for reg, value in zip(x4, _rotate_up(m, run3, rot3, "rot"))]
+        m.d.sync += c4.eq(self.coef_rd_data)
 
-        # ---- Stage 5: accumulator ----------------------------------------------------------
+        # ---- Stage 4 -> 5: the terms (registered multiplies, one per lane) -----------------
+        term5 = [Signal(signed(self.term_width), name=f"term5_{i}") for i in range(lanes)]
+        for i in range(lanes):
+            m.d.sync += term5[i].eq(Mux(real[3][i], Mux(cfg.multiply, x4[i] * c4, x4[i]), 0))
+
+        # ---- Stage 6: accumulators ----------------------------------------------------------
         aw = self.acc_width
-        acc5 = Signal(signed(aw))
+        acc6 = [Signal(signed(aw), name=f"acc6_{i}") for i in range(lanes)]
         most_negative = Const(-(1 << (aw - 1)), signed(aw))
-        with m.If(valid[4] & ~res[4]):
-            with m.If(is_max):
-                with m.If(first[4]):
-                    # Padding never wins: a padded first term starts from the most negative.
-                    m.d.sync += acc5.eq(Mux(pad[3], most_negative, term4))
-                with m.Elif(~pad[3] & (term4 > acc5)):
-                    m.d.sync += acc5.eq(term4)
-            with m.Else():
-                # Padding terms are 0 here (stage 4).
-                m.d.sync += acc5.eq(Mux(first[4], term4, acc5 + term4))
-        # The parameters of the element at stage 1 travel with it to stage 5.
-        param_line = _delay(m, p1.as_value(), 4, "param")
-        p4 = data.View(self.param_layout, param_line[3])
+        with m.If(valid[5] & ~res[5]):
+            for i in range(lanes):
+                real5 = real[4][i]
+                with m.If(is_max):
+                    with m.If(first[5]):
+                        # Padding never wins: a padded first term starts from the most negative.
+                        m.d.sync += acc6[i].eq(Mux(real5, term5[i], most_negative))
+                    with m.Elif(real5 & (term5[i] > acc6[i])):
+                        m.d.sync += acc6[i].eq(term5[i])
+                with m.Else():
+                    # Padding terms are 0 here (stage 5).
+                    m.d.sync += acc6[i].eq(Mux(first[5], term5[i], acc6[i] + term5[i]))
+        # The parameters of the element at stage 1 travel with it to stage 6.
+        param_line = _delay(m, p1.as_value(), 5, "param")
         p5 = data.View(self.param_layout, param_line[4])
+        p6 = data.View(self.param_layout, param_line[5])
 
         # res * res_mul in partial products like acc * mul (below): the residual slot is the
-        # element's last, so they are ready when the accumulator is.
-        res_parts5 = _partial_products(resv4, p4.res_mul, "res_mul5")
-        with m.If(valid[4] & res[4]):
-            m.d.sync += [reg.eq(product) for _, reg, product in res_parts5]
+        # element's last, so they are ready when the accumulator is. x4 of the residual slot
+        # (the residual run) is term5's source, registered alongside it.
+        resv5 = [Signal(signed(ew), name=f"resv5_{i}") for i in range(lanes)]
+        m.d.sync += [reg.eq(x) for reg, x in zip(resv5, x4)]
+        res_parts6 = [_partial_products(resv5[i], p5.res_mul, f"res_mul6_{i}")
+                      for i in range(lanes)]
+        with m.If(valid[5] & res[5]):
+            m.d.sync += [reg.eq(product) for parts in res_parts6 for _, reg, product in parts]
 
-        # ---- Stage 6: products, bias + half, threshold compare -----------------------------
-        mul_width = len(p5.mul)
-        mul_parts6 = _partial_products(acc5, p5.mul, "mul6")
-        m.d.sync += [reg.eq(product) for _, reg, product in mul_parts6]
-        rp6 = Signal(signed(ew + len(p5.res_mul) + 1))
-        bh6 = Signal(signed(max(len(p5.bias), 64) + 1))
-        bit6 = Signal()
-        half5 = (Const(1, 1) << p5.shift)[1:]     # 2**(shift - 1); 0 when shift == 0
-        thr = p5.threshold
+        # ---- Stage 7: products, bias + half, threshold compare -----------------------------
+        mul_width = len(p6.mul)
+        bh7 = Signal(signed(max(len(p6.bias), 64) + 1))
+        bit7 = Signal()
+        half6 = (Const(1, 1) << p6.shift)[1:]     # 2**(shift - 1); 0 when shift == 0
+        thr = p6.threshold
+        # THRESHOLD runs one pixel per group: lane 0's accumulator.
         m.d.sync += [
-            rp6.eq(Mux(cfg.residual, _sum_shifted(res_parts5), 0)),
-            bh6.eq(p5.bias + half5),
-            bit6.eq(Mux(p5.direction > 0, acc5 >= thr,
-                        Mux(p5.direction < 0, acc5 <= thr, thr != 0))),
+            bh7.eq(p6.bias + half6),
+            bit7.eq(Mux(p6.direction > 0, acc6[0] >= thr,
+                        Mux(p6.direction < 0, acc6[0] <= thr, thr != 0))),
         ]
-        shift = _delay(m, p5.shift, 4, "shift")   # shift[k] is stage k + 5
-        acc = _delay(m, acc5, 5, "acc")           # acc[k] is stage k + 5
-        bit = _delay(m, bit6, 4, "bit")           # bit[k] is stage k + 6
-
-        # ---- Stage 7, 8: v = acc * mul + res * res_mul + bias + half -----------------------
+        shift = _delay(m, p6.shift, 3, "shift")   # shift[k] is stage k + 6
+        bit = _delay(m, bit7, 4, "bit")           # bit[k] is stage k + 7
         prod_width = aw + mul_width + 1
-        v_width = max(prod_width, len(rp6), len(bh6)) + 2
-        a7, b7, v8 = Signal(signed(prod_width)), Signal(signed(v_width)), Signal(signed(v_width))
-        m.d.sync += [
-            a7.eq(_sum_shifted(mul_parts6)),
-            b7.eq(rp6 + bh6),
-            v8.eq(a7 + b7),
-        ]
+        v_width = max(prod_width, ew + len(p6.res_mul) + 1, len(bh7)) + 2
+        outa11 = _delay(m, outa1, 10, "outa")[-1]
+        bitsa11 = _delay(m, bitsa1, 10, "bitsa")[-1]
+        obit11 = _delay(m, obit1, 10, "obit")[-1]
+        wlast11 = _delay(m, wlast1, 10, "wlast")[-1]
+        live11 = _delay(m, live1, 10, "live")[-1]
+        for i in range(lanes):
+            # ---- Stage 7, 8, 9: v = acc * mul + res * res_mul + bias + half ---------------
+            mul_parts7 = _partial_products(acc6[i], p6.mul, f"mul7_{i}")
+            m.d.sync += [reg.eq(product) for _, reg, product in mul_parts7]
+            rp7 = Signal(signed(ew + len(p6.res_mul) + 1), name=f"rp7_{i}")
+            m.d.sync += rp7.eq(Mux(cfg.residual, _sum_shifted(res_parts6[i]), 0))
+            a8 = Signal(signed(prod_width), name=f"a8_{i}")
+            b8 = Signal(signed(v_width), name=f"b8_{i}")
+            v9 = Signal(signed(v_width), name=f"v9_{i}")
+            m.d.sync += [
+                a8.eq(_sum_shifted(mul_parts7)),
+                b8.eq(rp7 + bh7),
+                v9.eq(a8 + b8),
+            ]
+            # ---- Stage 10: arithmetic shift (round half up with the half added above) -----
+            y10 = Signal(signed(v_width), name=f"y10_{i}")
+            m.d.sync += y10.eq(v9 >> shift[3])
+            # ---- Stage 11: the saturation compares (66 bits wide: a stage of their own) ---
+            below11, above11 = Signal(name=f"below11_{i}"), Signal(name=f"above11_{i}")
+            y11 = Signal(signed(ew), name=f"y11_{i}")
+            m.d.sync += [
+                below11.eq(y10 < sat_lo),
+                above11.eq(y10 > sat_hi),
+                y11.eq(y10),
+            ]
+            # ---- Stage 12: saturation, the write registers ---------------------------------
+            acc11 = _delay(m, acc6[i], 5, f"acc_{i}")[-1]
+            sat11 = Mux(below11, sat_lo, Mux(above11, sat_hi, y11))
+            m.d.sync += self.int_wr_data[i].eq(Mux(post_requant, sat11, acc11))
 
-        # ---- Stage 9: arithmetic shift (round half up with the half added above) ----------
-        y9 = Signal(signed(v_width))
-        m.d.sync += y9.eq(v8 >> shift[3])
-
-        # ---- Stage 10: the saturation compares (66 bits wide: a stage of their own) -------
-        below10, above10 = Signal(), Signal()
-        y10 = Signal(signed(ew))
-        m.d.sync += [
-            below10.eq(y9 < sat_lo),
-            above10.eq(y9 > sat_hi),
-            y10.eq(y9),
-        ]
-
-        # ---- Stage 11: saturation, BITS word assembly, the write registers ----------------
-        outa10 = _delay(m, outa1, 9, "outa")[-1]
-        bitsa10 = _delay(m, bitsa1, 9, "bitsa")[-1]
-        obit10 = _delay(m, obit1, 9, "obit")[-1]
-        wlast10 = _delay(m, wlast1, 9, "wlast")[-1]
-        sat10 = Mux(below10, sat_lo, Mux(above10, sat_hi, y10))
+        # BITS word assembly (stage 12).
         word = self.bits_wr_data
         # A word starts at channel bit 0, so bits above out_channels stay 0.
-        word_next = Mux(obit10 == 0, 0, word) | (bit[4].as_unsigned() << obit10)
+        word_next = Mux(obit11 == 0, 0, word) | (bit[4].as_unsigned() << obit11)
         m.d.sync += [
-            self.int_wr_en.eq(end[10] & ~post_threshold),
-            self.int_wr_addr.eq(outa10),
-            self.int_wr_data.eq(Mux(post_requant, sat10, acc[5])),
-            self.bits_wr_en.eq(end[10] & wlast10 & post_threshold),
-            self.bits_wr_addr.eq(bitsa10),
+            self.int_wr_en.eq(end[11] & ~post_threshold),
+            self.int_wr_addr.eq(outa11),
+            self.int_wr_mask.eq(live11),
+            self.bits_wr_en.eq(end[11] & wlast11 & post_threshold),
+            self.bits_wr_addr.eq(bitsa11),
         ]
-        with m.If(end[10] & post_threshold):
+        with m.If(end[11] & post_threshold):
             m.d.sync += word.eq(word_next)
 
         busy = running

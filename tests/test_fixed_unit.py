@@ -1,6 +1,8 @@
 """amaranth.sim tests of the fixed-point unit: every fixed-point op kind of the layer program,
 mapped to a FixedUnit config the way the compiler maps it, gives golden.execute_op's output
-exactly, in exactly the documented number of cycles, and writes nothing else."""
+exactly, in exactly the documented number of cycles, and writes nothing else; with one lane
+and with several (stride 1 rows computed in runs of pixels, partial runs at row ends, padding
+at both row ends, the stride 2 and THRESHOLD fallback to one pixel at a time)."""
 
 import random
 import types
@@ -8,11 +10,12 @@ import types
 import numpy as np
 import pytest
 import torch
-from amaranth import Elaboratable, Module, unsigned
+from amaranth import Elaboratable, Module, signed, unsigned
 from amaranth.lib import data, memory
 from amaranth.sim import Simulator
 
 from hw.fixed_unit import FixedUnit
+from hw.int_memory import IntMemory
 from hw.isa import struct_layout as fields_layout
 from sw import isa
 from sw.compile import golden
@@ -28,29 +31,67 @@ def wrap(value, width):
 
 class Harness(Elaboratable):
     """The unit with INTS, COEFS and PARAMS read ports on memories (latency 1, as the core's).
-    Writes are recorded by the testbench."""
+    Writes are recorded by the testbench.
 
-    def __init__(self, dut):
+    INTS is the core's banked :class:`hw.int_memory.IntMemory` (``ints="banked"``, runs do not
+    wrap around its end), or (``ints="wrap"``) one memory with a read and a write port per
+    lane at ``(address + lane) % depth``: runs wrap around, as the unit's addresses do."""
+
+    def __init__(self, dut, ints="banked"):
         self.dut = dut
-        self.ints = memory.Memory(shape=dut.int_rd_data.shape(),
-                                  depth=1 << dut.int_addr_width, init=[])
+        self.lanes = dut.lanes
+        self.int_depth = 1 << dut.int_addr_width
+        if ints == "banked":
+            self.ints = IntMemory(depth=self.int_depth, width=dut.element_width,
+                                  banks=dut.lanes)
+        elif ints == "wrap":
+            self.ints = memory.Memory(shape=signed(dut.element_width), depth=self.int_depth,
+                                      init=[])
+        else:
+            raise ValueError(ints)
         self.coefs = memory.Memory(shape=dut.coef_rd_data.shape(),
                                    depth=1 << dut.coef_addr_width, init=[])
         self.params = memory.Memory(shape=unsigned(isa.PARAM.width),
                                     depth=1 << dut.param_addr_width, init=[])
+
+    def set_int(self, ctx, address, value):
+        if isinstance(self.ints, IntMemory):
+            cells, row = self.ints.element(address)
+            ctx.set(cells[row], value)
+        else:
+            ctx.set(self.ints.data[address], value)
 
     def elaborate(self, platform):
         m = Module()
         m.submodules.dut = dut = self.dut
         m.submodules.ints, m.submodules.coefs, m.submodules.params = (
             self.ints, self.coefs, self.params)
-        for mem, name in ((self.ints, "int"), (self.coefs, "coef"), (self.params, "param")):
+        for mem, name in ((self.coefs, "coef"), (self.params, "param")):
             port = mem.read_port(transparent_for=())
             m.d.comb += [
                 port.addr.eq(getattr(dut, f"{name}_rd_addr")),
                 port.en.eq(getattr(dut, f"{name}_rd_en")),
                 getattr(dut, f"{name}_rd_data").eq(port.data),
             ]
+        if isinstance(self.ints, IntMemory):
+            ints = self.ints
+            m.d.comb += [
+                ints.rd_addr.eq(dut.int_rd_addr), ints.rd_en.eq(dut.int_rd_en),
+                dut.int_rd_data.eq(ints.rd_data),
+                ints.wr_addr.eq(dut.int_wr_addr), ints.wr_en.eq(dut.int_wr_en),
+                ints.wr_mask.eq(dut.int_wr_mask), ints.wr_data.eq(dut.int_wr_data),
+            ]
+        else:
+            # Address arithmetic modulo depth = 2**int_addr_width: plain truncation.
+            for i in range(self.lanes):
+                rd = self.ints.read_port(transparent_for=())
+                wr = self.ints.write_port()
+                m.d.comb += [
+                    rd.addr.eq(dut.int_rd_addr + i), rd.en.eq(dut.int_rd_en),
+                    dut.int_rd_data[i].eq(rd.data),
+                    wr.addr.eq(dut.int_wr_addr + i), wr.data.eq(dut.int_wr_data[i]),
+                    wr.en.eq(dut.int_wr_en & dut.int_wr_mask[i]),
+                ]
         return m
 
 
@@ -63,10 +104,10 @@ def out_size(size, kernel, stride, pad):
 def lower(op, inputs, dut, rng, *, in_base=3, param_base=2, coef_base=5):
     """Map a golden ``op`` on ``inputs`` (``(C, H, W)`` int64 tensors) to a FixedUnit job.
 
-    Returns ``(config, ints, coefs, params, words, terms)``: the config dict,
+    Returns ``(config, ints, coefs, params, words, issue)``: the config dict,
     ``{address: value}`` images of INTS and COEFS, ``{address: packed PARAM}``, the
     ``{address: value}`` INTS elements (or BITS words, post THRESHOLD) the op must write, and
-    ``T`` (the term and residual slots the unit issues).
+    ``T``, the cycles the unit issues terms and residual slots in (:func:`cycles`).
     """
     a, p = op.attrs, op.params
     ew, lane = dut.element_width, dut.lane
@@ -166,20 +207,29 @@ def lower(op, inputs, dut, rng, *, in_base=3, param_base=2, coef_base=5):
         for o in range(oc):
             for pix in range(oh * ow):
                 words[out_base + o * oh * ow + pix] = wrap(expected[o][pix // ow][pix % ow], ew)
-    terms = oh * ow * oc * (cfg["terms_c"] * cfg["kernel_h"] * cfg["kernel_w"]
-                            + cfg["residual"] * (cfg["post"] == isa.Post.REQUANT))
-    return cfg, ints, coefs, packed, words, terms
+    return cfg, ints, coefs, packed, words, cycles(cfg, dut.lanes)
 
 
-def run_jobs(dut, jobs, seed):
+def cycles(cfg, lanes):
+    """The issue cycles of an op (``busy`` is high for them plus LATENCY): the docstring's
+    formula, written independently of the unit's counters."""
+    wide = cfg["stride"] == 1 and cfg["post"] != isa.Post.THRESHOLD
+    step = lanes if wide else 1
+    groups = -(-cfg["out_w"] // step)
+    e = (cfg["terms_c"] * cfg["kernel_h"] * cfg["kernel_w"]
+         + cfg["residual"] * (cfg["post"] == isa.Post.REQUANT))
+    return cfg["out_h"] * groups * cfg["out_channels"] * e
+
+
+def run_jobs(dut, jobs, seed, int_memory="banked"):
     """Run ``jobs`` (from :func:`lower`) back to back on one simulated unit, each started in
     the cycle ``busy`` of the previous one falls; check outputs, cycles and stray writes."""
-    harness = Harness(dut)
+    harness = Harness(dut, int_memory)
     ew = dut.element_width
 
     async def bench(ctx):
         rng = random.Random(seed)
-        for name, (cfg, ints, coefs, params, words, terms) in jobs:
+        for name, (cfg, ints, coefs, params, words, issue) in jobs:
             for image, mem in ((ints, harness.ints), (coefs, harness.coefs),
                                (params, harness.params), (words, None)):
                 threshold = cfg["post"] == isa.Post.THRESHOLD
@@ -187,11 +237,11 @@ def run_jobs(dut, jobs, seed):
                                                     else dut.int_addr_width)
                 assert all(0 <= a < depth for a in image), f"{name}: the test's images overflow"
             # Unused memory holds random values, which the unit must never use.
-            for mem, width, image in ((harness.ints, ew, ints), (harness.coefs, 8, coefs)):
-                for addr in range(mem.depth):
-                    value = image.get(addr, rng.randint(-(1 << (width - 1)),
-                                                        (1 << (width - 1)) - 1))
-                    ctx.set(mem.data[addr], value)
+            for addr in range(harness.int_depth):
+                harness.set_int(ctx, addr, ints.get(addr, rng.randint(-(1 << (ew - 1)),
+                                                                      (1 << (ew - 1)) - 1)))
+            for addr in range(harness.coefs.depth):
+                ctx.set(harness.coefs.data[addr], coefs.get(addr, rng.randint(-128, 127)))
             for addr in range(harness.params.depth):
                 ctx.set(harness.params.data[addr],
                         params.get(addr, rng.getrandbits(isa.PARAM.width)))
@@ -206,18 +256,25 @@ def run_jobs(dut, jobs, seed):
                 cycles += 1
                 # start must be ignored while busy (a restart would change the cycles).
                 ctx.set(dut.start, rng.random() < 0.3)
-                assert cycles <= terms + dut.LATENCY, f"{name}: busy for too long"
-                for en, addr, data_, log in (
-                        (dut.int_wr_en, dut.int_wr_addr, dut.int_wr_data, int_writes),
-                        (dut.bits_wr_en, dut.bits_wr_addr, dut.bits_wr_data, bits_writes)):
-                    if ctx.get(en):
-                        a = ctx.get(addr)
-                        assert a not in log, f"{name}: cycle {cycles}: address {a} written twice"
-                        log[a] = ctx.get(data_)
+                assert cycles <= issue + dut.LATENCY, f"{name}: busy for too long"
+                writes = []
+                if ctx.get(dut.int_wr_en):
+                    # A run: element i at int_wr_addr + i where mask bit i is set.
+                    base, mask = ctx.get(dut.int_wr_addr), ctx.get(dut.int_wr_mask)
+                    assert mask, f"{name}: cycle {cycles}: a write with an empty mask"
+                    writes += [(int_writes, (base + i) % harness.int_depth,
+                                ctx.get(dut.int_wr_data[i]))
+                               for i in range(dut.lanes) if mask >> i & 1]
+                if ctx.get(dut.bits_wr_en):
+                    writes.append((bits_writes, ctx.get(dut.bits_wr_addr),
+                                   ctx.get(dut.bits_wr_data)))
+                for log, a, value in writes:
+                    assert a not in log, f"{name}: cycle {cycles}: address {a} written twice"
+                    log[a] = value
                 await ctx.tick()
             ctx.set(dut.start, 0)
-            assert cycles == terms + dut.LATENCY, (
-                f"{name}: busy for {cycles} cycles, expected {terms} + {dut.LATENCY}")
+            assert cycles == issue + dut.LATENCY, (
+                f"{name}: busy for {cycles} cycles, expected {issue} + {dut.LATENCY}")
             assert not ctx.get(dut.int_wr_en) and not ctx.get(dut.bits_wr_en), (
                 f"{name}: write after busy fell")
             threshold = cfg["post"] == isa.Post.THRESHOLD
@@ -311,9 +368,15 @@ def ops_for(rng, ew, lane):
         ops.append(("input", make_op("input", {"shift": shift}, {
             "zero": np.array([rng.randint(0, 2**(ew - 3)) for _ in range(c)])}),
             [rand_tensor(rng, (c, h, w), 0, 255)]))
-    # conv: odd sizes, 1x1 maps, groups, stride 2, pad up to 3 with a 7x7 kernel.
+    # conv: odd sizes, 1x1 maps, groups, stride 2, pad up to 3 with a 7x7 kernel; rows of
+    # stride 1 convs that are not a multiple of the lanes, or shorter, with padding at both
+    # row ends.
     for cin, o, h, w, k, stride, pad, groups in (
             (3, 2, 5, 4, 7, 2, 3, 1),
+            (2, 2, 3, 9, 7, 1, 3, 1),
+            (3, 2, 3, 6, 3, 1, 1, 1),
+            (2, 3, 2, 5, 3, 1, 1, 1),
+            (1, 2, 3, 11, 3, 2, 1, 1),
             (4, 4, 3, 3, 3, 1, 1, 2),
             (2, lane + 3, 3, 1, 3, 2, 1, 1),
             (1, 1, 1, 1, 1, 1, 0, 1),
@@ -355,7 +418,8 @@ def ops_for(rng, ew, lane):
             "threshold": np.array(thr), "direction": np.array(direction)}), [x]))
     # maxpool: padding never wins (all-negative inputs), stride 2, kernel 3.
     for c, h, w, k, stride, pad in ((2, 5, 4, 3, 2, 1), (3, 3, 3, 2, 1, 0), (1, 1, 1, 3, 2, 1),
-                                    (2, 2, 3, 3, 1, 1), (1, 4, 5, 2, 3, 1)):
+                                    (2, 2, 3, 3, 1, 1), (1, 4, 5, 2, 3, 1), (2, 2, 7, 3, 1, 1),
+                                    (1, 3, 10, 2, 1, 0)):
         x = rand_tensor(rng, (c, h, w), bottom, -1 if c == 2 else top)
         ops.append((f"maxpool{k}s{stride}p{pad}",
                     make_op("maxpool", {"kernel": k, "stride": stride, "padding": pad}), [x]))
@@ -369,7 +433,7 @@ def ops_for(rng, ew, lane):
                     [rand_tensor(rng, (c, 2, 1), bottom, top)]))
     # combine: N count tensors of M * oc channels, with and without the residual.
     for n_, m_, oc, h, w, residual in ((2, 3, 2, 2, 2, 1), (3, 1, 3, 1, 3, 0),
-                                       (1, 2, lane + 1, 1, 1, 1)):
+                                       (1, 2, lane + 1, 1, 1, 1), (2, 2, 2, 2, 6, 1)):
         fan_in = 50
         counts = [rand_tensor(rng, (m_ * oc, h, w), 0, fan_in) for _ in range(n_)]
         res = [rand_tensor(rng, (oc, h, w), bottom, top)] if residual else []
@@ -394,7 +458,9 @@ def random_ops(rng, ew, lane, count):
         k, stride = rng.randint(1, 3), rng.randint(1, 3)
         # Maps with many channels are smaller, so that every op fits 1024 INTS elements.
         side = {"conv": 6, "maxpool": 6, "combine": 2}.get(kind, 3)
-        h, w = rng.randint(1, side), rng.randint(1, side)
+        # Rows up to 10 pixels: some longer than 4 lanes, some longer than 8.
+        wide = kind in ("conv", "maxpool", "requant", "shuffle")
+        h, w = rng.randint(1, side), rng.randint(1, side + 4 * wide)
         name = f"random {kind}"
         if kind == "conv":
             g = rng.randint(1, 3)
@@ -445,13 +511,17 @@ def random_ops(rng, ew, lane, count):
     return ops
 
 
-@pytest.mark.parametrize("element_width, lane, int_addr_width, seed", [
-    (24, 8, 10, 1),
-    (10, 3, 10, 2),       # narrow elements (more saturation), lane not a power of two
+@pytest.mark.parametrize("element_width, lane, int_addr_width, seed, lanes", [
+    (24, 8, 10, 1, 1),
+    (24, 8, 10, 1, 4),
+    (10, 3, 10, 2, 1),    # narrow elements (more saturation), lane not a power of two
+    (10, 3, 10, 2, 4),
+    (24, 8, 10, 3, 8),
 ])
-def test_ops_match_golden(element_width, lane, int_addr_width, seed):
+def test_ops_match_golden(element_width, lane, int_addr_width, seed, lanes):
     dut = FixedUnit(element_width=element_width, lane=lane, int_addr_width=int_addr_width,
-                    bits_addr_width=7, coef_addr_width=9, param_addr_width=5, max_terms=147)
+                    bits_addr_width=7, coef_addr_width=9, param_addr_width=5, max_terms=147,
+                    lanes=lanes)
     rng = random.Random(seed)
     jobs = []
     for name, op, inputs in (ops_for(rng, element_width, lane)
@@ -462,11 +532,12 @@ def test_ops_match_golden(element_width, lane, int_addr_width, seed):
     run_jobs(dut, jobs, seed)
 
 
-def test_accumulator_never_overflows():
+@pytest.mark.parametrize("lanes", [1, 4])
+def test_accumulator_never_overflows(lanes):
     """max_terms terms of the largest product magnitude, 2**(ew + 6), either sign."""
     ew, k, cin = 24, 3, 2
     dut = FixedUnit(element_width=ew, lane=4, int_addr_width=7, bits_addr_width=4,
-                    coef_addr_width=6, param_addr_width=3, max_terms=cin * k * k)
+                    coef_addr_width=6, param_addr_width=3, max_terms=cin * k * k, lanes=lanes)
     rng = random.Random(9)
     jobs = []
     for x_value in (-(1 << (ew - 1)), (1 << (ew - 1)) - 1):
@@ -481,14 +552,15 @@ def test_accumulator_never_overflows():
     run_jobs(dut, jobs, 9)
 
 
-def test_addresses_wrap_around_the_memory():
+@pytest.mark.parametrize("lanes", [1, 4])
+def test_addresses_wrap_around_the_memory(lanes):
     """An input at the top of INTS and an output wrapping past its end: addresses are modulo
-    the memory size, as the docstring promises."""
+    the memory size, as the docstring promises (with a memory whose runs wrap too)."""
     dut = FixedUnit(element_width=12, lane=4, int_addr_width=6, bits_addr_width=4,
-                    coef_addr_width=6, param_addr_width=3, max_terms=18)
+                    coef_addr_width=6, param_addr_width=3, max_terms=18, lanes=lanes)
     rng = random.Random(5)
     op, inputs = conv_job(rng, 12, cin=2, o=3, h=3, w=3, k=3, stride=1, pad=1, groups=1)
-    cfg, ints, coefs, params, words, terms = lower(op, inputs, dut, rng, in_base=40,
+    cfg, ints, coefs, params, words, issue = lower(op, inputs, dut, rng, in_base=40,
                                                    coef_base=30, param_base=6)
     mask = (1 << 6) - 1
     ints = {a & mask: v for a, v in ints.items()}
@@ -498,7 +570,26 @@ def test_addresses_wrap_around_the_memory():
     cfg["out_base"] &= mask
     assert max(ints) < 64 and len(words) == 27 and len(ints) == 18
     assert not set(words) & set(ints)
-    run_jobs(dut, [("wrap", (cfg, ints, coefs, params, words, terms))], 5)
+    run_jobs(dut, [("wrap", (cfg, ints, coefs, params, words, issue))], 5, "wrap")
+
+
+@pytest.mark.parametrize("lanes", [4, 8])
+def test_padded_rows_at_address_zero(lanes):
+    """Inputs at INTS address 0 with left padding: the first lanes' columns lie below address
+    0, which the banked IntMemory (no wrap-around) cannot read, so the unit must start the run
+    at the row's first element."""
+    dut = FixedUnit(element_width=16, lane=8, int_addr_width=9, bits_addr_width=4,
+                    coef_addr_width=9, param_addr_width=3, max_terms=98, lanes=lanes)
+    rng = random.Random(11)
+    jobs = []
+    for cin, h, w, k, pad in ((2, 3, 9, 7, 3), (1, 2, 10, 3, 1), (2, 3, 3, 7, 3)):
+        op, inputs = conv_job(rng, 16, cin=cin, o=2, h=h, w=w, k=k, stride=1, pad=pad,
+                              groups=1)
+        jobs.append((f"conv{k}x{k}p{pad} w{w}", lower(op, inputs, dut, rng, in_base=0)))
+    x = rand_tensor(rng, (2, 3, 6), -2**15, 2**15 - 1)
+    op = make_op("maxpool", {"kernel": 3, "stride": 1, "padding": 1})
+    jobs.append(("maxpool3s1p1", lower(op, [x], dut, rng, in_base=0)))
+    run_jobs(dut, jobs, 11)
 
 
 def test_empty_op_does_nothing():
@@ -540,6 +631,9 @@ def test_fields_layout_matches_bit_record():
     ({"element_width": 1}, r"element_width must be an integer in \[2, 63\], not 1"),
     ({"element_width": 64}, r"element_width must be an integer in \[2, 63\], not 64"),
     ({"lane": 0}, "lane must be a positive integer, not 0"),
+    ({"lanes": 0}, "lanes must be a positive power of two, not 0"),
+    ({"lanes": 3}, "lanes must be a positive power of two, not 3"),
+    ({"lanes": True}, "lanes must be a positive power of two, not True"),
     ({"max_terms": 0}, "max_terms must be a positive integer, not 0"),
     ({"int_addr_width": "8"}, "int_addr_width must be a positive integer, not '8'"),
 ])
