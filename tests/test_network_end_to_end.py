@@ -31,11 +31,12 @@ from sw.runtime import Accelerator
 from tests.compile_nets import compile_net, raw_images
 from tests.device_programs import KINDS, single_op_program
 
-#: A 4x4x32 array with memories that hold the test networks, 8 clock cycles per UART bit.
-CONFIG = DeviceConfig(rows=4, cols=4, lane=32, max_depth=1024, weight_depth=256,
+#: A 4x4x32 array with memories that hold the test networks, 4 clock cycles per UART bit (the
+#: fastest the UART allows: loading weights costs fewer simulated cycles).
+CONFIG = DeviceConfig(rows=4, cols=4, lane=32, max_depth=1024, weight_depth=640,
                       activation_depth=16, result_depth=16, max_payload=256,
-                      clock_hz=24_000_000, baud=3_000_000, int_depth=8192, bits_depth=512,
-                      coef_depth=4096, param_depth=512, program_depth=128)
+                      clock_hz=24_000_000, baud=6_000_000, int_depth=12288, bits_depth=512,
+                      coef_depth=6144, param_depth=1024, program_depth=128)
 REPLY_TIMEOUT = 10.0
 BOARD_LIMITS = {"idle_timeout": 120, "time_limit": 1200, "startup_timeout": 600}
 
@@ -111,18 +112,27 @@ def test_weight_streaming_is_bit_exact(board):
 
 @pytest.fixture(scope="module")
 def digits_artifacts(tmp_path_factory):
-    """A MeliusNet and an ABC-Net trained on digits for a few epochs, compiled."""
+    """A MeliusNet and an ABC-Net (smaller than the registry's defaults, so that the
+    simulation loads them quickly) trained on digits for three epochs, compiled; with their
+    test accuracies (float model) for the record."""
     from sw.compile.compiler import compile_checkpoint
     torch.set_num_threads(1)
     artifacts = {}
-    for model, options in (("meliusnet-small", {}), ("abcnet-small", {"M": 2, "N": 2})):
+    for model, options in (
+            ("meliusnet-small", {"blocks": (2, 2), "transition_channels": (48,),
+                                 "init_features": 32, "growth_rate": 16}),
+            ("abcnet-small", {"blocks": (1, 1), "widths": (16, 32), "M": 2, "N": 2})):
         out = tmp_path_factory.mktemp(model)
         config = train.TrainConfig(model=model, dataset="digits", epochs=3, batch_size=64,
                                    seed=0, output=str(out), model_options=options,
                                    threads=1, progress=False)
-        train.train(config)
+        metrics = train.train(config)
         artifact, _ = compile_checkpoint(out / "best.pt", CONFIG, calibration_images=256)
         artifacts[model] = artifact
+        test = data.load_dataset("digits", "test")
+        golden_accuracy = (golden.run(artifact, test.raw).argmax(1) == test.labels).double()
+        print(f"{model} on digits: float test accuracy {metrics}, golden "
+              f"{100 * golden_accuracy.mean().item():.2f}%")
     return artifacts
 
 
