@@ -96,12 +96,9 @@ class BconvEngine(wiring.Component):
 
     @staticmethod
     def cycles(config, *, k_words, m_tiles, out_plane):
-        """The exact cycles of one op (the formula above) on a ``config``'s array."""
-        rows, cols = config.rows, config.cols
-        n_tiles = -(-out_plane // cols)
-        p, q = max(k_words, rows), max(k_words + 2, rows)
-        return (m_tiles * (n_tiles - 1) * p + (m_tiles - 1) * q + k_words + 2 * rows + cols
-                + 4)
+        """The exact cycles of one op (the formula above, :func:`sw.isa.bconv_cycles`) on a
+        ``config``'s array."""
+        return isa.bconv_cycles(config.rows, config.cols, k_words, m_tiles, out_plane)
 
     def __init__(self, config, *, element_width=None, int_depth=None, bits_depth=None):
         self.device = config

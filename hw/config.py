@@ -3,7 +3,7 @@
 import dataclasses
 import math
 
-from sw import protocol
+from sw import isa, protocol
 
 __all__ = ["DeviceConfig"]
 
@@ -122,7 +122,7 @@ class DeviceConfig:
     def int_banks(self):
         """Banks of INTS memory: the power of two at least ``cols``, so that the binary conv
         engine writes the ``cols`` counts of a result row in one cycle at any address."""
-        return 1 << (self.cols - 1).bit_length()
+        return isa.int_banks(self.cols)
 
     #: Largest number of terms (``terms_c * kernel_h * kernel_w``) of one output value of the
     #: fixed-point unit; sets its accumulator width.

@@ -223,7 +223,7 @@ class FixedUnit(wiring.Component):
     (the LFE5U-45F has 72 multipliers).
     """
 
-    LATENCY = 12
+    LATENCY = isa.FIXED_LATENCY
 
     def __init__(self, *, lane, int_addr_width, bits_addr_width, coef_addr_width,
                  param_addr_width, max_terms, element_width=24, lanes=1):

@@ -28,8 +28,9 @@ Execution model (details in ``docs/accelerator.md``)
 import enum
 
 __all__ = [
-    "BCONV_FIELDS", "DESCRIPTOR", "FIXED_FIELDS", "PARAM", "BitRecord", "Opcode", "Post",
-    "Reduce",
+    "BCONV_FIELDS", "DESCRIPTOR", "FIXED_FIELDS", "FIXED_LATENCY", "PARAM", "SEQUENCER_CYCLES",
+    "BitRecord", "Opcode", "Post", "Reduce", "bconv_cycles", "fixed_cycles", "int_banks",
+    "op_cycles",
 ]
 
 
@@ -190,3 +191,51 @@ DESCRIPTOR = BitRecord(
     [("opcode", 4, False)]
     + [(f"fixed_{name}", width, signed) for name, width, signed in FIXED_FIELDS]
     + [(f"bconv_{name}", width, signed) for name, width, signed in BCONV_FIELDS])
+
+
+# -- Timing ---------------------------------------------------------------------------------------
+# The hardware's cycle counts, exactly (the unit tests and the device tests check them against
+# the hardware; code generation uses them for its per-op figures).
+
+#: Pipeline latency of :class:`hw.fixed_unit.FixedUnit`.
+FIXED_LATENCY = 12
+#: Cycles the sequencer adds to an op's unit time in its counter: fetch, decode, dispatch,
+#: the cycle that sees the unit idle again and the record cycle.
+SEQUENCER_CYCLES = 5
+
+
+def int_banks(cols):
+    """Banks of INTS memory (the power of two at least ``cols``), which is also the number of
+    output pixels the fixed-point unit computes per cycle."""
+    return 1 << (cols - 1).bit_length()
+
+
+def bconv_cycles(rows, cols, k_words, m_tiles, out_plane):
+    """Cycles from the start of a BCONV op to its engine's first idle cycle."""
+    n_tiles = -(-out_plane // cols)
+    p, q = max(k_words, rows), max(k_words + 2, rows)
+    return m_tiles * (n_tiles - 1) * p + (m_tiles - 1) * q + k_words + 2 * rows + cols + 4
+
+
+def fixed_cycles(lanes, fields):
+    """Cycles the fixed-point unit is busy for a FIXED op (``fields``: FIXED_FIELDS names)."""
+    terms = fields["terms_c"] * fields["kernel_h"] * fields["kernel_w"]
+    if fields["post"] == Post.REQUANT and fields["residual"]:
+        terms += 1
+    wide = fields["stride"] == 1 and fields["post"] != Post.THRESHOLD
+    per_row = -(-fields["out_w"] // lanes) if wide else fields["out_w"]
+    return fields["out_h"] * per_row * fields["out_channels"] * terms + FIXED_LATENCY
+
+
+def op_cycles(rows, cols, descriptor):
+    """An op's cycle counter on a device with a ``rows x cols`` array: ``descriptor`` is a
+    dict of :data:`DESCRIPTOR` fields."""
+    opcode = descriptor["opcode"]
+    if opcode == Opcode.FIXED:
+        fields = {name: descriptor[f"fixed_{name}"] for name, _, _ in FIXED_FIELDS}
+        return fixed_cycles(int_banks(cols), fields) + SEQUENCER_CYCLES
+    if opcode == Opcode.BCONV:
+        return bconv_cycles(rows, cols, descriptor["bconv_k_words"],
+                            descriptor["bconv_m_tiles"], descriptor["bconv_out_plane"]) \
+            + SEQUENCER_CYCLES - 1
+    return SEQUENCER_CYCLES - 1

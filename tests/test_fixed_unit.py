@@ -275,6 +275,8 @@ def run_jobs(dut, jobs, seed, int_memory="banked"):
             ctx.set(dut.start, 0)
             assert cycles == issue + dut.LATENCY, (
                 f"{name}: busy for {cycles} cycles, expected {issue} + {dut.LATENCY}")
+            # The host's timing model (code generation's per-op figures) agrees.
+            assert cycles == isa.fixed_cycles(dut.lanes, cfg), name
             assert not ctx.get(dut.int_wr_en) and not ctx.get(dut.bits_wr_en), (
                 f"{name}: write after busy fell")
             threshold = cfg["post"] == isa.Post.THRESHOLD

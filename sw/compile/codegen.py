@@ -125,8 +125,8 @@ class OpInfo:
         The data the op needs in each memory (``weight_words`` 0 when it shares the previous
         op's block).
     cycles : int
-        A rough estimate (FIXED: one term per cycle; BCONV: ``m_tiles * n_tiles *
-        (k_words + rows + cols)``), for the summary only.
+        The op's cycle counter on the device (:func:`sw.isa.op_cycles`: the units' exact
+        timing plus the sequencer's cycles).
     """
     name: str
     kind: str
@@ -174,9 +174,9 @@ class DeviceProgram:
     bits_used: int
 
     def summary(self):
-        """A per-op table (index, name, kind, opcode, segment, data words, estimated cycles)."""
+        """A per-op table (index, name, kind, opcode, segment, data words, cycles)."""
         header = f"{'#':>3}  {'op':<28} {'kind':<9} {'opcode':<6} {'seg':>3} {'weights':>7} " \
-                 f"{'coefs':>6} {'params':>6} {'cycles~':>9}"
+                 f"{'coefs':>6} {'params':>6} {'cycles':>9}"
         lines = [header, "-" * len(header)]
         for index, op in enumerate(self.ops):
             lines.append(f"{index:>3}  {op.name:<28} {op.kind:<9} {op.opcode.name:<6} "
@@ -185,7 +185,7 @@ class DeviceProgram:
         lines.append("-" * len(header))
         lines.append(f"{len(self.ops)} ops in {len(self.segments)} segment(s); INTS "
                      f"{self.ints_used}/{self.geometry.int_depth} elements, BITS "
-                     f"{self.bits_used}/{self.geometry.bits_depth} words; estimated "
+                     f"{self.bits_used}/{self.geometry.bits_depth} words; "
                      f"{sum(op.cycles for op in self.ops)} cycles")
         return "\n".join(lines)
 
@@ -359,7 +359,7 @@ class _Mapper:
             "res_base": res_base,
         }
         params = [{"in_offset": int(offset)} for offset in in_offsets]
-        cycles = out_c * out_h * out_w * terms_c * kh * kw
+        cycles = isa.fixed_cycles(isa.int_banks(self.geo.cols), fields) + isa.SEQUENCER_CYCLES
         return _Lowered(isa.Opcode.FIXED, fields, params=params, cycles=cycles)
 
     @staticmethod
@@ -541,7 +541,8 @@ class _Mapper:
             "m_tiles": m_tiles, "out_channels": out_c, "out_base": self.ints(op, op.output),
             "out_plane": oh * ow, "add": int(op.mode == "add"),
         }
-        cycles = m_tiles * _ceil_div(oh * ow, geo.cols) * (k_words + geo.rows + geo.cols)
+        cycles = isa.bconv_cycles(geo.rows, geo.cols, k_words, m_tiles, oh * ow) \
+            + isa.SEQUENCER_CYCLES - 1
         return _Lowered(isa.Opcode.BCONV, fields, weights=(key, words), cycles=cycles)
 
 
