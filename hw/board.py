@@ -145,7 +145,8 @@ def _ulx3s(size):
                             result_depth=512, layer_program=False),
         "25F": DeviceConfig(rows=8, cols=8, lane=32, weight_depth=512, activation_depth=512,
                             result_depth=512, layer_program=False),
-        "45F": DeviceConfig(rows=8, cols=8, lane=32, weight_depth=1024, activation_depth=128,
+        # 45F: four columns, so four fixed-point lanes fit its 72 multipliers.
+        "45F": DeviceConfig(rows=8, cols=4, lane=32, weight_depth=1024, activation_depth=128,
                             result_depth=128, int_depth=16384, bits_depth=512,
                             coef_depth=8192, param_depth=1024, program_depth=128),
         "85F": DeviceConfig(rows=8, cols=8, lane=32, weight_depth=2048, activation_depth=256,
@@ -299,8 +300,8 @@ def estimate_resources(config, family):
         ``{"luts", "ffs", "brams", "dsps"}`` in the units of :class:`Capacity`: LUT4s (ECP5) or
         logic cells (iCE40), flip-flops, block RAMs, multipliers. Logic comes from a model
         fitted to measured builds (see the comment above; within a few percent over the
-        measured range: arrays from 1x1 to 16x16, lanes 8 to 64); block RAMs and
-        multipliers are exact. On the iCE40 the flip-flops sit in the logic cells, and
+        measured range: arrays from 1x1 to 16x16, lanes 8 to 64; the layer program's units
+        from two builds only); block RAMs and multipliers are exact. On the iCE40 the flip-flops sit in the logic cells, and
         ``luts`` counts the cells.
     """
     if family not in _MODELS:
@@ -319,6 +320,15 @@ def estimate_resources(config, family):
                 for width, depth in _memories(config)) + model["fifo_brams"]
     power_of_two = config.rows & (config.rows - 1) == 0
     dsps = model["dsps"][0 if power_of_two else 1]
+    if config.layer_program:
+        # The sequencer, the binary conv engine and the fixed-point unit, fitted to two
+        # ULX3S-85F builds of the 8x8x32 array (fixed-point units of 1 and 8 lanes: +13,898
+        # and +23,883 LUT4, +11,259 and +17,034 FFs). Multipliers are exact: two runtime
+        # products per array column in the window generator, 7 per fixed-point lane plus 2.
+        lanes = config.int_banks
+        luts += math.ceil(12_470 + 1_430 * lanes)
+        ffs += math.ceil(10_430 + 815 * lanes)
+        dsps += 2 * config.cols + 7 * lanes + 2
     return {"luts": luts, "ffs": ffs, "brams": brams, "dsps": dsps}
 
 
