@@ -1,4 +1,5 @@
-"""Host side: protocol, bit packing, transports and the device driver (no Amaranth needed)."""
+"""Host side: protocol, bit packing, transports, the device driver and ``run_inference`` (no
+Amaranth needed)."""
 
 from .driver import (
     CapacityError,
@@ -10,8 +11,9 @@ from .driver import (
     ProtocolError,
     gemm,
 )
+from .inference import run_inference
 
 __all__ = [
     "CapacityError", "Device", "DeviceError", "DeviceTimeoutError", "DriverError",
-    "IncompatibleDeviceError", "ProtocolError", "gemm",
+    "IncompatibleDeviceError", "ProtocolError", "gemm", "run_inference",
 ]

@@ -54,6 +54,8 @@ class Accelerator:
     ----------
     device : :class:`sw.driver.Device`
     program : :class:`sw.compile.ir.Program` or an artifact holding one
+    progress : bool
+        Show a progress bar (tqdm) while the descriptors and weights are written.
     budget : optional
         An object with the memory sizes (``weight_depth``, ``coef_depth``, ``param_depth``,
         ...) to generate the program for, instead of the device's own: a smaller budget makes
@@ -65,7 +67,7 @@ class Accelerator:
         If the program does not fit the device (the message names the op and the memory).
     """
 
-    def __init__(self, device, program, *, budget=None):
+    def __init__(self, device, program, *, budget=None, progress=False):
         from .compile.lower import CompileError
         self.device = device
         self.program = getattr(program, "program", program)
@@ -85,16 +87,36 @@ class Accelerator:
             raise CapacityError(f"the model does not fit this device: {error}") from None
         dp = self.device_program
         self.element_width = dp.geometry.element_width
-        self.device.write_words(Memory.PROGRAM, 0, dp.descriptors)
         # With one segment the weights are loaded once; otherwise before each segment.
         self._resident = len(dp.segments) == 1
+        writes = [("PROGRAM", 0, dp.descriptors)]
         if self._resident:
-            self._load_segment(dp.segments[0])
+            writes += dp.segments[0].writes
+        self._write_all(writes, progress)
+
+    def _write_all(self, writes, progress=False):
+        """Write ``(memory name, address, words)`` blocks, with a progress bar in bytes."""
+        from .packing import word_bytes
+        sizes = [len(words) * word_bytes(self.device.word_width(Memory[memory]))
+                 for memory, _, words in writes]
+        bar = None
+        if progress:
+            from tqdm import tqdm
+            bar = tqdm(total=sum(sizes), unit="B", unit_scale=True, desc="loading model")
+        try:
+            for (memory, address, words), size in zip(writes, sizes):
+                # Chunks of at most 256 words keep the bar moving on a slow link.
+                for first in range(0, len(words), 256):
+                    chunk = words[first:first + 256]
+                    self.device.write_words(Memory[memory], address + first, chunk)
+                    if bar is not None:
+                        bar.update(size * len(chunk) // len(words))
+        finally:
+            if bar is not None:
+                bar.close()
 
     def _load_segment(self, segment):
-        for memory, address, words in segment.writes:
-            if words:
-                self.device.write_words(Memory[memory], address, words)
+        self._write_all(segment.writes)
 
     def infer(self, image):
         """Run one raw image ``(C, H, W)`` of integer pixels; return an :class:`InferenceResult`.
