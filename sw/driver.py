@@ -508,6 +508,22 @@ class Device:
         """The per-op cycle counters of ops ``first .. first + count - 1`` (last run)."""
         return self.read_words(Memory.COUNTERS, first, count)
 
+    def send_raw(self, data):
+        """Send ``data`` as it is (for diagnostics and fuzzing: malformed frames, garbage)."""
+        self.transport.write(bytes(data))
+        self.transport.flush()
+
+    def receive_reply(self, timeout, command=protocol.NO_COMMAND):
+        """Wait up to ``timeout`` seconds (scaled by ``time_scale``) for one reply frame and
+        return ``(status, payload)`` (for diagnostics and fuzzing, with :meth:`send_raw`).
+
+        Raises
+        ------
+        DeviceTimeoutError, ProtocolError
+        """
+        allowed = timeout * self.time_scale
+        return self._receive(command, None, time.monotonic() + allowed, allowed)
+
     def resync(self):
         """Bring the link back into step after an error.
 
