@@ -6,6 +6,7 @@ will plug in. :class:`hw.device.Device` adds the UART.
 """
 
 from amaranth import Array, Cat, Const, Module, Signal
+from amaranth.hdl import ResetInserter
 from amaranth.lib import fifo, memory, stream, wiring
 from amaranth.lib.wiring import In, Out
 
@@ -101,16 +102,22 @@ class DeviceCore(wiring.Component):
         # The layer program's units (absent from GEMM-only builds).
         sequencer = fixed = bconv = None
         fixed_active = bconv_active = Const(0)
+        # A RUN that exceeds its cycle limit is aborted: the sequencer and the units are reset
+        # (the memories keep their contents), so no descriptor can hang the device.
+        run_abort = Signal()
         if cfg.layer_program:
-            m.submodules.sequencer = sequencer = Sequencer(cfg.program_depth)
-            m.submodules.fixed = fixed = FixedUnit(
+            sequencer = Sequencer(cfg.program_depth)
+            m.submodules.sequencer = ResetInserter(run_abort)(sequencer)
+            fixed = FixedUnit(
                 element_width=cfg.element_width, lane=cfg.lane,
                 int_addr_width=_addr_width(cfg.int_depth),
                 bits_addr_width=_addr_width(cfg.bits_depth),
                 coef_addr_width=_addr_width(cfg.coef_depth),
                 param_addr_width=_addr_width(cfg.param_depth),
                 max_terms=cfg.max_fixed_terms, lanes=cfg.int_banks)
-            m.submodules.bconv = bconv = BconvEngine(cfg)
+            bconv = BconvEngine(cfg)
+            m.submodules.fixed = ResetInserter(run_abort)(fixed)
+            m.submodules.bconv = ResetInserter(run_abort)(bconv)
             m.d.comb += [
                 fixed.config.eq(sequencer.fixed_config),
                 fixed.start.eq(sequencer.fixed_start),
@@ -291,6 +298,8 @@ class DeviceCore(wiring.Component):
         gemm_tiles = Signal(32)
         run_first = Signal(16)
         run_count = Signal(16)
+        run_limit = Signal(32)
+        run_elapsed = Signal(32)
         reply_cycles = Signal(32)
 
         m.d.comb += [
@@ -405,6 +414,7 @@ class DeviceCore(wiring.Component):
                         m.d.sync += [
                             run_first.eq(_field(args, protocol.RUN_REQUEST, "first")),
                             run_count.eq(_field(args, protocol.RUN_REQUEST, "count")),
+                            run_limit.eq(_field(args, protocol.RUN_REQUEST, "max_cycles")),
                         ]
                         m.next = "Check RUN"
 
@@ -483,7 +493,7 @@ class DeviceCore(wiring.Component):
 
             if cfg.layer_program:
                 with m.State("Check RUN"):
-                    with m.If((run_count == 0)
+                    with m.If((run_count == 0) | (run_limit == 0)
                               | (run_first + run_count > cfg.program_depth)):
                         fail(Status.BAD_ARGUMENT)
                     with m.Else():
@@ -492,11 +502,18 @@ class DeviceCore(wiring.Component):
                             sequencer.first.eq(run_first),
                             sequencer.count.eq(run_count),
                         ]
+                        m.d.sync += run_elapsed.eq(0)
                         m.next = "Run program"
                 # The sequencer raises busy the cycle after its start.
-                with m.State("Run program"), m.If(~sequencer.busy):
-                    m.d.sync += reply_cycles.eq(sequencer.cycles)
-                    reply(Status.OK, protocol.RUN_REPLY.size, payload_states.index("Send cycles"))
+                with m.State("Run program"):
+                    m.d.sync += run_elapsed.eq(run_elapsed + 1)
+                    with m.If(~sequencer.busy):
+                        m.d.sync += reply_cycles.eq(sequencer.cycles)
+                        reply(Status.OK, protocol.RUN_REPLY.size,
+                              payload_states.index("Send cycles"))
+                    with m.Elif(run_elapsed >= run_limit):
+                        m.d.comb += run_abort.eq(1)
+                        fail(Status.ABORTED)
 
             with m.State("Reply header"):
                 m.d.comb += [

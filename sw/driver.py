@@ -47,6 +47,8 @@ _STATUS_MEANING = {
     Status.BAD_LENGTH: "the request's length exceeds max_payload or does not fit the command",
     Status.TIMEOUT: "the request stopped arriving before it was complete",
     Status.BAD_ADDRESS: "a memory id, address or word count lies outside the device's memories",
+    Status.ABORTED: "the run exceeded its cycle limit and was stopped (the execution units were "
+                    "reset; load the image again)",
     Status.BAD_ARGUMENT: "an argument is out of range (a GEMM that does not fit the memories "
                          "or max_depth, or a zero)",
 }
@@ -475,13 +477,16 @@ class Device:
                              compute_seconds=cycles / p["clock_hz"])
         return protocol.GEMM_REPLY.unpack(reply)["cycles"]
 
-    def run_ops(self, first, count, *, estimated_cycles=None):
+    def run_ops(self, first, count, *, estimated_cycles=None, max_cycles=None):
         """Run ops ``first .. first + count - 1`` of the layer program in PROGRAM memory.
 
         Parameters
         ----------
         estimated_cycles : int, optional
             Expected cycles, for the reply timeout (by default, one second of device clock).
+        max_cycles : int, optional
+            The device aborts the run after this many cycles (default: four times the
+            estimate plus 10,000).
 
         Returns
         -------
@@ -493,15 +498,20 @@ class Device:
         ValueError
             If the range is empty or lies outside PROGRAM memory.
         DeviceError
-            With :attr:`Status.BAD_ARGUMENT` if the device refuses the range.
+            With :attr:`Status.BAD_ARGUMENT` if the device refuses the range, with
+            :attr:`Status.ABORTED` if the run exceeded ``max_cycles``.
         """
         depth = self.depth(Memory.PROGRAM)
         first = _check_int("first", first, 0, depth - 1)
         count = _check_int("count", count, 1, depth - first)
         clock = self.parameters["clock_hz"]
         estimate = clock if estimated_cycles is None else estimated_cycles
-        reply = self.request(Command.RUN, protocol.RUN_REQUEST.pack(first=first, count=count),
-                             expected=protocol.RUN_REPLY.size, compute_seconds=estimate / clock)
+        if max_cycles is None:
+            max_cycles = min(4 * estimate + 10_000, 0xFFFF_FFFF)
+        max_cycles = _check_int("max_cycles", max_cycles, 1, 0xFFFF_FFFF)
+        payload = protocol.RUN_REQUEST.pack(first=first, count=count, max_cycles=max_cycles)
+        reply = self.request(Command.RUN, payload, expected=protocol.RUN_REPLY.size,
+                             compute_seconds=max(estimate, max_cycles) / clock)
         return protocol.RUN_REPLY.unpack(reply)["cycles"]
 
     def op_cycles(self, first, count):

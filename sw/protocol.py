@@ -107,6 +107,9 @@ class Status(enum.IntEnum):
     BAD_ADDRESS = 0x05
     #: An argument is out of range (for example a GEMM that does not fit the memories).
     BAD_ARGUMENT = 0x06
+    #: A RUN took more than its ``max_cycles`` and was stopped; the execution units were reset
+    #: (memories keep their contents; the op running then is left incomplete).
+    ABORTED = 0x07
 
 
 class Memory(enum.IntEnum):
@@ -262,7 +265,8 @@ READ_REQUEST = _Layout([("memory", "B"), ("address", "I"), ("count", "H")])
 GEMM_REQUEST = _Layout([("m_tiles", "H"), ("n_tiles", "H"), ("k_words", "H")])
 #: Payload of the GEMM reply: clock cycles from start to the last result written.
 GEMM_REPLY = _Layout([("cycles", "I")])
-#: Payload of a RUN request: a range of ops of the layer program.
-RUN_REQUEST = _Layout([("first", "H"), ("count", "H")])
+#: Payload of a RUN request: a range of ops of the layer program and a cycle limit (the run is
+#: aborted with :attr:`Status.ABORTED` when it exceeds it; 0 is refused).
+RUN_REQUEST = _Layout([("first", "H"), ("count", "H"), ("max_cycles", "I")])
 #: Payload of the RUN reply: clock cycles from the first op's start to the last op's end.
 RUN_REPLY = _Layout([("cycles", "I")])

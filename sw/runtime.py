@@ -142,10 +142,13 @@ class Accelerator:
         for segment in dp.segments:
             if not self._resident:
                 self._load_segment(segment)
+            # The ops' cycles are known exactly (sw.isa.op_cycles); the device aborts a run that
+            # takes twice as long.
             estimate = sum(op.cycles for op in dp.ops[segment.first:segment.first
                                                        + segment.count])
             cycles += self.device.run_ops(segment.first, segment.count,
-                                          estimated_cycles=4 * estimate + 1000)
+                                          estimated_cycles=estimate,
+                                          max_cycles=2 * estimate + 1000)
         # Each RUN writes the counters of its own ops, so after the last segment COUNTERS
         # holds every op's.
         op_cycles = self.device.op_cycles(0, len(dp.ops))

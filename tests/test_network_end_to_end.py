@@ -142,3 +142,28 @@ def test_trained_digits_networks_are_bit_exact(board, digits_artifacts, model):
     test = data.load_dataset("digits", "test")
     images = test.raw[:6].numpy()
     check_network(board, artifact, images)
+
+
+def test_a_runaway_program_is_aborted_and_the_device_recovers(board):
+    """A descriptor that would run for about 7 * 10**10 cycles: its RUN is aborted at the
+    cycle limit (no hang, no power cycle), and the loaded network still runs bit-exactly."""
+    from sw import isa
+    from sw.driver import DeviceError
+    from sw.protocol import Memory, Status
+    _, artifact = compile_net("melius", 6, config=CONFIG)
+    images = raw_images(66, 1, 8).numpy()
+    expected = golden.run(artifact.program, torch.as_tensor(images)).numpy()
+    runaway = isa.DESCRIPTOR.pack(
+        opcode=isa.Opcode.FIXED, fixed_in_h=1, fixed_in_w=1, fixed_kernel_h=1,
+        fixed_kernel_w=1, fixed_stride=1, fixed_terms_c=1, fixed_out_channels=4095,
+        fixed_out_h=4095, fixed_out_w=4095, fixed_out_plane=4095 * 4095 % (1 << 24))
+    last = CONFIG.program_depth - 1
+    with open_device(board) as device:
+        accelerator = Accelerator(device, artifact.program)
+        device.write_words(Memory.PROGRAM, last, [runaway])
+        with pytest.raises(DeviceError) as error:
+            device.run_ops(last, 1, estimated_cycles=5000, max_cycles=5000)
+        assert error.value.status == Status.ABORTED
+        assert "exceeded its cycle limit" in str(error.value)
+        device.ping(b"still here")
+        assert np.array_equal(accelerator.infer(images[0]).logits, expected[0])
