@@ -6,7 +6,7 @@
                         [--connections N] [--idle-timeout S] [--time-limit S]
 
 builds :class:`hw.device.Device` for a :class:`hw.config.DeviceConfig` (every field is an
-option; the defaults, :data:`BOARD_CONFIG`, are a small build with 8 clock cycles per UART bit)
+option; the defaults, :data:`BOARD_CONFIG`, are a small build with 4 clock cycles per UART bit)
 with :func:`sim.runner.run` and runs the testbench :mod:`sim.tb_board`, which listens on a TCP
 port and bridges it to the device's UART pins: bytes from the client go into ``rx`` as 8N1
 frames, frames the device sends on ``tx`` go back to the client. The host driver reaches it
@@ -70,11 +70,14 @@ from hw.config import DeviceConfig
 __all__ = ["BOARD_CONFIG", "LISTENING", "BoardError", "BoardProcess", "listening_line", "main",
            "simulated_device"]
 
-#: Default configuration: small memories (a quick Verilator build) and a high baud rate
-#: relative to the clock (8 cycles per bit) so that bytes cost few simulated cycles.
-BOARD_CONFIG = DeviceConfig(rows=4, cols=4, lane=32, max_depth=1024, weight_depth=256,
-                            activation_depth=256, result_depth=256, max_payload=256,
-                            clock_hz=24_000_000, baud=3_000_000)
+#: Default configuration: a 4x4x32 array with memories that hold the registry's small models
+#: at 8x8 (scikit-learn's digits) in one segment, and the fastest baud rate the UART allows
+#: (4 cycles per bit) so that bytes cost few simulated cycles.
+BOARD_CONFIG = DeviceConfig(rows=4, cols=4, lane=32, max_depth=2048, weight_depth=2048,
+                            activation_depth=64, result_depth=64, max_payload=256,
+                            clock_hz=24_000_000, baud=6_000_000, int_depth=16384,
+                            bits_depth=1024, coef_depth=32768, param_depth=2048,
+                            program_depth=128)
 
 #: The line printed when the socket listens; groups ``url``, ``port`` and ``time_scale``.
 LISTENING = re.compile(r"^sim\.board: serving (?P<url>socket://\S+?:(?P<port>\d+)) \(.*"
