@@ -12,7 +12,7 @@ unknown         a command byte that is no :class:`~sw.protocol.Command`         
 bad_length      INFO with a payload, READ/GEMM/RUN with a payload of the wrong size    BAD_LENGTH
 oversize        a length above ``max_payload`` (header only, then non-sync garbage)    BAD_LENGTH
 bad_address     READ of an unknown memory or past a memory's end                       BAD_ADDRESS
-bad_argument    RUN of zero ops or past PROGRAM, GEMM with a zero tile count           BAD_ARGUMENT
+bad_argument    RUN of zero ops, past PROGRAM or with no cycles, GEMM with a zero tile   BAD_ARGUMENT
 truncated       a frame cut short, then silence                                        TIMEOUT
 garbage         bytes that contain no sync byte, between frames                        (none)
 valid           PING with a random payload, INFO, READ of COUNTERS                     OK + data
@@ -87,7 +87,7 @@ def _random_request(rng, info):
                                                    address=rng.randrange(64), count=1)
     if command == Command.GEMM:
         return command, protocol.GEMM_REQUEST.pack(m_tiles=1, n_tiles=1, k_words=1)
-    return command, protocol.RUN_REQUEST.pack(first=0, count=1)
+    return command, protocol.RUN_REQUEST.pack(first=0, count=1, max_cycles=1000)
 
 
 def _case(rng, info):
@@ -126,9 +126,10 @@ def _case(rng, info):
         return kind, _frame(Command.READ, payload), Status.BAD_ADDRESS, Command.READ, None
     if kind == "bad_argument":
         if rng.random() < 0.5 and info["program_depth"]:
-            first, count = rng.choice([(rng.randrange(info["program_depth"]), 0),
-                                       (info["program_depth"], 1)])
-            payload = protocol.RUN_REQUEST.pack(first=first, count=count)
+            first, count, limit = rng.choice([(rng.randrange(info["program_depth"]), 0, 100),
+                                              (info["program_depth"], 1, 100),
+                                              (0, 1, 0)])
+            payload = protocol.RUN_REQUEST.pack(first=first, count=count, max_cycles=limit)
             return kind, _frame(Command.RUN, payload), Status.BAD_ARGUMENT, Command.RUN, None
         payload = protocol.GEMM_REQUEST.pack(m_tiles=0, n_tiles=1, k_words=1)
         return kind, _frame(Command.GEMM, payload), Status.BAD_ARGUMENT, Command.GEMM, None
