@@ -12,7 +12,7 @@ unknown         a command byte that is no :class:`~sw.protocol.Command`         
 bad_length      INFO with a payload, READ/GEMM/RUN with a payload of the wrong size    BAD_LENGTH
 oversize        a length above ``max_payload`` (header only, then non-sync garbage)    BAD_LENGTH
 bad_address     READ of an unknown memory or past a memory's end                       BAD_ADDRESS
-bad_argument    RUN of zero ops, past PROGRAM or with no cycles, GEMM with a zero tile   BAD_ARGUMENT
+bad_argument    RUN of no ops, past PROGRAM or of no cycles; GEMM with a zero tile     BAD_ARGUMENT
 truncated       a frame cut short, then silence                                        TIMEOUT
 garbage         bytes that contain no sync byte, between frames                        (none)
 valid           PING with a random payload, INFO, READ of COUNTERS                     OK + data
