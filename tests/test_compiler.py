@@ -158,7 +158,7 @@ def test_command_line(tmp_path, capsys):
                  "--calibration", "64"]) == 0
     report = capsys.readouterr().out
     for text in ("stem.conv1", "blocks.0.0.conv", "bconv", "head.fc", "total",
-                 "activation memory", "cycles", "ms per image"):
+                 "device memories", "cycles", "ms per image"):
         assert text in report
     artifact = load(output, get_board("ulx3s").default_config)
     assert artifact.class_names == list(info.class_names)

@@ -6,6 +6,7 @@ import sys
 from hw.board import board_names, get_board
 
 from . import artifact as artifact_file
+from .codegen import generate
 from .compiler import CALIBRATION_IMAGES, compile_checkpoint
 from .lower import CompileError
 from .plan import layer_stats
@@ -18,8 +19,15 @@ def _shape(shape):
 
 
 def format_report(artifact, config):
-    """The per-layer report (op, shapes, MACs, bytes, estimated cycles) and the totals."""
+    """The per-layer report (op, shapes, MACs, bytes, the device's cycles) and the totals.
+
+    Cycles are the device's per-op counters as code generation predicts them exactly
+    (:func:`sw.isa.op_cycles`), for ``config``'s build.
+    """
     stats = layer_stats(artifact.program, config)
+    device_program = generate(artifact.program, config)
+    for s, op in zip(stats, device_program.ops):
+        s.cycles = op.cycles
     header = (f"{'layer':<28} {'op':<9} {'in':>10} {'out':>10} {'binary MACs':>12} "
               f"{'fixed MACs':>11} {'weight B':>9} {'act B':>8} {'cycles':>9}")
     lines = [header, "-" * len(header)]
@@ -34,12 +42,15 @@ def format_report(artifact, config):
     cycles = sum(s.cycles for s in stats)
     lines.append(f"{'total':<28} {len(stats):<9} {'':>10} {'':>10} {binary:>12,} {fixed:>11,} "
                  f"{weight:>9,} {'':>8} {cycles:>9,}")
-    hw = artifact.hardware
-    lines.append(f"activation memory: {hw['activation_bytes']:,} bytes (plan peak, with reuse); "
-                 f"longest binary dot product: {hw['max_depth']} bits")
+    hw, dp = artifact.hardware, device_program
+    lines.append(f"device memories: INTS {dp.ints_used:,} of {dp.geometry.int_depth:,} "
+                 f"elements, BITS {dp.bits_used:,} of {dp.geometry.bits_depth:,} words; "
+                 f"{len(dp.segments)} weight segment(s); longest binary dot product: "
+                 f"{hw['max_depth']} bits")
     lines.append(f"array {config.rows}x{config.cols}x{config.lane} at "
                  f"{config.clock_hz / 1e6:g} MHz: {cycles:,} cycles = "
-                 f"{cycles / config.clock_hz * 1e3:.3f} ms per image (estimate)")
+                 f"{cycles / config.clock_hz * 1e3:.3f} ms per image (device counters, "
+                 f"weights loaded)")
     return "\n".join(lines)
 
 
