@@ -15,8 +15,12 @@ $(BIN)/python:
 setup: $(BIN)/python
 	$(BIN)/pip install -e ".[test]"
 
+# The full accelerator does not meet the ULX3S's 25 MHz yet (docs/builds.md): the quick start
+# builds the GEMM-only device; `python -m hw.build --board ulx3s` tries the full one.
+BUILD_OPTIONS ?= --no-layer-program
+
 bitstream: setup
-	$(BIN)/python -m hw.build --board $(BOARD)
+	$(BIN)/python -m hw.build --board $(BOARD) $(BUILD_OPTIONS)
 
 test: setup
 	$(BIN)/python -m ruff check .

@@ -508,6 +508,11 @@ def make_parser():
             ("baud", "B", "UART baud rate")):
         config.add_argument(f"--{name}", metavar=metavar, type=_positive,
                             help=f"{what} (default: the board's)")
+    config.add_argument("--no-layer-program", dest="layer_program", action="store_const",
+                        const=False, default=None,
+                        help="build the GEMM-only device, without the sequencer, the binary "
+                             "conv engine, the fixed-point unit and their memories (default: "
+                             "the board's)")
     parser.add_argument("--output-dir", metavar="DIR", type=Path, default=Path("bitstreams"),
                         help="where <board>/ with the bitstream and report goes "
                              "(default: %(default)s)")
