@@ -14,7 +14,7 @@ import types
 import numpy as np
 
 from .compile.codegen import generate
-from .driver import CapacityError
+from .driver import CapacityError, IncompatibleDeviceError
 from .protocol import Memory
 
 __all__ = ["Accelerator", "InferenceResult"]
@@ -63,6 +63,8 @@ class Accelerator:
 
     Raises
     ------
+    IncompatibleDeviceError
+        If the device is a GEMM-only build (it cannot run layer programs).
     CapacityError
         If the program does not fit the device (the message names the op and the memory).
     """
@@ -72,6 +74,10 @@ class Accelerator:
         self.device = device
         self.program = getattr(program, "program", program)
         parameters = device.parameters
+        if not parameters["program_depth"]:
+            raise IncompatibleDeviceError(
+                "the device is a GEMM-only build (no layer program memories): build the "
+                "bitstream with the layer program to run networks on it")
         if budget is not None:
             for name, value in parameters.items():
                 if name.endswith("_depth") and getattr(budget, name, value) > value:

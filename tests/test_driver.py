@@ -638,3 +638,13 @@ def test_package_exports():
     for name in sw.__all__:
         assert getattr(sw, name) is not None
     assert sw.gemm is not None and sw.Device is Device
+
+
+def test_a_gemm_only_device_cannot_load_a_network():
+    from sw.driver import IncompatibleDeviceError
+    from sw.runtime import Accelerator
+    from tests.compile_nets import compile_net
+    device, _, _ = make_device(SMALL.replace(layer_program=False))
+    _, artifact = compile_net("melius", 0)
+    with pytest.raises(IncompatibleDeviceError, match="GEMM-only build"):
+        Accelerator(device, artifact.program)
