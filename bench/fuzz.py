@@ -4,8 +4,8 @@
 
     python -m bench.fuzz [--frames 10000] [--seed 0] [--output bench/results/fuzz.json]
 
-Simulates a small device (4x4x32 array, a 2 ms byte timeout so that truncated frames are
-answered quickly) under Verilator as a :mod:`sim.board`, loads a MeliusNet (random weights,
+Simulates the simulated board's default device (4x4x32 array) with a 2 ms byte timeout (so
+that truncated frames are answered quickly) under Verilator as a :mod:`sim.board`, loads a MeliusNet (random weights,
 8x8 input) through :class:`sw.runtime.Accelerator`, checks one inference against the golden
 model, sends ``--frames`` random and corrupted frames with :func:`sim.fuzz.fuzz` (every reply
 checked), and runs the inference again, which must still be bit-exact. Records frames sent,
@@ -26,19 +26,16 @@ import numpy as np
 import torch
 
 from bench.networks import meliusnet_program
-from hw.config import DeviceConfig
-from sim.board import BoardProcess
+from sim.board import BOARD_CONFIG, BoardProcess
 from sim.fuzz import fuzz
 from sw.compile import golden
 from sw.driver import Device
 from sw.runtime import Accelerator
 
 ROOT = Path(__file__).resolve().parent.parent
-CONFIG = DeviceConfig(rows=4, cols=4, lane=32, max_depth=1024, weight_depth=640,
-                      activation_depth=16, result_depth=16, max_payload=256,
-                      clock_hz=24_000_000, baud=6_000_000, byte_timeout_us=2000,
-                      int_depth=12288, bits_depth=512, coef_depth=6144, param_depth=1024,
-                      program_depth=128)
+#: The simulated board's default build (it holds meliusnet-small at 8x8) with a 2 ms byte
+#: timeout.
+CONFIG = BOARD_CONFIG.replace(byte_timeout_us=2000)
 
 
 def main(argv=None):
