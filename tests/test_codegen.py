@@ -11,7 +11,6 @@ import pytest
 import torch
 from compile_nets import CONFIG, NETS, compile_net, raw_images
 
-from hw.threshold import encode_parameter
 from sim import isa_model
 from sw import isa
 from sw.compile import CompileError, golden
@@ -300,6 +299,40 @@ def test_unsupported_binary_conv_and_bad_geometry():
 
 # -- encodings ---------------------------------------------------------------------------------
 
+# encode_threshold's contract, worked out by hand: signed values lie in [lo, hi]; direction +1
+# means bit = x >= t, so t <= lo is always 1 and t > hi always 0; direction -1 means bit = x <= t,
+# so t >= hi is always 1 and t < lo always 0; a constant compare becomes direction 0 with the
+# constant bit, and direction 0 keeps bit = (t != 0).
+THRESHOLD_CASES = {
+    8: [  # lo = -128, hi = 127
+        ((-(1 << 40), 1), (1, 0)), ((-129, 1), (1, 0)), ((-128, 1), (1, 0)),
+        ((-127, 1), (-127, 1)), ((0, 1), (0, 1)), ((127, 1), (127, 1)),
+        ((128, 1), (0, 0)), ((1 << 40, 1), (0, 0)),
+        ((1 << 40, -1), (1, 0)), ((128, -1), (1, 0)), ((127, -1), (1, 0)),
+        ((126, -1), (126, -1)), ((0, -1), (0, -1)), ((-128, -1), (-128, -1)),
+        ((-129, -1), (0, 0)), ((-(1 << 40), -1), (0, 0)),
+        ((0, 0), (0, 0)), ((1, 0), (1, 0)), ((2, 0), (1, 0)), ((-1, 0), (1, 0)),
+    ],
+    32: [  # lo = -2147483648, hi = 2147483647
+        ((-2147483649, 1), (1, 0)), ((-2147483648, 1), (1, 0)),
+        ((-2147483647, 1), (-2147483647, 1)), ((2147483647, 1), (2147483647, 1)),
+        ((2147483648, 1), (0, 0)),
+        ((2147483648, -1), (1, 0)), ((2147483647, -1), (1, 0)),
+        ((2147483646, -1), (2147483646, -1)), ((-2147483648, -1), (-2147483648, -1)),
+        ((-2147483649, -1), (0, 0)),
+        ((0, 0), (0, 0)), ((1, 0), (1, 0)),
+    ],
+}
+
+
+@pytest.mark.parametrize("width", sorted(THRESHOLD_CASES))
+def test_threshold_encoding_edge_cases(width):
+    for (t, d), expected in THRESHOLD_CASES[width]:
+        got = encode_threshold(np.int64(t), np.int64(d), width)
+        assert got == expected, (t, d)
+        assert all(type(v) is int for v in got), (t, d)
+
+
 @pytest.mark.parametrize("width", [8, 24, 32])
 def test_threshold_encoding_is_equivalent_at_the_extremes(width):
     lo, hi = -(1 << (width - 1)), (1 << (width - 1)) - 1
@@ -310,7 +343,6 @@ def test_threshold_encoding_is_equivalent_at_the_extremes(width):
     cases = [(t, d) for t in picks for d in (1, -1)] + [(0, 0), (1, 0)]
     for t, d in cases:
         et, ed = encode_threshold(t, d, width)
-        assert (et, ed) == encode_parameter(t, d, width, True), (t, d)
         assert field_low <= et <= field_high and ed in (-1, 0, 1)
         expected = golden.execute_op(
             types.SimpleNamespace(kind="threshold", name="t", attrs={},

@@ -28,9 +28,6 @@ Memories (attributes of a :class:`hw.config.DeviceConfig`, or of a device's INFO
 Memory images are lists of unsigned words as the host writes them: WEIGHTS words of
 :func:`sw.packing.pack_weights`, COEFS words as ``COEF_WIDTH``-bit two's complement, PARAMS words
 of :meth:`sw.isa.PARAM.pack`.
-
-No Amaranth here: the threshold encoding below repeats :func:`hw.threshold.encode_parameter`'s
-logic (the tests check that both agree).
 """
 
 import dataclasses
@@ -194,10 +191,9 @@ def encode_threshold(threshold, direction, value_width):
     """Map a golden ``(threshold, direction)`` to an equivalent pair for signed
     ``value_width``-bit values whose threshold lies in that range (or is the constant 0/1).
 
-    The same logic as :func:`hw.threshold.encode_parameter` with ``is_signed=True`` (repeated
-    here because ``sw`` does not import Amaranth): a threshold beyond the range of the stored
-    values (:func:`sw.compile.quantize.thresholds` clips bounds to +-2**40) makes the compare
-    constant, so it becomes direction 0 with the constant bit.
+    A threshold beyond the range of the stored values (:func:`sw.compile.quantize.thresholds`
+    clips bounds to +-2**40) makes the compare constant, so it becomes direction 0 with the
+    constant bit. Direction 0 keeps its constant bit (``threshold != 0``).
     """
     threshold, direction = int(threshold), int(direction)
     lo, hi = -(1 << (value_width - 1)), (1 << (value_width - 1)) - 1
