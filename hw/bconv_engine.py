@@ -82,13 +82,13 @@ class BconvEngine(wiring.Component):
     The array takes one word per cycle, tiles back to back; tiles shorter than ``rows`` words
     are throttled to ``rows`` cycles by the array's result path; a row tile's pass starts three
     cycles after the previous one's last word. With ``k = k_words``, ``R = rows``, ``C = cols``,
-    ``M = m_tiles``, ``N = ceil(out_plane / C)``, ``P = max(k, R)`` and ``Q = max(k + 2, R)``,
-    an op takes exactly::
+    ``M = m_tiles``, ``N = ceil(out_plane / C)``, ``P = max(k, R)``, ``Q = max(k + 2, R)`` and
+    ``S = sw.isa.window_setup_cycles(C)``, an op takes exactly::
 
-        cycles = M * (N - 1) * P + (M - 1) * Q + k + 2 * R + C + 4
+        cycles = S + M * (N - 1) * P + (M - 1) * Q + k + 2 * R + C + 4
 
     cycles from the cycle ``start`` is seen (cycle 0) to the first cycle with ``busy`` low:
-    ``k + 1`` until the first tile's last word enters the array, ``R + C + 2`` more until its
+    ``S`` for the window's geometry pipeline to settle on the config, ``k + 1`` until the first tile's last word enters the array, ``R + C + 2`` more until its
     first result row, one cycle per row, one for the read-modify-write stage and one for
     ``busy`` to fall. The array does ``M * N * P`` cycles of work, so the overhead is
     ``(M - 1) * (Q - P) <= 2 * (M - 1)`` cycles between row tiles plus a constant.
@@ -150,10 +150,11 @@ class BconvEngine(wiring.Component):
         cfg = self.config
         m.submodules.window = window = ConvWindow(
             cols, lane, max_width=self.max_width, max_height=self.max_height,
-            max_channel_words=self.max_channel_words)
+            max_channel_words=self.max_channel_words, addr_width=self.bits_addr_width)
         m.submodules.array = array = XnorArray(rows, cols, lane, self.device.max_depth)
 
         m.d.comb += [
+            window.config.base.eq(cfg.in_base),
             window.config.height.eq(cfg.in_h),
             window.config.width.eq(cfg.in_w),
             window.config.channels.eq(cfg.channels),
@@ -164,7 +165,7 @@ class BconvEngine(wiring.Component):
         ]
         for c in range(cols):
             m.d.comb += [
-                self.rd[c].addr.eq(window.rd[c].addr + cfg.in_base),
+                self.rd[c].addr.eq(window.rd[c].addr),
                 self.rd[c].en.eq(window.rd[c].en),
                 window.rd[c].data.eq(self.rd[c].data),
             ]
@@ -174,12 +175,21 @@ class BconvEngine(wiring.Component):
         with m.If(begin):
             m.d.sync += self.busy.eq(1)
 
-        # Issue: one window pass per row tile, started as soon as the previous pass is over.
+        # Issue: one window pass per row tile, the first once the window's geometry pipeline
+        # has settled on this op's config, the others as soon as the previous pass is over.
+        setup = Signal(range(window.SETUP_CYCLES + 1))     # cycles of setup left
         passes = Signal.like(cfg.m_tiles)           # passes started
         launch = Signal()
         w_tile = Signal(self.weight_addr_width)     # WEIGHTS address of the pass's row tile
+        w_next = Signal(self.weight_addr_width)     # ... and of the next pass's
         kw = Signal.like(cfg.k_words)               # K word of the window's next read
-        m.d.comb += launch.eq(begin | (self.busy & ~window.busy & (passes != cfg.m_tiles)))
+        with m.If(begin):
+            # The first pass starts in cycle SETUP_CYCLES (begin is cycle 0).
+            m.d.sync += setup.eq(window.SETUP_CYCLES - 1)
+        with m.Elif(setup != 0):
+            m.d.sync += setup.eq(setup - 1)
+        m.d.comb += launch.eq(self.busy & (setup == 0) & ~window.busy
+                              & (passes != cfg.m_tiles))
         m.d.comb += window.start.eq(launch)
 
         # The weights are read in lockstep with the window's reads (same enable), so the
@@ -196,9 +206,12 @@ class BconvEngine(wiring.Component):
         with m.If(launch):
             m.d.sync += [
                 kw.eq(0),
-                passes.eq(Mux(begin, 1, passes + 1)),
-                w_tile.eq(Mux(begin, cfg.weight_base, w_tile + cfg.k_words)),
+                passes.eq(passes + 1),
+                w_tile.eq(w_next),
+                w_next.eq(w_next + cfg.k_words),
             ]
+        with m.If(begin):
+            m.d.sync += [passes.eq(0), w_next.eq(cfg.weight_base)]
 
         m.d.comb += [
             array.i.valid.eq(window.o.valid),

@@ -34,6 +34,8 @@ from amaranth import Module, Mux, Signal, signed
 from amaranth.lib import data, stream, wiring
 from amaranth.lib.wiring import In, Out
 
+from sw import isa
+
 __all__ = ["ConvWindow"]
 
 
@@ -53,16 +55,21 @@ class ConvWindow(wiring.Component):
     lane : int
         Bits of a memory word and of one K word of a column.
     max_width, max_height, max_channel_words : int
-        Largest map the unit addresses; the memory holds
-        ``depth = max_height * max_width * max_channel_words`` words.
+        Largest map the unit addresses: ``depth = max_height * max_width * max_channel_words``
+        words.
+    addr_width : int, optional
+        Bits of the read ports' addresses (default: enough for ``depth``). Addresses are
+        computed modulo ``2**addr_width``.
 
     Members
     -------
     config : ``In(config_layout)``
+        ``base`` (the map's first word: the word of pixel (0, 0), channel word 0),
         ``height``, ``width`` (``H``, ``W``), ``channels`` (``C``), ``channel_words``
         (must be ``ceil(C / lane)``), ``kernel`` (1 or 3), ``stride`` (1 or 2), ``padding``
         (0 or 1). Requires ``H + 2p >= k`` and ``W + 2p >= k``; other values are unsupported.
-        Hold it stable from ``start`` until ``busy`` falls.
+        Hold it stable from :attr:`SETUP_CYCLES` cycles before ``start`` until ``busy``
+        falls.
     start : ``In(1)``
         While ``busy`` is low, a high ``start`` begins one pass over the map (all tiles).
     busy : ``Out(1)``
@@ -82,17 +89,24 @@ class ConvWindow(wiring.Component):
     One beat per cycle while ``o.ready`` is high, with no gaps between tiles: a pass takes
     ``ceil(OH * OW / cols) * k * k * channel_words`` cycles plus one. The first beat is valid
     two cycles after ``start`` is seen (one address cycle, one memory read). For a layer with
-    more output channels than array rows, run one pass per row tile of the weights.
+    more output channels than array rows, run one pass per row tile of the weights; a new
+    ``config`` needs :attr:`SETUP_CYCLES` (:func:`sw.isa.window_setup_cycles`) cycles before
+    its first pass, later passes over the same ``config`` none.
 
-    Implementation: the tile's first pixel ``(oy0, ox0)`` is a register; the other columns'
-    pixels follow by a chain of raster increments; addresses are ``(iy * W + ix) *
-    channel_words + cw`` (two runtime multiplications per column). The read issue and the
+    Implementation: nothing on the per-cycle path multiplies. A free-running registered
+    pipeline derives the config's constants (output size, the address steps of one pixel, of
+    one tile of ``cols`` pixels and of a kernel row) and, one stage per column, the first
+    tile's pixels. Each column keeps its pixel as registers (``ox``, ``oy``, the window's
+    top-left ``ix0``, ``iy0`` and its word address) and steps them by ``cols`` pixels per tile
+    (``divmod(cols, OW)`` rows and columns, one carry into the next row); the kernel offset
+    ``(ky * W + kx) * channel_words + cw`` is one counter shared by the columns. A read address
+    is one addition; the padding test compares small coordinates. The read issue and the
     output register advance together (``advance = ~o.valid | o.ready``); reads are disabled
-    while stalled so the memory data holds; ``o.activations`` is the memory data after a
-    mask (padding, channel tail).
+    while stalled so the memory data holds; ``o.activations`` is the memory data after a mask
+    (padding, channel tail).
     """
 
-    def __init__(self, cols, lane, max_width, max_height, max_channel_words):
+    def __init__(self, cols, lane, max_width, max_height, max_channel_words, addr_width=None):
         _check_positive(cols=cols, lane=lane, max_width=max_width, max_height=max_height,
                         max_channel_words=max_channel_words)
         self.cols = cols
@@ -101,8 +115,12 @@ class ConvWindow(wiring.Component):
         self.max_height = max_height
         self.max_channel_words = max_channel_words
         self.depth = max_height * max_width * max_channel_words
-        self.addr_width = max(1, (self.depth - 1).bit_length())
+        if addr_width is None:
+            addr_width = max(1, (self.depth - 1).bit_length())
+        _check_positive(addr_width=addr_width)
+        self.addr_width = addr_width
         self.config_layout = data.StructLayout({
+            "base": addr_width,
             "height": range(max_height + 1),
             "width": range(max_width + 1),
             "channels": range(max_channel_words * lane + 1),
@@ -125,53 +143,132 @@ class ConvWindow(wiring.Component):
             "o": Out(stream.Signature(self.o_layout)),
         })
 
+    @property
+    def SETUP_CYCLES(self):
+        """Cycles a new ``config`` must be stable before ``start``."""
+        return isa.window_setup_cycles(self.cols)
+
     def elaborate(self, platform):
         m = Module()
-        cfg, cols, lane = self.config, self.cols, self.lane
-        k3 = cfg.kernel == 3
-        s2 = cfg.stride == 2
-        p = cfg.padding
-        km1 = Mux(k3, 2, 0)
+        cfg, cols, lane, aw = self.config, self.cols, self.lane, self.addr_width
+        size = max(self.max_height, self.max_width)
+        # Pixel coordinates reach past the map by a tile (the last tile's unused columns).
+        pix_shape = range(2 * (size + cols) + 4)
+        coord = signed(pix_shape.stop.bit_length() + 2)
 
-        # Output geometry.
-        out_h = Signal(range(self.max_height + 3))
-        out_w = Signal(range(self.max_width + 3))
-        span_h = Signal(range(self.max_height + 3))             # H + 2p - k
-        span_w = Signal(range(self.max_width + 3))
-        m.d.comb += [
-            span_h.eq(cfg.height + 2 * p - km1 - 1),
-            span_w.eq(cfg.width + 2 * p - km1 - 1),
-            out_h.eq(Mux(s2, span_h >> 1, span_h) + 1),
-            out_w.eq(Mux(s2, span_w >> 1, span_w) + 1),
+        def reg(shape, name):
+            return Signal(shape, name=name)
+
+        # ---- Geometry pipeline, stage 1: registered functions of config ------------------
+        k3, s2, pad = reg(1, "g_k3"), reg(1, "g_s2"), reg(1, "g_pad")
+        height, width = reg(range(self.max_height + 1), "g_h"), reg(range(self.max_width + 1),
+                                                                     "g_w")
+        out_h, out_w = reg(pix_shape, "g_out_h"), reg(pix_shape, "g_out_w")
+        cw_last_value = reg(range(self.max_channel_words + 1), "g_cw_last")
+        step_x = reg(aw, "g_step_x")            # s * channel_words: one pixel to the right
+        row_words = reg(aw, "g_row_words")      # W * channel_words: one map row down
+        kernel_words = reg(aw, "g_kernel_words")  # k * channel_words: one kernel row
+        tail_mask = reg(lane, "g_tail_mask")
+        base1 = reg(aw, "g_base")
+        span_h = cfg.height + 2 * cfg.padding - Mux(cfg.kernel == 3, 3, 1)    # H + 2p - k
+        span_w = cfg.width + 2 * cfg.padding - Mux(cfg.kernel == 3, 3, 1)
+        tail = cfg.channels - (cfg.channel_words - 1) * lane
+        m.d.sync += [
+            k3.eq(cfg.kernel == 3), s2.eq(cfg.stride == 2), pad.eq(cfg.padding),
+            height.eq(cfg.height), width.eq(cfg.width),
+            out_h.eq(Mux(cfg.stride == 2, span_h >> 1, span_h) + 1),
+            out_w.eq(Mux(cfg.stride == 2, span_w >> 1, span_w) + 1),
+            cw_last_value.eq(cfg.channel_words - 1),
+            step_x.eq(Mux(cfg.stride == 2, cfg.channel_words << 1, cfg.channel_words)),
+            row_words.eq(cfg.width * cfg.channel_words),
+            kernel_words.eq(Mux(cfg.kernel == 3, cfg.channel_words * 3, cfg.channel_words)),
+            base1.eq(cfg.base),
+        ]
+        for b in range(lane):
+            m.d.sync += tail_mask[b].eq(b >= tail)
+
+        # ---- Stage 2 ------------------------------------------------------------------------
+        step_y = reg(aw, "g_step_y")            # s * W * channel_words: one output row down
+        row_jump = reg(aw, "g_row_jump")        # kernel offset from a row's last word to the next
+        out_w_words = reg(aw, "g_out_w_words")  # OW * step_x
+        base2 = reg(aw, "g_base2")              # word address of pixel 0's window top-left
+        tile_rows = reg(range(cols + 1), "g_tile_rows")     # divmod(cols, OW)
+        tile_cols = reg(range(cols + 1), "g_tile_cols")
+        m.d.sync += [
+            step_y.eq(Mux(s2, row_words << 1, row_words)),
+            row_jump.eq(row_words - kernel_words + 1),
+            out_w_words.eq(out_w * step_x),
+            base2.eq(base1 - Mux(pad, row_words + cw_last_value + 1, 0)),
+        ]
+        # divmod(cols, OW) for the OW that make it nontrivial, (0, cols) for the others.
+        with m.Switch(out_w):
+            for w in range(1, cols + 1):
+                with m.Case(w):
+                    m.d.sync += [tile_rows.eq(cols // w), tile_cols.eq(cols % w)]
+            with m.Default():
+                m.d.sync += [tile_rows.eq(0), tile_cols.eq(cols)]
+
+        # ---- Stage 3: the address steps of a tile and of the next pixel across a row end ---
+        tile_rows_words = reg(aw, "g_tile_rows_words")
+        tile_cols_words = reg(aw, "g_tile_cols_words")
+        wrap_one = reg(aw, "g_wrap_one")        # from a row's last pixel to the next row's first
+        # The same steps in input coordinates, without and with the row carry.
+        dx_step, dx_wrap = reg(coord, "g_dx_step"), reg(coord, "g_dx_wrap")
+        dy_step, dy_wrap = reg(coord, "g_dy_step"), reg(coord, "g_dy_wrap")
+        m.d.sync += [
+            dx_step.eq(Mux(s2, tile_cols << 1, tile_cols)),
+            dx_wrap.eq(Mux(s2, (tile_cols - out_w) << 1, tile_cols - out_w)),
+            dy_step.eq(Mux(s2, tile_rows << 1, tile_rows)),
+            dy_wrap.eq(Mux(s2, (tile_rows + 1) << 1, tile_rows + 1)),
+            tile_rows_words.eq(tile_rows * step_y),
+            tile_cols_words.eq(tile_cols * step_x),
+            wrap_one.eq(step_y - out_w_words + step_x),
+        ]
+        # ---- Stage 4 -------------------------------------------------------------------------
+        tile_step = reg(aw, "g_tile_step")      # a tile without a row carry ...
+        tile_wrap = reg(aw, "g_tile_wrap")      # ... and with one
+        m.d.sync += [
+            tile_step.eq(tile_rows_words + tile_cols_words),
+            tile_wrap.eq(tile_rows_words + tile_cols_words + step_y - out_w_words),
         ]
 
-        # Channel tail: bits b >= tail of the last channel word are forced to 1.
-        tail = Signal(range(lane + 1))
-        tail_mask = Signal(lane)
-        m.d.comb += tail.eq(cfg.channels - (cfg.channel_words - 1) * lane)
-        for b in range(lane):
-            m.d.comb += tail_mask[b].eq(b >= tail)
+        # A column's pixel: output coordinates, its window's top-left input coordinates (with
+        # padding) and that position's word address.
+        def pixel(name):
+            return {"ox": Signal(pix_shape, name=f"{name}_ox"),
+                    "oy": Signal(pix_shape, name=f"{name}_oy"),
+                    "ix": Signal(coord, name=f"{name}_ix"),
+                    "iy": Signal(coord, name=f"{name}_iy"),
+                    "addr": Signal(aw, name=f"{name}_addr")}
 
-        # Counters.
+        s = Mux(s2, 2, 1)
+
+        def step_one(px):
+            """The next pixel in raster order."""
+            wrap = px["ox"] == out_w - 1
+            return {"ox": Mux(wrap, 0, px["ox"] + 1),
+                    "oy": Mux(wrap, px["oy"] + 1, px["oy"]),
+                    "ix": Mux(wrap, -pad, px["ix"] + s),
+                    "iy": Mux(wrap, px["iy"] + s, px["iy"]),
+                    "addr": px["addr"] + Mux(wrap, wrap_one, step_x)}
+
+        # The first tile's pixels, column c at stage 2 + c (column 0 from stage-2 values).
+        first_tile = [{"ox": 0, "oy": 0, "ix": -pad, "iy": -pad, "addr": base2}]
+        for c in range(1, cols):
+            px = pixel(f"init{c}")
+            m.d.sync += [px[key].eq(value) for key, value in step_one(first_tile[-1]).items()]
+            first_tile.append(px)
+
+        # ---- Pass state ----------------------------------------------------------------------
         running = Signal()
-        oy0 = Signal(range(self.max_height + cols + 3))
-        ox0 = Signal(range(self.max_width + 3))
-        ky = Signal(2)
-        kx = Signal(2)
+        ky, kx = Signal(2), Signal(2)
         cw = Signal(range(self.max_channel_words + 1))
-        cw_last = cw == cfg.channel_words - 1
+        koff = Signal(aw)                       # (ky * W + kx) * channel_words + cw
+        cw_last = cw == cw_last_value
         kx_last = kx == Mux(k3, 2, 0)
         ky_last = ky == Mux(k3, 2, 0)
-
-        # The tile's pixels: a chain of raster increments from (oy0, ox0).
-        pos = [(oy0, ox0)]
-        for c in range(cols):
-            oy, ox = pos[-1]
-            ny = Signal.like(oy0, name=f"oy_{c + 1}")
-            nx = Signal.like(ox0, name=f"ox_{c + 1}")
-            wrap = ox == out_w - 1
-            m.d.comb += [ny.eq(Mux(wrap, oy + 1, oy)), nx.eq(Mux(wrap, 0, ox + 1))]
-            pos.append((ny, nx))
+        tile_end = ky_last & kx_last & cw_last
+        columns = [pixel(f"col{c}") for c in range(cols)]
 
         valid1 = Signal()
         advance = Signal()
@@ -184,51 +281,67 @@ class ConvWindow(wiring.Component):
         tail1 = Signal()
         first1 = Signal()
         last1 = Signal()
-        coord = signed(max(self.max_height, self.max_width).bit_length() + cols.bit_length() + 4)
-        for c in range(cols):
-            oy, ox = pos[c]
+        for c, px in enumerate(columns):
             iy = Signal(coord, name=f"iy_{c}")
             ix = Signal(coord, name=f"ix_{c}")
-            pad = Signal(name=f"pad_{c}")
+            outside = Signal(name=f"outside_{c}")
             m.d.comb += [
-                iy.eq(Mux(s2, oy << 1, oy) + ky - p),
-                ix.eq(Mux(s2, ox << 1, ox) + kx - p),
-                pad.eq((iy < 0) | (iy >= cfg.height) | (ix < 0) | (ix >= cfg.width)
-                       | (oy >= out_h)),
+                iy.eq(px["iy"] + ky),
+                ix.eq(px["ix"] + kx),
+                outside.eq((iy < 0) | (iy >= height) | (ix < 0) | (ix >= width)
+                           | (px["oy"] >= out_h)),
                 self.rd[c].en.eq(advance),
-                self.rd[c].addr.eq(Mux(pad, 0,
-                                       (iy * cfg.width + ix) * cfg.channel_words + cw)),
+                # Padding reads word 0 (its data is masked): addresses stay inside the memory.
+                self.rd[c].addr.eq(Mux(outside, 0, px["addr"] + koff)),
             ]
             with m.If(advance):
-                m.d.sync += pad1[c].eq(pad)
+                m.d.sync += pad1[c].eq(outside)
             word = Mux(pad1[c], 0, self.rd[c].data) | Mux(tail1, tail_mask, 0)
             m.d.comb += self.o.payload.activations[c * lane:(c + 1) * lane].eq(word)
+
+        # The next tile's pixel of each column: divmod(cols, OW) rows and columns further, plus
+        # a carry into the next row when the column index passes the row's end.
+        next_tile = []
+        for c, px in enumerate(columns):
+            ox_sum = Signal(pix_shape, name=f"ox_sum_{c}")
+            carry = Signal(name=f"carry_{c}")
+            m.d.comb += [ox_sum.eq(px["ox"] + tile_cols), carry.eq(ox_sum >= out_w)]
+            next_tile.append({
+                "ox": Mux(carry, ox_sum - out_w, ox_sum),
+                "oy": px["oy"] + tile_rows + carry,
+                "ix": px["ix"] + Mux(carry, dx_wrap, dx_step),
+                "iy": px["iy"] + Mux(carry, dy_wrap, dy_step),
+                "addr": px["addr"] + Mux(carry, tile_wrap, tile_step),
+            })
 
         with m.If(advance):
             m.d.sync += [
                 valid1.eq(running),
                 tail1.eq(cw_last),
                 first1.eq((ky == 0) & (kx == 0) & (cw == 0)),
-                last1.eq(ky_last & kx_last & cw_last),
+                last1.eq(tile_end),
             ]
             with m.If(running):
                 with m.If(~cw_last):
-                    m.d.sync += cw.eq(cw + 1)
+                    m.d.sync += [cw.eq(cw + 1), koff.eq(koff + 1)]
                 with m.Else():
                     m.d.sync += cw.eq(0)
                     with m.If(~kx_last):
-                        m.d.sync += kx.eq(kx + 1)
+                        m.d.sync += [kx.eq(kx + 1), koff.eq(koff + 1)]
                     with m.Else():
                         m.d.sync += kx.eq(0)
                         with m.If(~ky_last):
-                            m.d.sync += ky.eq(ky + 1)
+                            m.d.sync += [ky.eq(ky + 1), koff.eq(koff + row_jump)]
                         with m.Else():
-                            ny, nx = pos[cols]
-                            m.d.sync += [ky.eq(0), oy0.eq(ny), ox0.eq(nx)]
-                            with m.If(ny >= out_h):
+                            m.d.sync += [ky.eq(0), koff.eq(0)]
+                            for px, nxt in zip(columns, next_tile):
+                                m.d.sync += [px[key].eq(value) for key, value in nxt.items()]
+                            with m.If(next_tile[0]["oy"] >= out_h):
                                 m.d.sync += running.eq(0)
         with m.If(~self.busy & self.start):
-            m.d.sync += [running.eq(1), oy0.eq(0), ox0.eq(0), ky.eq(0), kx.eq(0), cw.eq(0)]
+            m.d.sync += [running.eq(1), ky.eq(0), kx.eq(0), cw.eq(0), koff.eq(0)]
+            for px, init in zip(columns, first_tile):
+                m.d.sync += [px[key].eq(value) for key, value in init.items()]
         m.d.comb += [
             self.o.valid.eq(valid1),
             self.o.payload.first.eq(first1),

@@ -30,7 +30,7 @@ import enum
 __all__ = [
     "BCONV_FIELDS", "DESCRIPTOR", "FIXED_FIELDS", "FIXED_LATENCY", "PARAM", "SEQUENCER_CYCLES",
     "BitRecord", "Opcode", "Post", "Reduce", "bconv_cycles", "fixed_cycles", "int_banks",
-    "op_cycles",
+    "op_cycles", "window_setup_cycles",
 ]
 
 
@@ -210,11 +210,19 @@ def int_banks(cols):
     return 1 << (cols - 1).bit_length()
 
 
+def window_setup_cycles(cols):
+    """Cycles :class:`hw.conv_window.ConvWindow` needs a new config to be stable before its
+    first pass starts: its registered geometry pipeline (tile steps, then one stage per
+    column for the first tile's pixels)."""
+    return max(4, cols + 2)
+
+
 def bconv_cycles(rows, cols, k_words, m_tiles, out_plane):
     """Cycles from the start of a BCONV op to its engine's first idle cycle."""
     n_tiles = -(-out_plane // cols)
     p, q = max(k_words, rows), max(k_words + 2, rows)
-    return m_tiles * (n_tiles - 1) * p + (m_tiles - 1) * q + k_words + 2 * rows + cols + 4
+    return (window_setup_cycles(cols) + m_tiles * (n_tiles - 1) * p + (m_tiles - 1) * q
+            + k_words + 2 * rows + cols + 4)
 
 
 def fixed_cycles(lanes, fields):

@@ -76,6 +76,9 @@ def test_sw_packing_matches_the_documented_order():
 
 
 class Harness(Elaboratable):
+    """The window with a memory of ``len(init)`` words (at least ``dut.depth``) on its read
+    ports."""
+
     def __init__(self, dut, init):
         self.dut = dut
         self.init = init
@@ -83,7 +86,8 @@ class Harness(Elaboratable):
     def elaborate(self, platform):
         m = Module()
         m.submodules.dut = dut = self.dut
-        m.submodules.mem = mem = memory.Memory(shape=dut.lane, depth=dut.depth, init=self.init)
+        depth = max(dut.depth, len(self.init))
+        m.submodules.mem = mem = memory.Memory(shape=dut.lane, depth=depth, init=self.init)
         for c in range(dut.cols):
             port = mem.read_port(domain="sync")
             m.d.comb += [port.addr.eq(dut.rd[c].addr), port.en.eq(dut.rd[c].en),
@@ -99,8 +103,16 @@ def run_pass(dut, init, config, stall, seed, passes=1):
 
     async def bench(ctx):
         rng = random.Random(seed)
-        for name, value in config.items():
-            ctx.set(getattr(dut.config, name), value)
+        # First a different config (as the previous op's), then the pass's: a new config
+        # needs SETUP_CYCLES cycles before the first start.
+        decoy = {"base": 5, "height": dut.max_height, "width": dut.max_width,
+                 "channels": dut.max_channel_words * dut.lane,
+                 "channel_words": dut.max_channel_words, "kernel": 3, "stride": 2, "padding": 1}
+        config.setdefault("base", 0)
+        for settings in (decoy, config):
+            for name, value in settings.items():
+                ctx.set(getattr(dut.config, name), value)
+            await ctx.tick().repeat(dut.SETUP_CYCLES)
         for _ in range(passes):
             beats = []
             ctx.set(dut.start, 1)
@@ -167,6 +179,8 @@ CASES = [
     (3, 1, 0, 5, 4, 5, 5, 3),
     (3, 2, 0, 4, 8, 8, 7, 7),
     (3, 1, 1, 8, 4, 3, 1, 3),        # more columns than output pixels per row
+    (3, 2, 1, 4, 4, 5, 5, 1),        # one output pixel per row: every column wraps
+    (1, 1, 0, 3, 8, 20, 4, 1),
 ]
 
 
@@ -179,9 +193,12 @@ def check_layer(rng, kernel, stride, padding, cols, lane, c_total, h, w, stall=0
     _, oh, ow = expected.shape
 
     words = (c_total + lane - 1) // lane
-    dut = ConvWindow(cols, lane, max_width=8, max_height=8, max_channel_words=words + 1)
-    init = pack_map(bits, lane, rng)
-    config = {"height": h, "width": w, "channels": c_total, "channel_words": words,
+    # The map at a random base, after words of random bits the window must not read.
+    base = rng.randint(0, 40)
+    dut = ConvWindow(cols, lane, max_width=8, max_height=8, max_channel_words=words + 1,
+                     addr_width=10)
+    init = [rng.getrandbits(lane) for _ in range(base)] + pack_map(bits, lane, rng)
+    config = {"base": base, "height": h, "width": w, "channels": c_total, "channel_words": words,
               "kernel": kernel, "stride": stride, "padding": padding}
     beats, _ = run_pass(dut, init, config, stall=stall, seed=rng.randint(0, 1 << 30))
     counts, tiles = array_counts(beats, pack_weights(weight_bits, c_total, kernel, lane),
@@ -225,7 +242,8 @@ def test_full_rate():
     beats, stats = run_pass(dut, pack_map(bits, lane, rng), config, stall=0.0, seed=0)
     expected = -(-25 // cols) * 9 * 3
     assert len(beats) == expected
-    # Valid from the second sampled edge on, every cycle, then the loop's stop cycle.
+    # Valid from the second sampled edge after start on, every cycle, then the loop's stop
+    # cycle.
     assert stats["cycles"] == expected + 2
 
 
