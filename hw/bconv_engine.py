@@ -88,9 +88,9 @@ class BconvEngine(wiring.Component):
         cycles = S + M * (N - 1) * P + (M - 1) * Q + k + 2 * R + C + 4
 
     cycles from the cycle ``start`` is seen (cycle 0) to the first cycle with ``busy`` low:
-    ``S`` for the window's geometry pipeline to settle on the config, ``k + 1`` until the first tile's last word enters the array, ``R + C + 2`` more until its
-    first result row, one cycle per row, one for the read-modify-write stage and one for
-    ``busy`` to fall. The array does ``M * N * P`` cycles of work, so the overhead is
+    ``S`` for the window's geometry pipeline to settle on the config, ``k + 1`` until the
+    first tile's last word enters the array, ``R + C + 2`` more until its first result row,
+    one cycle per row, one for the read-modify-write stage and one for ``busy`` to fall. The array does ``M * N * P`` cycles of work, so the overhead is
     ``(M - 1) * (Q - P) <= 2 * (M - 1)`` cycles between row tiles plus a constant.
     """
 
@@ -181,7 +181,6 @@ class BconvEngine(wiring.Component):
         passes = Signal.like(cfg.m_tiles)           # passes started
         launch = Signal()
         w_tile = Signal(self.weight_addr_width)     # WEIGHTS address of the pass's row tile
-        w_next = Signal(self.weight_addr_width)     # ... and of the next pass's
         kw = Signal.like(cfg.k_words)               # K word of the window's next read
         with m.If(begin):
             # The first pass starts in cycle SETUP_CYCLES (begin is cycle 0).
@@ -207,11 +206,10 @@ class BconvEngine(wiring.Component):
             m.d.sync += [
                 kw.eq(0),
                 passes.eq(passes + 1),
-                w_tile.eq(w_next),
-                w_next.eq(w_next + cfg.k_words),
+                w_tile.eq(Mux(passes == 0, cfg.weight_base, w_tile + cfg.k_words)),
             ]
         with m.If(begin):
-            m.d.sync += [passes.eq(0), w_next.eq(cfg.weight_base)]
+            m.d.sync += passes.eq(0)
 
         m.d.comb += [
             array.i.valid.eq(window.o.valid),
