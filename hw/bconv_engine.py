@@ -90,8 +90,9 @@ class BconvEngine(wiring.Component):
     cycles from the cycle ``start`` is seen (cycle 0) to the first cycle with ``busy`` low:
     ``S`` for the window's geometry pipeline to settle on the config, ``k + 1`` until the
     first tile's last word enters the array, ``R + C + 2`` more until its first result row,
-    one cycle per row, one for the read-modify-write stage and one for ``busy`` to fall. The array does ``M * N * P`` cycles of work, so the overhead is
-    ``(M - 1) * (Q - P) <= 2 * (M - 1)`` cycles between row tiles plus a constant.
+    one cycle per row, one for the read-modify-write stage and one for ``busy`` to fall. The
+    array does ``M * N * P`` cycles of work, so the overhead is ``(M - 1) * (Q - P) <= 2 *
+    (M - 1)`` cycles between row tiles plus a constant.
     """
 
     @staticmethod
