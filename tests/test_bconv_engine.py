@@ -2,46 +2,23 @@
 against the golden model's ``bconv`` (write and add modes), with the documented cycle count."""
 
 import random
-import types
 
 import pytest
-import torch
 from amaranth import Elaboratable, Module
 from amaranth.lib import memory
 from amaranth.sim import Simulator
+from bitmaps import golden_bconv, pack_map
 
 from hw.bconv_engine import BconvEngine
 from hw.config import DeviceConfig
 from hw.int_memory import IntMemory
 from sw import isa, packing
-from sw.compile import golden
 
 INT_DEPTH = 512
 BITS_DEPTH = 256
 ELEMENT_WIDTH = 16
 
 
-def golden_bconv(bits, weight_bits, kernel, stride, padding):
-    op = types.SimpleNamespace(kind="bconv", name="b",
-                               attrs={"kernel": kernel, "stride": stride, "padding": padding},
-                               params={"weight_bits": weight_bits})
-    return golden.execute_op(op, [torch.as_tensor(bits, dtype=torch.int64).unsqueeze(0)])[0]
-
-
-def pack_map(bits, lane, rng):
-    """BITS words of a ``(C, H, W)`` bit map (ConvWindow layout); channel-tail bits random."""
-    c_total, h, w = len(bits), len(bits[0]), len(bits[0][0])
-    words = -(-c_total // lane)
-    out = []
-    for y in range(h):
-        for x in range(w):
-            for cw in range(words):
-                word = 0
-                for b in range(lane):
-                    c = cw * lane + b
-                    word |= (bits[c][y][x] if c < c_total else rng.randint(0, 1)) << b
-                out.append(word)
-    return out
 
 
 def expected_cycles(k_words, rows, cols, m_tiles, out_plane):

@@ -2,41 +2,15 @@
 give the golden model's ``bconv`` counts exactly."""
 
 import random
-import types
 
 import pytest
-import torch
 from amaranth import Elaboratable, Module
 from amaranth.lib import memory
 from amaranth.sim import Simulator
+from bitmaps import golden_bconv, pack_map
 
 from hw.conv_window import ConvWindow
 from sw import packing
-from sw.compile import golden
-
-
-def golden_bconv(bits, weight_bits, kernel, stride, padding):
-    op = types.SimpleNamespace(kind="bconv", name="b",
-                               attrs={"kernel": kernel, "stride": stride, "padding": padding},
-                               params={"weight_bits": weight_bits})
-    return golden.execute_op(op, [torch.as_tensor(bits, dtype=torch.int64).unsqueeze(0)])[0]
-
-
-def pack_map(bits, lane, rng):
-    """Memory words of a ``(C, H, W)`` bit map; channel-tail bits random (don't-care)."""
-    c_total, h, w = len(bits), len(bits[0]), len(bits[0][0])
-    words = (c_total + lane - 1) // lane
-    out = []
-    for y in range(h):
-        for x in range(w):
-            for cw in range(words):
-                word = 0
-                for b in range(lane):
-                    c = cw * lane + b
-                    bit = bits[c][y][x] if c < c_total else rng.randint(0, 1)
-                    word |= bit << b
-                out.append(word)
-    return out
 
 
 def pack_weights(weight_bits, c_total, kernel, lane):
