@@ -24,8 +24,9 @@ import sw
 from hw.config import DeviceConfig
 from sim.board import BoardProcess
 from sw import protocol
-from sw.driver import Device, gemm_cycles_estimate
+from sw.driver import gemm_cycles_estimate
 from sw.packing import gemm_tiling
+from tests import boards
 
 #: Small memories for a quick build; 8 clock cycles per UART bit; a short byte timeout (48,000
 #: cycles) so that an abandoned frame is answered quickly; a payload limit that splits writes.
@@ -70,15 +71,11 @@ def check_gemm(W, A, counts, cycles):
 @pytest.fixture(scope="class")
 def board():
     """A board serving successive connections for the tests of one class."""
-    with BoardProcess(CONFIG, **BOARD_LIMITS) as process:
-        yield process
-        # Figures for the record (pytest -s shows them): simulated cycles/s and bytes/s.
-        print("".join(line for line in process.output().splitlines(keepends=True)
-                      if line.startswith("sim.board:")))
+    yield from boards.serving(CONFIG, BOARD_LIMITS)
 
 
 def open_device(board):
-    return Device.open(board.url, timeout=REPLY_TIMEOUT, time_scale=board.time_scale)
+    return boards.open_device(board, REPLY_TIMEOUT)
 
 
 class TestServingBoard:

@@ -22,12 +22,11 @@ import pytest
 import torch
 
 from hw.config import DeviceConfig
-from sim.board import BoardProcess
 from sw import data, train
 from sw.compile import golden
 from sw.compile.codegen import generate
-from sw.driver import Device
 from sw.runtime import Accelerator
+from tests import boards
 from tests.compile_nets import compile_net, raw_images
 from tests.device_programs import KINDS, single_op_program
 
@@ -45,14 +44,11 @@ BOARD_LIMITS = {"idle_timeout": 120, "time_limit": 1200, "startup_timeout": 600}
 
 @pytest.fixture(scope="module")
 def board():
-    with BoardProcess(CONFIG, **BOARD_LIMITS) as process:
-        yield process
-        print("".join(line for line in process.output().splitlines(keepends=True)
-                      if line.startswith("sim.board:")))
+    yield from boards.serving(CONFIG, BOARD_LIMITS)
 
 
 def open_device(board):
-    return Device.open(board.url, timeout=REPLY_TIMEOUT, time_scale=board.time_scale)
+    return boards.open_device(board, REPLY_TIMEOUT)
 
 
 def check_network(board, artifact, images, config=CONFIG):
