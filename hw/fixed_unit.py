@@ -8,6 +8,8 @@ output channel; :mod:`hw.isa` builds the hardware layouts from those field lists
 compiler's code generator and this unit cannot disagree.
 """
 
+import itertools
+
 from amaranth import Const, Module, Mux, Signal, signed
 from amaranth.lib import data, wiring
 from amaranth.lib.wiring import In, Out
@@ -108,9 +110,12 @@ class FixedUnit(wiring.Component):
     ----------------
     The unit computes ``L`` consecutive output pixels of one output channel at once, each in
     its own lane (own accumulator and post-processing; PARAMS and COEFS are shared), where
-    ``L = lanes`` when ``stride == 1`` and ``post != THRESHOLD``, else ``L = 1`` (a strided
-    op's terms of consecutive pixels are not consecutive elements, and THRESHOLD would set bits
-    of ``L`` different BITS words; both fall back to one pixel at a time)::
+    ``L = lanes`` when ``stride == 1``, else ``L = 1`` (a strided op's terms of consecutive
+    pixels are not consecutive elements: it computes one pixel at a time). THRESHOLD lanes set
+    bits of ``L`` different BITS words, which leave through a queue, one word per cycle; it
+    uses ``L = lanes`` only when every word takes at least ``lanes`` channels
+    (``out_channels - (out_words - 1) * lane >= lanes``: the queue is then empty before the
+    next group's words arrive), else ``L = 1`` (:func:`sw.isa.fixed_lanes`)::
 
         for oy in range(out_h): for ox0 in range(0, out_w, L): for o in range(out_channels):
             for each term t (tc, ky, kx) in the order above: lanes i < min(L, out_w - ox0)
@@ -184,19 +189,21 @@ class FixedUnit(wiring.Component):
     no gaps between output elements, groups or rows; an op with ``residual`` (and post
     REQUANT) spends one extra cycle per group and channel reading the residual run through the
     same INTS port. With ``E = terms_c * kernel_h * kernel_w + (1 if post == REQUANT and
-    residual else 0)``, ``L`` as above (``lanes`` for stride 1 and post NONE or REQUANT, else
-    1) and ``T = out_h * ceil(out_w / L) * out_channels * E``, ``busy`` is high for exactly
-    ``T + LATENCY`` cycles (``LATENCY = 12``): the write of the group whose last term (or
-    residual slot) is issued at cycle ``c`` is issued at cycle ``c + LATENCY``. A new op can
-    start in the cycle ``busy`` falls.
+    residual else 0)``, ``L`` as above and ``T = out_h * ceil(out_w / L) * out_channels * E``,
+    ``busy`` is high for exactly ``T + LATENCY`` cycles (``LATENCY = 12``), plus, for
+    THRESHOLD, ``(out_w - 1) % L`` cycles in which the last group's queued words are written
+    (:func:`sw.isa.fixed_cycles`): the write of the group whose last term (or residual slot)
+    is issued at cycle ``c`` is issued at cycle ``c + LATENCY``. A new op can start in the
+    cycle ``busy`` falls.
 
     Pipeline (cycle ``k`` after a term leaves the counters, every stage a register; the
     per-lane datapath is replicated ``lanes`` times):
 
     0. counters (incremental addresses: no runtime multiply); PARAMS read issued;
-    1. ``P`` valid; the lanes' window bounds, the relative address and the rotation
-       registered;
+    1. ``P`` valid; the lanes' window bounds, the relative address, the rotation and
+       ``pix * out_words`` (one registered multiply, for the BITS address) registered;
     2. INTS address ``P.in_offset + relative`` (or the residual's) and COEFS address issued;
+       the BITS address registered;
     3. INTS run and COEFS data valid; the run rotated into lane order;
     4. the lanes' ``x`` and the coefficient registered (the rotator gets no multiplier
        behind it in the same cycle);
@@ -205,10 +212,10 @@ class FixedUnit(wiring.Component):
        partial products (as ``acc * mul`` below);
     7. ``acc * mul`` in registered partial products (17-bit slices of ``acc``, each one
        18 x 18 DSP with no wide adder behind it in the same cycle), ``res * res_mul``
-       combined, ``bias + half``, the threshold compare (lane 0);
+       combined, ``bias + half``, the threshold compares;
     8. partial products combined; ``res * res_mul + bias + half``;
     9. ``v``; 10. ``v >> shift`` (barrel shifter); 11. the saturation compares;
-    12. the saturation mux, BITS word assembly, the write registers.
+    12. the saturation mux, BITS word assembly and queue, the write registers.
 
     Resources (Yosys ``synth_ecp5`` and nextpnr ``--85k --out-of-context``, seed 1, for
     ``lane=32, int_addr_width=16, bits_addr_width=14, coef_addr_width=16,
@@ -285,7 +292,13 @@ class FixedUnit(wiring.Component):
         res_mode = post_requant & cfg.residual
         # Lanes compute consecutive pixels only where their terms are consecutive elements (one
         # run read) and their results are consecutive elements (one run write).
-        wide = (cfg.stride == 1) & ~post_threshold
+        # THRESHOLD lanes set bits of different BITS words; their words, written through a queue
+        # one per cycle, must come no faster than one group's every `lanes` cycles: every word
+        # (the last, of `last_word` channels, is the smallest) takes at least `lanes` elements.
+        last_word = Signal(signed(max(len(cfg.out_channels), len(cfg.out_words)
+                                      + lane.bit_length()) + 2))
+        m.d.comb += last_word.eq(cfg.out_channels - (cfg.out_words - 1) * lane)
+        wide = (cfg.stride == 1) & (~post_threshold | (last_word >= lanes))
         step = Mux(wide, lanes, 1)              # pixels of a group (but the row's last)
 
         # ---- Stage 0: the counter chain --------------------------------------------------
@@ -303,7 +316,6 @@ class FixedUnit(wiring.Component):
         iy_row, iy0_row, chan = Signal(iaw), Signal(iaw), Signal(iaw)
         stride_row = Signal(iaw)    # stride * in_w
         o_plane, pix = Signal(iaw), Signal(iaw)     # pix: the group's first pixel
-        pixw = Signal(baw)          # pix * out_words
         coef_el, coef_addr = Signal(caw), Signal(caw)
         sat_lo, sat_hi = Signal(signed(65)), Signal(signed(65))
 
@@ -340,8 +352,7 @@ class FixedUnit(wiring.Component):
                 with m.If(o_last):
                     m.d.sync += [o.eq(0), obit.eq(0), oword.eq(0), o_plane.eq(0),
                                  coef_el.eq(cfg.coef_base), coef_addr.eq(cfg.coef_base),
-                                 pix.eq(pix + Mux(group_last, rem, step)),
-                                 pixw.eq(pixw + cfg.out_words)]
+                                 pix.eq(pix + Mux(group_last, rem, step))]
                     with m.If(group_last):
                         m.d.sync += [rem.eq(cfg.out_w), ix0.eq(-cfg.pad), ix.eq(-cfg.pad)]
                         with m.If(oy_last):
@@ -376,7 +387,7 @@ class FixedUnit(wiring.Component):
                 ix.eq(-cfg.pad), iy.eq(-cfg.pad), ix0.eq(-cfg.pad), iy0.eq(-cfg.pad),
                 iy_row.eq(-(cfg.pad * cfg.in_w)), iy0_row.eq(-(cfg.pad * cfg.in_w)),
                 stride_row.eq(cfg.stride * cfg.in_w), chan.eq(0),
-                o_plane.eq(0), pix.eq(0), pixw.eq(0),
+                o_plane.eq(0), pix.eq(0),
                 coef_el.eq(cfg.coef_base), coef_addr.eq(cfg.coef_base),
                 sat_lo.eq(Mux(cfg.relu, 0, -(pow_bits >> 1))),
                 sat_hi.eq(Mux(cfg.relu, pow_bits - 1, (pow_bits >> 1) - 1)),
@@ -411,7 +422,7 @@ class FixedUnit(wiring.Component):
         rot_width = (lanes - 1).bit_length()
         rot1 = Signal(rot_width)
         rel1, outa1, resa1 = Signal(iaw), Signal(iaw), Signal(iaw)
-        coefa1, bitsa1 = Signal(caw), Signal(baw)
+        coefa1, pixw1, oword1 = Signal(caw), Signal(baw), Signal.like(oword)
         obit1, wlast1 = Signal(range(lane)), Signal()
         m.d.sync += [
             rel1.eq(chan + iy_row + Mux(ix < 0, 0, ix)),
@@ -419,7 +430,8 @@ class FixedUnit(wiring.Component):
             coefa1.eq(coef_addr),
             outa1.eq(cfg.out_base + o_plane + pix),
             resa1.eq(cfg.res_base + o_plane + pix),
-            bitsa1.eq(cfg.out_base + pixw + oword),
+            pixw1.eq(pix * cfg.out_words),      # one registered multiply (a DSP)
+            oword1.eq(oword),
             obit1.eq(obit),
             wlast1.eq((obit == lane - 1) | o_last),
         ]
@@ -428,7 +440,9 @@ class FixedUnit(wiring.Component):
 
         # ---- Stage 2: memory addresses ----------------------------------------------------
         addr2, coefa2, rot2, any2 = Signal(iaw), Signal(caw), Signal(rot_width), Signal()
+        bitsa2 = Signal(baw)        # the BITS word of the group's first pixel
         m.d.sync += [
+            bitsa2.eq(cfg.out_base + pixw1 + oword1),
             addr2.eq(Mux(res[1], resa1, p1.in_offset + rel1)),
             rot2.eq(Mux(res[1], 0, rot1)),
             any2.eq((real1 & live1).any()),
@@ -489,21 +503,19 @@ class FixedUnit(wiring.Component):
         # ---- Stage 7: products, bias + half, threshold compare -----------------------------
         mul_width = len(p6.mul)
         bh7 = Signal(signed(max(len(p6.bias), 64) + 1))
-        bit7 = Signal()
+        bit7 = Signal(lanes)
         half6 = (Const(1, 1) << p6.shift)[1:]     # 2**(shift - 1); 0 when shift == 0
         thr = p6.threshold
-        # THRESHOLD runs one pixel per group: lane 0's accumulator.
-        m.d.sync += [
-            bh7.eq(p6.bias + half6),
-            bit7.eq(Mux(p6.direction > 0, acc6[0] >= thr,
-                        Mux(p6.direction < 0, acc6[0] <= thr, thr != 0))),
-        ]
+        m.d.sync += bh7.eq(p6.bias + half6)
+        for i in range(lanes):
+            m.d.sync += bit7[i].eq(Mux(p6.direction > 0, acc6[i] >= thr,
+                                       Mux(p6.direction < 0, acc6[i] <= thr, thr != 0)))
         shift = _delay(m, p6.shift, 3, "shift")   # shift[k] is stage k + 6
         bit = _delay(m, bit7, 4, "bit")           # bit[k] is stage k + 7
         prod_width = aw + mul_width + 1
         v_width = max(prod_width, ew + len(p6.res_mul) + 1, len(bh7)) + 2
         outa11 = _delay(m, outa1, 10, "outa")[-1]
-        bitsa11 = _delay(m, bitsa1, 10, "bitsa")[-1]
+        bitsa11 = _delay(m, bitsa2, 9, "bitsa")[-1]
         obit11 = _delay(m, obit1, 10, "obit")[-1]
         wlast11 = _delay(m, wlast1, 10, "wlast")[-1]
         live11 = _delay(m, live1, 10, "live")[-1]
@@ -537,21 +549,49 @@ class FixedUnit(wiring.Component):
             sat11 = Mux(below11, sat_lo, Mux(above11, sat_hi, y11))
             m.d.sync += self.int_wr_data[i].eq(Mux(post_requant, sat11, acc11))
 
-        # BITS word assembly (stage 12).
-        word = self.bits_wr_data
+        # BITS words (stage 12): each lane collects its pixel's bits; after a word's last channel
+        # the group's words go to a queue that writes one per cycle, lane 0's at once (the
+        # schedule leaves at least `lanes` cycles between two groups' words, so the queue is
+        # empty again before the next).
+        words = [Signal(lane, name=f"word_{i}") for i in range(lanes)]
+        queue = [Signal(lane, name=f"queue_{i}") for i in range(lanes - 1)]
+        queue_left = Signal(range(lanes))       # words in the queue
+        queue_addr = Signal(baw)                # BITS address of the queue's first word
         # A word starts at channel bit 0, so bits above out_channels stay 0.
-        word_next = Mux(obit11 == 0, 0, word) | (bit[4].as_unsigned() << obit11)
+        word_next = [Mux(obit11 == 0, 0, words[i]) | (bit[4][i].as_unsigned() << obit11)
+                     for i in range(lanes)]
+        live_count = Signal(range(lanes + 1))   # pixels of the group (its lanes are 0, 1, ...)
+        m.d.comb += live_count.eq(sum(live11[i] for i in range(lanes)))
         m.d.sync += [
             self.int_wr_en.eq(end[11] & ~post_threshold),
             self.int_wr_addr.eq(outa11),
             self.int_wr_mask.eq(live11),
-            self.bits_wr_en.eq(end[11] & wlast11 & post_threshold),
-            self.bits_wr_addr.eq(bitsa11),
+            self.bits_wr_en.eq(0),
         ]
         with m.If(end[11] & post_threshold):
-            m.d.sync += word.eq(word_next)
+            m.d.sync += [word.eq(nxt) for word, nxt in zip(words, word_next)]
+        with m.If(end[11] & wlast11 & post_threshold):
+            m.d.sync += [
+                self.bits_wr_en.eq(1),
+                self.bits_wr_addr.eq(bitsa11),
+                self.bits_wr_data.eq(word_next[0]),
+                queue_left.eq(live_count - 1),
+                queue_addr.eq(bitsa11 + cfg.out_words),
+            ]
+            m.d.sync += [entry.eq(nxt) for entry, nxt in zip(queue, word_next[1:])]
+        if queue:               # lanes > 1
+            with m.Elif(queue_left != 0):
+                m.d.sync += [
+                    self.bits_wr_en.eq(1),
+                    self.bits_wr_addr.eq(queue_addr),
+                    self.bits_wr_data.eq(queue[0]),
+                    queue_left.eq(queue_left - 1),
+                    queue_addr.eq(queue_addr + cfg.out_words),
+                ]
+                m.d.sync += [entry.eq(nxt) for entry, nxt in itertools.pairwise(queue)]
 
-        busy = running
+        # The queue's writes after the pipeline's last stage keep the unit busy.
+        busy = running | self.bits_wr_en
         for v in valid[1:]:
             busy = busy | v
         m.d.comb += self.busy.eq(busy)

@@ -29,7 +29,8 @@ import enum
 
 __all__ = [
     "BCONV_FIELDS", "DESCRIPTOR", "FIXED_FIELDS", "FIXED_LATENCY", "PARAM", "SEQUENCER_CYCLES",
-    "BitRecord", "Opcode", "Post", "Reduce", "bconv_cycles", "fixed_cycles", "int_banks",
+    "BitRecord", "Opcode", "Post", "Reduce", "bconv_cycles", "fixed_cycles", "fixed_lanes",
+    "int_banks",
     "op_cycles", "window_setup_cycles",
 ]
 
@@ -225,23 +226,41 @@ def bconv_cycles(rows, cols, k_words, m_tiles, out_plane):
             + k_words + 2 * rows + cols + 4)
 
 
-def fixed_cycles(lanes, fields):
-    """Cycles the fixed-point unit is busy for a FIXED op (``fields``: FIXED_FIELDS names)."""
+def fixed_lanes(lanes, lane, fields):
+    """Output pixels the fixed-point unit computes at once for a FIXED op: ``lanes`` for a
+    stride-1 op whose every BITS word (for THRESHOLD) takes at least ``lanes`` channels, else
+    1 (``lane``: bits of a BITS word)."""
+    if fields["stride"] != 1:
+        return 1
+    if fields["post"] == Post.THRESHOLD:
+        last_word = fields["out_channels"] - (fields["out_words"] - 1) * lane
+        if last_word < lanes:
+            return 1
+    return lanes
+
+
+def fixed_cycles(lanes, lane, fields):
+    """Cycles the fixed-point unit is busy for a FIXED op (``fields``: FIXED_FIELDS names) on
+    a unit of ``lanes`` lanes and ``lane``-bit BITS words."""
     terms = fields["terms_c"] * fields["kernel_h"] * fields["kernel_w"]
     if fields["post"] == Post.REQUANT and fields["residual"]:
         terms += 1
-    wide = fields["stride"] == 1 and fields["post"] != Post.THRESHOLD
-    per_row = -(-fields["out_w"] // lanes) if wide else fields["out_w"]
-    return fields["out_h"] * per_row * fields["out_channels"] * terms + FIXED_LATENCY
+    group = fixed_lanes(lanes, lane, fields)
+    per_row = -(-fields["out_w"] // group)
+    cycles = fields["out_h"] * per_row * fields["out_channels"] * terms + FIXED_LATENCY
+    if fields["post"] == Post.THRESHOLD and fields["out_h"] * fields["out_w"] > 0:
+        # The last group's words leave the write queue one per cycle.
+        cycles += (fields["out_w"] - 1) % group
+    return cycles
 
 
-def op_cycles(rows, cols, descriptor):
-    """An op's cycle counter on a device with a ``rows x cols`` array: ``descriptor`` is a
-    dict of :data:`DESCRIPTOR` fields."""
+def op_cycles(rows, cols, lane, descriptor):
+    """An op's cycle counter on a device with a ``rows x cols x lane`` array: ``descriptor`` is
+    a dict of :data:`DESCRIPTOR` fields."""
     opcode = descriptor["opcode"]
     if opcode == Opcode.FIXED:
         fields = {name: descriptor[f"fixed_{name}"] for name, _, _ in FIXED_FIELDS}
-        return fixed_cycles(int_banks(cols), fields) + SEQUENCER_CYCLES
+        return fixed_cycles(int_banks(cols), lane, fields) + SEQUENCER_CYCLES
     if opcode == Opcode.BCONV:
         return bconv_cycles(rows, cols, descriptor["bconv_k_words"],
                             descriptor["bconv_m_tiles"], descriptor["bconv_out_plane"]) \

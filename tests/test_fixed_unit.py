@@ -207,18 +207,23 @@ def lower(op, inputs, dut, rng, *, in_base=3, param_base=2, coef_base=5):
         for o in range(oc):
             for pix in range(oh * ow):
                 words[out_base + o * oh * ow + pix] = wrap(expected[o][pix // ow][pix % ow], ew)
-    return cfg, ints, coefs, packed, words, cycles(cfg, dut.lanes)
+    return cfg, ints, coefs, packed, words, cycles(cfg, dut.lanes, lane)
 
 
-def cycles(cfg, lanes):
+def cycles(cfg, lanes, lane):
     """The issue cycles of an op (``busy`` is high for them plus LATENCY): the docstring's
     formula, written independently of the unit's counters."""
-    wide = cfg["stride"] == 1 and cfg["post"] != isa.Post.THRESHOLD
+    threshold = cfg["post"] == isa.Post.THRESHOLD
+    # THRESHOLD uses the lanes when each BITS word (the last is the smallest) takes at least
+    # `lanes` channels; the words of the last group then leave a queue one per cycle.
+    smallest_word = cfg["out_channels"] - (cfg["out_words"] - 1) * lane
+    wide = cfg["stride"] == 1 and (not threshold or smallest_word >= lanes)
     step = lanes if wide else 1
     groups = -(-cfg["out_w"] // step)
     e = (cfg["terms_c"] * cfg["kernel_h"] * cfg["kernel_w"]
          + cfg["residual"] * (cfg["post"] == isa.Post.REQUANT))
-    return cfg["out_h"] * groups * cfg["out_channels"] * e
+    queue_tail = (cfg["out_w"] - 1) % step if threshold else 0
+    return cfg["out_h"] * groups * cfg["out_channels"] * e + queue_tail
 
 
 def run_jobs(dut, jobs, seed, int_memory="banked"):
@@ -276,7 +281,7 @@ def run_jobs(dut, jobs, seed, int_memory="banked"):
             assert cycles == issue + dut.LATENCY, (
                 f"{name}: busy for {cycles} cycles, expected {issue} + {dut.LATENCY}")
             # The host's timing model (code generation's per-op figures) agrees.
-            assert cycles == isa.fixed_cycles(dut.lanes, cfg), name
+            assert cycles == isa.fixed_cycles(dut.lanes, dut.lane, cfg), name
             assert not ctx.get(dut.int_wr_en) and not ctx.get(dut.bits_wr_en), (
                 f"{name}: write after busy fell")
             threshold = cfg["post"] == isa.Post.THRESHOLD
@@ -409,7 +414,10 @@ def ops_for(rng, ew, lane):
                     make_op("requant", {"relu": relu, "bits": ew - relu}, params),
                     [rand_tensor(rng, (c, 2, 2), bottom, top, extremes=0.5)]))
     # threshold: directions +1/-1/0, thresholds at the value and field extremes.
-    for c, h, w in ((lane + 3, 2, 2), (lane, 1, 1), (2 * lane + 1, 1, 3), (3, 3, 3)):
+    # Rows of 7 and 9 with every word full (lanes at once where lanes <= lane, the last
+    # group's words leaving the queue), and with a last word of lane / 2 channels.
+    for c, h, w in ((lane + 3, 2, 2), (lane, 1, 1), (2 * lane + 1, 1, 3), (3, 3, 3),
+                    (2 * lane, 2, 7), (lane + lane // 2, 1, 9)):
         thr = [rng.choice((top, bottom, top + 1, bottom - 1, 0, 1, -2**31, 2**31 - 1,
                            rng.randint(bottom, top))) for _ in range(c)]
         direction = [rng.choice((-1, 0, 1)) for _ in range(c)]
@@ -461,7 +469,7 @@ def random_ops(rng, ew, lane, count):
         # Maps with many channels are smaller, so that every op fits 1024 INTS elements.
         side = {"conv": 6, "maxpool": 6, "combine": 2}.get(kind, 3)
         # Rows up to 10 pixels: some longer than 4 lanes, some longer than 8.
-        wide = kind in ("conv", "maxpool", "requant", "shuffle")
+        wide = kind in ("conv", "maxpool", "requant", "shuffle", "threshold")
         h, w = rng.randint(1, side), rng.randint(1, side + 4 * wide)
         name = f"random {kind}"
         if kind == "conv":

@@ -355,7 +355,8 @@ class _Mapper:
             "res_base": res_base,
         }
         params = [{"in_offset": int(offset)} for offset in in_offsets]
-        cycles = isa.fixed_cycles(isa.int_banks(self.geo.cols), fields) + isa.SEQUENCER_CYCLES
+        cycles = (isa.fixed_cycles(isa.int_banks(self.geo.cols), self.geo.lane, fields)
+                  + isa.SEQUENCER_CYCLES)
         return _Lowered(isa.Opcode.FIXED, fields, params=params, cycles=cycles)
 
     @staticmethod
