@@ -110,12 +110,15 @@ class FixedUnit(wiring.Component):
     ----------------
     The unit computes ``L`` consecutive output pixels of one output channel at once, each in
     its own lane (own accumulator and post-processing; PARAMS and COEFS are shared), where
-    ``L = lanes`` when ``stride == 1``, else ``L = 1`` (a strided op's terms of consecutive
-    pixels are not consecutive elements: it computes one pixel at a time). THRESHOLD lanes set
-    bits of ``L`` different BITS words, which leave through a queue, one word per cycle; it
-    uses ``L = lanes`` only when every word takes at least ``lanes`` channels
-    (``out_channels - (out_words - 1) * lane >= lanes``: the queue is then empty before the
-    next group's words arrive), else ``L = 1`` (:func:`sw.isa.fixed_lanes`)::
+    ``L`` is (:func:`sw.isa.fixed_lanes`):
+
+    * ``lanes`` for stride 1. THRESHOLD lanes set bits of ``L`` different BITS words, which
+      leave through a queue, one word per cycle, so THRESHOLD uses the lanes only when every
+      word takes at least ``lanes`` channels (``out_channels - (out_words - 1) * lane >=
+      lanes``: the queue is empty again before the next group's words arrive), else ``L = 1``;
+    * ``lanes // 2`` for stride 2 (the terms of consecutive pixels are every second element
+      of one run of ``lanes`` elements), but 1 for THRESHOLD;
+    * 1 for other strides (one pixel at a time)::
 
         for oy in range(out_h): for ox0 in range(0, out_w, L): for o in range(out_channels):
             for each term t (tc, ky, kx) in the order above: lanes i < min(L, out_w - ox0)
@@ -124,17 +127,19 @@ class FixedUnit(wiring.Component):
 
     Groups never cross a row end: the last group of a row is partial, its extra lanes masked.
     With ``L > 1`` a term is ONE run read of INTS: lane ``i``'s element is at the run start
-    ``+ i``; lanes whose column ``ix + i`` lies outside ``[0, in_w)`` are padding (a row
-    outside ``[0, in_h)`` pads all lanes). The run starts at column ``max(ix, 0)`` (``ix``:
-    lane 0's column), the first lane's that is not left of the row, and the data are rotated
-    back into lane order, so a run never reaches below the input row (no reliance on the memory wrapping around below address 0; lanes past the row
-    end may read past it, and their values are ignored). The residual is a run read at
+    ``+ i * stride``; lanes whose column ``ix + i * stride`` lies outside ``[0, in_w)`` are
+    padding (a row outside ``[0, in_h)`` pads all lanes). The run starts at column
+    ``max(ix, 0)`` (``ix``: lane 0's column), the first lane's that is not left of the row,
+    and the data are rotated back into lane order, so a run never reaches below the input row
+    (no reliance on the memory wrapping around below address 0; lanes past the row end may
+    read past it, and their values are ignored). The residual is a run read at
     ``res_base + o * out_plane + pix0`` (``pix0 = oy * out_w + ox0``), and the results of
     posts NONE and REQUANT are one run write at ``out_base + o * out_plane + pix0`` with
     ``int_wr_mask`` bit ``i`` set for each pixel of the group. Runs are consecutive addresses
-    modulo ``2**int_addr_width`` as far as the unit is concerned; :class:`~hw.int_memory.IntMemory`
-    does not wrap a run around its end (reads there give 0, writes are dropped), so with it a
-    tensor must lie inside the memory, not wrap around its end.
+    modulo ``2**int_addr_width`` as far as the unit is concerned;
+    :class:`~hw.int_memory.IntMemory` does not wrap a run around its end (reads there give 0,
+    writes are dropped), so with it a tensor must lie inside the memory, not wrap around its
+    end.
 
     Parameters
     ----------
@@ -298,8 +303,12 @@ class FixedUnit(wiring.Component):
         last_word = Signal(signed(max(len(cfg.out_channels), len(cfg.out_words)
                                       + lane.bit_length()) + 2))
         m.d.comb += last_word.eq(cfg.out_channels - (cfg.out_words - 1) * lane)
-        wide = (cfg.stride == 1) & (~post_threshold | (last_word >= lanes))
-        step = Mux(wide, lanes, 1)              # pixels of a group (but the row's last)
+        dense = (cfg.stride == 1) & (~post_threshold | (last_word >= lanes))
+        # Stride 2: half the lanes, whose terms are every second element of one run.
+        spread = (cfg.stride == 2) & ~post_threshold & (lanes > 1)
+        wide = dense | spread
+        # Pixels of a group (but the row's last).
+        step = Mux(dense, lanes, Mux(spread, max(lanes // 2, 1), 1))
 
         # ---- Stage 0: the counter chain --------------------------------------------------
         running = Signal()
@@ -363,7 +372,7 @@ class FixedUnit(wiring.Component):
                                          iy0_row.eq(iy0_row + stride_row),
                                          iy_row.eq(iy0_row + stride_row)]
                     with m.Else():
-                        ix_step = Mux(wide, lanes, cfg.stride)
+                        ix_step = Mux(wide, lanes, cfg.stride)     # step * stride
                         m.d.sync += [rem.eq(rem - step), ix0.eq(ix0 + ix_step),
                                      ix.eq(ix0 + ix_step)]
                 with m.Else():
@@ -410,10 +419,12 @@ class FixedUnit(wiring.Component):
         live1 = Signal(lanes)       # per lane: a pixel of the group (the write mask)
         for i in range(lanes):
             # Lane i's window column is ix + i (stride 1; lanes > 0 are unused otherwise).
-            inside = iy_inside & (ix >= -i) & (ix < cfg.in_w - i)
+            # Lane i's window column is ix + i * stride (lanes beyond the group are unused).
+            offset = Mux(spread, 2 * i, i)
+            inside = iy_inside & (ix >= -offset) & (ix < cfg.in_w - offset)
             m.d.sync += [
                 real1[i].eq(res_phase | inside),
-                live1[i].eq((rem > i) & (wide if i else 1)),
+                live1[i].eq((rem > i) & (i < step)),
             ]
         # The run starts at the first lane whose column is not left of the row (ix >= 0): a
         # run then never reaches below the input row, so it needs no wrap-around below
@@ -461,7 +472,16 @@ class FixedUnit(wiring.Component):
         run3 = [self.int_rd_data[i] for i in range(lanes)]
         x4 = [Signal(signed(ew), name=f"x4_{i}") for i in range(lanes)]
         c4 = Signal(signed(8))
-        m.d.sync += [reg.eq(value) for reg, value in zip(x4, _rotate_up(m, run3, rot3, "rot"))]
+        # Stride 2: lane i's term is element 2 * i of the rotated run (the residual run is
+        # consecutive pixels, as for stride 1).
+        spread3 = Signal()
+        m.d.sync += spread3.eq(spread & ~res[2])
+        rotated = _rotate_up(m, run3, rot3, "rot")
+        for i, reg in enumerate(x4):
+            if 2 * i < lanes:
+                m.d.sync += reg.eq(Mux(spread3, rotated[2 * i], rotated[i]))
+            else:
+                m.d.sync += reg.eq(rotated[i])
         m.d.sync += c4.eq(self.coef_rd_data)
 
         # ---- Stage 4 -> 5: the terms (registered multiplies, one per lane) -----------------

@@ -227,16 +227,16 @@ def bconv_cycles(rows, cols, k_words, m_tiles, out_plane):
 
 
 def fixed_lanes(lanes, lane, fields):
-    """Output pixels the fixed-point unit computes at once for a FIXED op: ``lanes`` for a
-    stride-1 op whose every BITS word (for THRESHOLD) takes at least ``lanes`` channels, else
-    1 (``lane``: bits of a BITS word)."""
-    if fields["stride"] != 1:
-        return 1
-    if fields["post"] == Post.THRESHOLD:
+    """Output pixels the fixed-point unit computes at once for a FIXED op (``lane``: bits of a
+    BITS word): ``lanes`` for stride 1, but for a THRESHOLD only if its every BITS word takes
+    at least ``lanes`` channels; ``lanes // 2`` for stride 2 but THRESHOLD; else 1."""
+    threshold = fields["post"] == Post.THRESHOLD
+    if fields["stride"] == 1:
         last_word = fields["out_channels"] - (fields["out_words"] - 1) * lane
-        if last_word < lanes:
-            return 1
-    return lanes
+        return lanes if not threshold or last_word >= lanes else 1
+    if fields["stride"] == 2 and not threshold:
+        return max(lanes // 2, 1)
+    return 1
 
 
 def fixed_cycles(lanes, lane, fields):

@@ -2,7 +2,8 @@
 mapped to a FixedUnit config the way the compiler maps it, gives golden.execute_op's output
 exactly, in exactly the documented number of cycles, and writes nothing else; with one lane
 and with several (stride 1 rows computed in runs of pixels, partial runs at row ends, padding
-at both row ends, the stride 2 and THRESHOLD fallback to one pixel at a time)."""
+at both row ends, stride 2 on half the lanes, THRESHOLD over the lanes or one pixel at a
+time)."""
 
 import random
 import types
@@ -217,8 +218,12 @@ def cycles(cfg, lanes, lane):
     # THRESHOLD uses the lanes when each BITS word (the last is the smallest) takes at least
     # `lanes` channels; the words of the last group then leave a queue one per cycle.
     smallest_word = cfg["out_channels"] - (cfg["out_words"] - 1) * lane
-    wide = cfg["stride"] == 1 and (not threshold or smallest_word >= lanes)
-    step = lanes if wide else 1
+    if cfg["stride"] == 1 and (not threshold or smallest_word >= lanes):
+        step = lanes
+    elif cfg["stride"] == 2 and not threshold:
+        step = max(lanes // 2, 1)       # every second element of a run
+    else:
+        step = 1
     groups = -(-cfg["out_w"] // step)
     e = (cfg["terms_c"] * cfg["kernel_h"] * cfg["kernel_w"]
          + cfg["residual"] * (cfg["post"] == isa.Post.REQUANT))
@@ -389,7 +394,11 @@ def ops_for(rng, ew, lane):
             (1, 1, 1, 1, 1, 1, 0, 1),
             (2, 3, 1, 1, 3, 1, 1, 1),
             (6, 3, 2, 3, 1, 1, 0, 3),
-            (2, 2, 4, 3, 2, 2, 0, 1)):
+            (2, 2, 4, 3, 2, 2, 0, 1),
+            # stride 2 over long rows: half the lanes, every second element of a run
+            (2, 3, 3, 17, 3, 2, 1, 1),
+            (1, 2, 3, 15, 7, 2, 3, 1),
+            (2, 2, 2, 16, 2, 2, 0, 1)):
         ops.append((f"conv{k}x{k}s{stride}p{pad}g{groups}",
                     *conv_job(rng, ew, cin=cin, o=o, h=h, w=w, k=k, stride=stride, pad=pad,
                               groups=groups)))
