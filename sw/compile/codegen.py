@@ -38,7 +38,7 @@ import numpy as np
 from sw import isa, packing
 
 from .lower import CompileError
-from .plan import lifetimes
+from .plan import first_fit, lifetimes
 
 __all__ = [
     "COEF_WIDTH", "DeviceProgram", "Geometry", "OpInfo", "Segment",
@@ -269,13 +269,7 @@ def _allocate(program, geo):
             memory, size = "INTS", c * h * w
         else:
             memory, size = "BITS", h * w * _ceil_div(c, geo.lane)
-        busy = sorted((off, off + sz) for (s, e, off, sz) in placed[memory]
-                      if not (e < start or end < s))
-        offset = 0
-        for low, high in busy:
-            if offset + size <= low:
-                break
-            offset = max(offset, high)
+        offset = first_fit(placed[memory], start, end, size)
         if offset + size > depth[memory]:
             unit = "elements" if memory == "INTS" else "words"
             raise CompileError(

@@ -16,7 +16,8 @@ from sw import protocol
 
 from .lower import CompileError
 
-__all__ = ["ALIGN", "LayerStats", "check_hardware", "layer_stats", "lifetimes", "plan_memory"]
+__all__ = ["ALIGN", "LayerStats", "check_hardware", "first_fit", "layer_stats", "lifetimes",
+           "plan_memory"]
 
 #: Alignment of activation buffers in bytes.
 ALIGN = 4
@@ -42,6 +43,18 @@ def lifetimes(program):
     return {name: (first[name], last.get(name, first[name])) for name in first}
 
 
+def first_fit(placed, start, end, size):
+    """The lowest offset at which ``size`` units fit beside the ``placed`` buffers
+    (``(start, end, offset, size)`` tuples) whose lifetimes overlap ``[start, end]``."""
+    busy = sorted((off, off + sz) for (s, e, off, sz) in placed if not (e < start or end < s))
+    offset = 0
+    for low, high in busy:
+        if offset + size <= low:
+            break
+        offset = max(offset, high)
+    return offset
+
+
 def plan_memory(program):
     """``({tensor: (offset, nbytes)}, total bytes)``: activation buffers with reuse."""
     spans = lifetimes(program)
@@ -50,13 +63,7 @@ def plan_memory(program):
     for name in sorted(spans, key=lambda n: (spans[n][0], n)):
         start, end = spans[name]
         size = _ceil_div(program.tensors[name].nbytes, ALIGN) * ALIGN
-        busy = sorted((off, off + sz) for (s, e, off, sz) in placed
-                      if not (e < start or end < s))
-        offset = 0
-        for low, high in busy:
-            if offset + size <= low:
-                break
-            offset = max(offset, high)
+        offset = first_fit(placed, start, end, size)
         placed.append((start, end, offset, size))
         offsets[name] = (offset, size)
     total = max((off + size for off, size in offsets.values()), default=0)
