@@ -17,6 +17,7 @@ from amaranth.lib.wiring import In, Out
 from sw import isa
 
 from .isa import FIXED_LAYOUT, PARAM_LAYOUT
+from .rotate import rotate_up
 
 __all__ = ["FixedUnit"]
 
@@ -44,21 +45,6 @@ def _partial_products(a, b, name):
     return [(shift, Signal(signed(len(piece) + len(b) + 1), name=f"{name}_pp{shift}"),
              piece * b) for shift, piece in parts]
 
-
-def _rotate_up(m, elements, amount, name):
-    """Return ``out`` with ``out[(i + amount) % n] = elements[i]`` (a logarithmic rotator of
-    ``log2(n)`` mux levels); ``n = len(elements)`` is a power of two, ``amount`` unsigned of
-    ``log2(n)`` bits."""
-    n = len(elements)
-    for stage in range(len(amount)):
-        step = 1 << stage
-        shifted = []
-        for i in range(n):
-            sig = Signal.like(elements[i], name=f"{name}_s{stage}_{i}")
-            m.d.comb += sig.eq(Mux(amount[stage], elements[(i - step) % n], elements[i]))
-            shifted.append(sig)
-        elements = shifted
-    return elements
 
 
 def _sum_shifted(parts):
@@ -476,7 +462,7 @@ class FixedUnit(wiring.Component):
         # consecutive pixels, as for stride 1).
         spread3 = Signal()
         m.d.sync += spread3.eq(spread & ~res[2])
-        rotated = _rotate_up(m, run3, rot3, "rot")
+        rotated = rotate_up(m, run3, rot3, "rot")
         for i, reg in enumerate(x4):
             if 2 * i < lanes:
                 m.d.sync += reg.eq(Mux(spread3, rotated[2 * i], rotated[i]))

@@ -12,39 +12,11 @@ from amaranth import Cat, Const, Module, Mux, Signal, signed
 from amaranth.lib import data, memory, wiring
 from amaranth.lib.wiring import In, Out
 
+from .rotate import rotate_down, rotate_up
+
 __all__ = ["IntMemory"]
 
 
-def _rotate_down(m, elements, amount, name):
-    """Return ``out`` with ``out[i] = elements[(i + amount) % n]`` (a logarithmic shifter).
-
-    ``elements`` is a list of same-shaped values, ``amount`` an unsigned value of
-    ``log2(n)`` bits; ``n`` is a power of two.
-    """
-    n = len(elements)
-    for stage in range(len(amount)):
-        step = 1 << stage
-        shifted = []
-        for i in range(n):
-            sig = Signal.like(elements[i], name=f"{name}_s{stage}_{i}")
-            m.d.comb += sig.eq(Mux(amount[stage], elements[(i + step) % n], elements[i]))
-            shifted.append(sig)
-        elements = shifted
-    return elements
-
-
-def _rotate_up(m, elements, amount, name):
-    """Return ``out`` with ``out[(i + amount) % n] = elements[i]``."""
-    n = len(elements)
-    for stage in range(len(amount)):
-        step = 1 << stage
-        shifted = []
-        for i in range(n):
-            sig = Signal.like(elements[i], name=f"{name}_s{stage}_{i}")
-            m.d.comb += sig.eq(Mux(amount[stage], elements[(i - step) % n], elements[i]))
-            shifted.append(sig)
-        elements = shifted
-    return elements
 
 
 class IntMemory(wiring.Component):
@@ -167,13 +139,13 @@ class IntMemory(wiring.Component):
             bank_out.append(value)
         with m.If(self.rd_en):
             m.d.sync += rd_low_q.eq(rd_low)
-        for i, value in enumerate(_rotate_down(m, bank_out, rd_low_q, "rd_rot")):
+        for i, value in enumerate(rotate_down(m, bank_out, rd_low_q, "rd_rot")):
             m.d.comb += self.rd_data[i].eq(value)
 
         # Write: the run's elements and mask bits are rotated into bank order.
         wr_low, wr_rows, wr_exists = bank_rows(self.wr_addr, "wr")
         elements = [Cat(self.wr_data[i], self.wr_mask[i]) for i in range(banks)]
-        rotated = _rotate_up(m, elements, wr_low, "wr_rot")
+        rotated = rotate_up(m, elements, wr_low, "wr_rot")
         for b in range(banks):
             wr = m.submodules[f"bank{b}"].write_port()
             m.d.comb += [
