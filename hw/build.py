@@ -189,10 +189,15 @@ def build(board, config, output_dir="bitstreams", *, device_factory=None, seed=1
 
     device = device_factory(config)
     top = BoardTop(board, device)
+    nextpnr_opts = f"--report {NEXTPNR_REPORT} --timing-allow-fail --seed {seed}"
+    if board.family == "ecp5":
+        # router2: the full accelerator's 200,000 arcs took router1 more than half an hour
+        # for a third of them (the block RAMs are 90% used).
+        nextpnr_opts += " --router router2"
     overrides = {
         # --timing-allow-fail: a design that misses timing still gets its report; this module
         # then fails the build itself (TimingError) with the figures.
-        "nextpnr_opts": f"--report {NEXTPNR_REPORT} --timing-allow-fail --seed {seed}",
+        "nextpnr_opts": nextpnr_opts,
     }
     if board.family == "ice40":
         # Multiplications to the UP5K's SB_MAC16s instead of logic cells.
