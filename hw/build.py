@@ -144,7 +144,7 @@ def _run_stage(index, argv, work_dir, env):
 
 
 def build(board, config, output_dir="bitstreams", *, device_factory=None, seed=1,
-          progress=True):
+          nextpnr_extra=(), progress=True):
     """Build ``config`` for ``board`` and return the report (also written as JSON).
 
     Parameters
@@ -159,6 +159,9 @@ def build(board, config, output_dir="bitstreams", *, device_factory=None, seed=1
         :class:`hw.device.Device`.
     seed : int
         nextpnr's placement seed (fixed, so that builds are reproducible).
+    nextpnr_extra : sequence of str
+        More nextpnr options, appended to the build's own (for example
+        ``("--placer-heap-beta", "0.7")``); recorded in the report.
     progress : bool
         Show a progress bar over the toolchain stages.
 
@@ -194,6 +197,9 @@ def build(board, config, output_dir="bitstreams", *, device_factory=None, seed=1
         # router2: the full accelerator's 200,000 arcs took router1 more than half an hour
         # for a third of them (the block RAMs are 90% used).
         nextpnr_opts += " --router router2"
+    nextpnr_extra = tuple(nextpnr_extra)
+    if nextpnr_extra:
+        nextpnr_opts += " " + " ".join(nextpnr_extra)
     overrides = {
         # --timing-allow-fail: a design that misses timing still gets its report; this module
         # then fails the build itself (TimingError) with the figures.
@@ -228,6 +234,7 @@ def build(board, config, output_dir="bitstreams", *, device_factory=None, seed=1
     report = make_report(board, config, nextpnr, estimate=estimate,
                          seconds=time.monotonic() - started, stage_seconds=stage_seconds,
                          bitstream=bitstream, bitstream_data=built.read_bytes(), seed=seed,
+                         nextpnr_extra=nextpnr_extra,
                          design=f"{type(device).__module__}.{type(device).__qualname__}")
     # A stale bitstream next to a report of a failed build would be mistaken for this one.
     bitstream.unlink(missing_ok=True)
@@ -387,7 +394,8 @@ def _git():
 
 
 def make_report(board, config, nextpnr, *, estimate=None, seconds=None, stage_seconds=None,
-                bitstream=None, bitstream_data=None, seed=None, date=None, design=None):
+                bitstream=None, bitstream_data=None, seed=None, nextpnr_extra=(), date=None,
+                design=None):
     """Assemble the build report (a JSON-serializable dict) from nextpnr's report.
 
     ``estimate`` is :func:`hw.board.estimate_resources`' figure (kept next to the measured
@@ -418,6 +426,7 @@ def make_report(board, config, nextpnr, *, estimate=None, seconds=None, stage_se
         "build_seconds": None if seconds is None else round(seconds, 1),
         "stage_seconds": stage_seconds,
         "nextpnr_seed": seed,
+        "nextpnr_extra_options": list(nextpnr_extra),
         "tools": _versions(),
         "git": _git(),
         "date": (date or datetime.datetime.now(datetime.UTC)).isoformat(
@@ -510,6 +519,11 @@ def make_parser():
             ("weight-depth", "WORDS", "words of weight memory"),
             ("activation-depth", "WORDS", "words of activation memory"),
             ("result-depth", "WORDS", "words of result memory"),
+            ("int-depth", "ELEMENTS", "elements of the INTS memory (layer program)"),
+            ("bits-depth", "WORDS", "words of the BITS memory (layer program)"),
+            ("coef-depth", "WORDS", "words of the COEFS memory (layer program)"),
+            ("param-depth", "WORDS", "words of the PARAMS memory (layer program)"),
+            ("program-depth", "OPS", "descriptors of the PROGRAM memory (layer program)"),
             ("baud", "B", "UART baud rate")):
         config.add_argument(f"--{name}", metavar=metavar, type=_positive,
                             help=f"{what} (default: the board's)")
@@ -523,6 +537,10 @@ def make_parser():
                              "(default: %(default)s)")
     parser.add_argument("--seed", metavar="N", type=int, default=1,
                         help="nextpnr placement seed (default: %(default)s)")
+    parser.add_argument("--nextpnr-opts", metavar="OPTS", default="",
+                        help="more nextpnr options, appended to the build's own; write them "
+                             "after an equals sign, for example "
+                             "--nextpnr-opts='--placer-heap-beta 0.7' (default: none)")
     parser.add_argument("--loopback", action="store_true",
                         help="build a UART loopback instead of the accelerator, to bring up a "
                              "board and its serial port (default: %(default)s)")
@@ -551,7 +569,8 @@ def main(argv=None):
     except ValueError as error:
         parser.error(str(error))
     try:
-        report = build(board, config, args.output_dir, seed=args.seed, progress=args.progress,
+        report = build(board, config, args.output_dir, seed=args.seed,
+                       nextpnr_extra=args.nextpnr_opts.split(), progress=args.progress,
                        device_factory=Loopback if args.loopback else None)
     except TimingError as error:
         print(format_summary(error.report, board.family))
