@@ -22,7 +22,9 @@ enlarged; the JSON records the configuration used.
 Figures per op: cycles (hardware counter), useful binary MACs and fixed-point MACs,
 utilization of binary convs (bit-MACs / (cycles * rows * cols * lane)), share of the total.
 Per network: cycles per image, images/s at the Fmax given (default: the committed ULX3S
-build's report) and at the board clock. Writes ``bench/results/network_performance.json`` and
+build's report) and at the board clock, and two upper bounds: the array's (every binary MAC
+at peak, nothing else costing a cycle) and the link's (the bytes sent per image, with every
+segment's weights again when they do not fit on chip at once, at the board's baud). Writes ``bench/results/network_performance.json`` and
 a PNG per network (per-layer cycles and binary-conv utilization).
 """
 
@@ -43,6 +45,8 @@ from hw.board import get_board
 from sim.board import BoardProcess
 from sw.compile import golden
 from sw.driver import Device
+from sw.packing import word_bytes
+from sw.protocol import Memory
 from sw.runtime import Accelerator
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -106,6 +110,14 @@ def run_network(name, program, images, config, images_to_run):
         layers.append(layer)
     binary_cycles = sum(lay["cycles"] for lay in layers if lay["kind"] == "bconv")
     binary_macs = sum(lay["binary_macs"] for lay in layers)
+    # Bytes the host sends per image: the image, and every segment's data again when the
+    # weights do not fit on chip at once (the logits coming back are a few bytes).
+    widths = config.word_widths()
+    image_bytes = images[0].size * word_bytes(widths[Memory.INTS])
+    streamed = 0 if len(dp.segments) == 1 else sum(
+        len(words) * word_bytes(widths[Memory[memory]])
+        for segment in dp.segments for memory, _, words in segment.writes)
+    link_bytes = image_bytes + streamed
     record = {
         "network": name,
         "ops": len(layers), "segments": len(dp.segments),
@@ -116,12 +128,22 @@ def run_network(name, program, images, config, images_to_run):
         "binary_utilization": round(binary_macs / (binary_cycles * config.peak_bit_macs_per_cycle),
                                     4) if binary_cycles else None,
         "images_per_s_at_clock": round(config.clock_hz / total, 1),
+        # Upper bounds: every binary MAC at the array's peak and nothing else taking a cycle;
+        # the UART (10 bits per byte at the board's baud) carrying only the payload bytes.
+        "binary_macs_per_image": int(binary_macs),
+        "array_bound_images_per_s_at_clock": round(
+            config.clock_hz * config.peak_bit_macs_per_cycle / binary_macs, 1)
+        if binary_macs else None,
+        "link_bytes_per_image": int(link_bytes),
+        "weight_bytes_streamed_per_image": int(streamed),
+        "link_bound_images_per_s": round(config.baud / 10 / link_bytes, 1),
         "images_checked_against_golden": images_to_run,
         "same_cycles_every_image": all(r.op_cycles == counters for r in results),
         "load_s": round(loaded - started, 1), "wall_s": round(wall, 1),
         "config": {k: getattr(config, k) for k in (
             "rows", "cols", "lane", "max_depth", "weight_depth", "int_depth", "bits_depth",
-            "coef_depth", "param_depth", "program_depth", "element_width", "clock_hz")},
+            "coef_depth", "param_depth", "program_depth", "element_width", "clock_hz",
+            "baud")},
         "layers": layers,
     }
     return record
@@ -202,7 +224,14 @@ def main(argv=None):
     for record in records:
         record["images_per_s_at_fmax"] = (round(fmax * 1e6 / record["cycles_per_image"], 1)
                                           if fmax else None)
-        print(f"{record['network']}: {record['images_per_s_at_fmax']} images/s at {fmax} MHz")
+        record["array_bound_images_per_s_at_fmax"] = (
+            round(record["array_bound_images_per_s_at_clock"] * fmax * 1e6
+                  / record["config"]["clock_hz"], 1)
+            if fmax and record["array_bound_images_per_s_at_clock"] else None)
+        print(f"{record['network']}: {record['images_per_s_at_fmax']} images/s at {fmax} MHz "
+              f"(bound of the array alone: {record['array_bound_images_per_s_at_fmax']}); "
+              f"the link carries {record['link_bytes_per_image']:,} bytes per image, at most "
+              f"{record['link_bound_images_per_s']} images/s")
     output = args.output_dir / "network_performance.json"
     output.parent.mkdir(parents=True, exist_ok=True)
     output.write_text(json.dumps({

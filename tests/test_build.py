@@ -198,6 +198,35 @@ def test_config_from_args_applies_overrides():
     assert config == board.default_config.replace(rows=3, lane=8, max_depth=1024, baud=115200)
 
 
+def test_config_from_args_applies_layer_program_depths():
+    board = get_board("ulx3s")
+    args = build.make_parser().parse_args(["--int-depth", "16384", "--bits-depth", "512",
+                                           "--coef-depth", "4096", "--param-depth", "256",
+                                           "--program-depth", "64"])
+    config = build.config_from_args(board, args)
+    assert config == board.default_config.replace(int_depth=16384, bits_depth=512,
+                                                  coef_depth=4096, param_depth=256,
+                                                  program_depth=64)
+
+
+def test_nextpnr_extra_options_reach_nextpnr_and_the_report(tmp_path, monkeypatch):
+    args = build.make_parser().parse_args(["--nextpnr-opts=--placer-heap-beta 0.7"])
+    assert args.nextpnr_opts.split() == ["--placer-heap-beta", "0.7"]
+    board = get_board("icebreaker")
+    seen = []
+    run_stage = fake_toolchain(sample_nextpnr(achieved=30.0, constraint=12.0))
+
+    def recording(index, argv, work_dir, env):
+        seen.append(argv)
+        run_stage(index, argv, work_dir, env)
+    monkeypatch.setattr(build, "_run_stage", recording)
+    report = build.build(board, board.default_config, tmp_path, device_factory=Loopback,
+                         nextpnr_extra=args.nextpnr_opts.split(), progress=False)
+    nextpnr = next(argv for argv in seen if argv[0].startswith("nextpnr"))
+    assert nextpnr[nextpnr.index("--placer-heap-beta") + 1] == "0.7"
+    assert report["nextpnr_extra_options"] == ["--placer-heap-beta", "0.7"]
+
+
 @pytest.mark.parametrize("argv, message", [
     (["--rows", "0"], "argument --rows: must be a positive integer, not 0"),
     (["--board", "icebreaker", "--size", "85F"], "board icebreaker comes in one size"),
