@@ -13,7 +13,7 @@ from amaranth import Module, Mux, Signal, unsigned
 from amaranth.lib import data, stream, wiring
 from amaranth.lib.wiring import In, Out
 
-__all__ = ["XnorArray", "popcount"]
+__all__ = ["XnorArray", "popcount", "share_array"]
 
 
 def popcount(value):
@@ -89,6 +89,12 @@ class XnorArray(wiring.Component):
             "i": In(stream.Signature(self.i_layout)),
             "o": Out(stream.Signature(self.o_layout, always_ready=True)),
         })
+
+    @property
+    def port_signature(self):
+        """The signature of a unit that drives this array without owning it: ``i`` out to the
+        array, ``o`` in from it (see :func:`share_array`)."""
+        return self.signature.flip()
 
     def elaborate(self, platform):
         m = Module()
@@ -197,3 +203,25 @@ class XnorArray(wiring.Component):
         for c, (result, _) in enumerate(column_out):
             m.d.comb += self.o.payload.counts[c].eq(result)
         return m
+
+
+def share_array(m, array, clients):
+    """Let several units drive one :class:`XnorArray` in turn.
+
+    ``clients`` is a list of ``(port, selected)``: ``port`` a unit's member of
+    ``array.port_signature``, ``selected`` a signal that is high while that unit owns the array.
+    At most one ``selected`` may be high at a time, and a unit may own the array only while no
+    other unit's tiles are in flight (the device runs one command at a time, and each unit stays
+    busy until its last result has left the array). The owner's beats go in; the results go to
+    every port but are ``valid`` only at the owner's, and the others see ``ready`` low. The
+    switch is combinational: no latency is added.
+    """
+    for port, selected in clients:
+        m.d.comb += [
+            port.i.ready.eq(array.i.ready & selected),
+            port.o.valid.eq(array.o.valid & selected),
+            port.o.payload.eq(array.o.payload),
+        ]
+    for index, (port, selected) in enumerate(clients):
+        with (m.If if index == 0 else m.Elif)(selected):
+            m.d.comb += [array.i.valid.eq(port.i.valid), array.i.payload.eq(port.i.payload)]

@@ -42,6 +42,9 @@ class BconvEngine(wiring.Component):
         INTS element bits, INTS elements and BITS words. Default: the fields of these names of
         ``config`` if it has them, else 24, 4096 and 4096. ``element_width`` must exceed the
         array's ``acc_width`` (a count is written as a non-negative element).
+    own_array : bool
+        Whether the engine holds its own :class:`~hw.array.XnorArray` (default) or drives one
+        through ``array_port``.
 
     Members
     -------
@@ -66,6 +69,9 @@ class BconvEngine(wiring.Component):
     int_rd_addr, int_rd_en, int_rd_data, int_wr_addr, int_wr_en, int_wr_mask, int_wr_data
         The engine's side of :class:`~hw.int_memory.IntMemory`'s ports (directions flipped),
         for a memory with ``banks = cols``. The read port is used only when ``add`` is set.
+    array_port : ``Out(XnorArray.port_signature)``
+        Only with ``own_array=False``: the array the engine shares with other units
+        (:func:`hw.array.share_array`); it must own it from ``start`` until ``busy`` falls.
 
     Semantics
     ---------
@@ -101,8 +107,10 @@ class BconvEngine(wiring.Component):
         ``config``'s array."""
         return isa.bconv_cycles(config.rows, config.cols, k_words, m_tiles, out_plane)
 
-    def __init__(self, config, *, element_width=None, int_depth=None, bits_depth=None):
+    def __init__(self, config, *, element_width=None, int_depth=None, bits_depth=None,
+                 own_array=True):
         self.device = config
+        self.own_array = own_array
         self.element_width = _setting(element_width, config, "element_width", 24)
         self.int_depth = _setting(int_depth, config, "int_depth", 4096)
         self.bits_depth = _setting(bits_depth, config, "bits_depth", 4096)
@@ -128,7 +136,10 @@ class BconvEngine(wiring.Component):
             "data": In(self.lane),
         })
         run = data.ArrayLayout(signed(self.element_width), self.cols)
+        self.array = XnorArray(self.rows, self.cols, self.lane, config.max_depth)
+        ports = {} if own_array else {"array_port": Out(self.array.port_signature)}
         super().__init__({
+            **ports,
             "config": In(self.config_layout),
             "start": In(1),
             "busy": Out(1),
@@ -152,7 +163,10 @@ class BconvEngine(wiring.Component):
         m.submodules.window = window = ConvWindow(
             cols, lane, max_width=self.max_width, max_height=self.max_height,
             max_channel_words=self.max_channel_words, addr_width=self.bits_addr_width)
-        m.submodules.array = array = XnorArray(rows, cols, lane, self.device.max_depth)
+        if self.own_array:
+            m.submodules.array = array = self.array
+        else:
+            array = self.array_port
 
         m.d.comb += [
             window.config.base.eq(cfg.in_base),

@@ -149,12 +149,11 @@ def _ulx3s(size):
         "45F": DeviceConfig(rows=8, cols=4, lane=32, weight_depth=1024, activation_depth=128,
                             result_depth=128, int_depth=16384, bits_depth=512,
                             coef_depth=8192, param_depth=1024, program_depth=128),
-        # 85F: INTS holds MeliusNet-small at 28x28 (45,472 elements at its peak), COEFS and
-        # PARAMS all of its data (16,912 and 1,931 words), so that its weights load once. BITS
-        # and WEIGHTS are half of what the build at 92% of the block RAMs had (which did not
-        # finish routing): 162 of 208. WEIGHTS only bounds one op's weights (the host streams
-        # a network that needs more in segments).
-        "85F": DeviceConfig(rows=8, cols=8, lane=32, weight_depth=1024, activation_depth=256,
+        # 85F: INTS, WEIGHTS, COEFS and PARAMS hold all of MeliusNet-small at 28x28 (peaks of
+        # 45,472 elements, 1,152, 16,912 and 1,931 words), so that its weights load once;
+        # BITS has half the 2,048 words of the builds before (its peak is 588). 171 of the
+        # 208 block RAMs.
+        "85F": DeviceConfig(rows=8, cols=8, lane=32, weight_depth=1536, activation_depth=256,
                             result_depth=256, int_depth=49152, bits_depth=1024,
                             coef_depth=32768, param_depth=2048, program_depth=128),
     }[size]

@@ -13,6 +13,7 @@ from amaranth.lib.wiring import In, Out
 from sw import protocol
 from sw.protocol import Command, Memory, Status
 
+from .array import XnorArray, share_array
 from .bconv_engine import BconvEngine
 from .fixed_unit import FixedUnit
 from .gemm import GemmEngine
@@ -98,7 +99,10 @@ class DeviceCore(wiring.Component):
 
         # Memories and the units. A unit owns the ports it uses while it is active (from its
         # start to the fall of its busy); the host's WRITE and READ use them otherwise.
-        m.submodules.engine = engine = GemmEngine(cfg)
+        # With the layer program, the GEMM engine and the binary conv engine take turns on one
+        # XNOR array (a GEMM and a RUN never overlap).
+        engine = GemmEngine(cfg, own_array=not cfg.layer_program)
+        m.submodules.engine = engine
         # The layer program's units (absent from GEMM-only builds).
         sequencer = fixed = bconv = None
         fixed_active = bconv_active = Const(0)
@@ -115,9 +119,14 @@ class DeviceCore(wiring.Component):
                 coef_addr_width=_addr_width(cfg.coef_depth),
                 param_addr_width=_addr_width(cfg.param_depth),
                 max_terms=cfg.max_fixed_terms, lanes=cfg.int_banks)
-            bconv = BconvEngine(cfg)
+            bconv = BconvEngine(cfg, own_array=False)
             m.submodules.fixed = ResetInserter(run_abort)(fixed)
             m.submodules.bconv = ResetInserter(run_abort)(bconv)
+            # An aborted RUN's tiles in flight are dropped with the engine's state.
+            array = XnorArray(cfg.rows, cfg.cols, cfg.lane, cfg.max_depth)
+            m.submodules.array = ResetInserter(run_abort)(array)
+            share_array(m, array, [(engine.array_port, engine.busy),
+                                   (bconv.array_port, ~engine.busy)])
             m.d.comb += [
                 fixed.config.eq(sequencer.fixed_config),
                 fixed.start.eq(sequencer.fixed_start),

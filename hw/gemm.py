@@ -26,6 +26,9 @@ class GemmEngine(wiring.Component):
     Parameters
     ----------
     config : :class:`hw.config.DeviceConfig`
+    own_array : bool
+        Whether the engine holds its own :class:`~hw.array.XnorArray` (default) or drives one
+        through ``array_port``.
 
     Members
     -------
@@ -41,6 +44,9 @@ class GemmEngine(wiring.Component):
         uses ``en`` to hold the data while the array stalls).
     results : ``In(memory.WritePort.Signature(...))``
         Write port of the result memory.
+    array_port : ``Out(XnorArray.port_signature)``
+        Only with ``own_array=False``: the engine drives an array it shares with other units
+        (:func:`hw.array.share_array`); otherwise it holds its own.
 
     Throughput: one lane-word per PE per cycle; a tile of ``k_words`` words takes
     ``max(k_words, rows)`` cycles, so a run of ``T = m_tiles * n_tiles`` tiles takes
@@ -49,10 +55,13 @@ class GemmEngine(wiring.Component):
     are written one per cycle.
     """
 
-    def __init__(self, config):
+    def __init__(self, config, *, own_array=True):
         self.config = config
+        self.own_array = own_array
         self.array = XnorArray(config.rows, config.cols, config.lane, config.max_depth)
+        ports = {} if own_array else {"array_port": Out(self.array.port_signature)}
         super().__init__({
+            **ports,
             "start": In(stream.Signature(GemmRequest)),
             "busy": Out(1),
             "cycles": Out(32),
@@ -69,7 +78,10 @@ class GemmEngine(wiring.Component):
 
     def elaborate(self, platform):
         m = Module()
-        m.submodules.array = array = self.array
+        if self.own_array:
+            m.submodules.array = array = self.array
+        else:
+            array = self.array_port
         rows = self.config.rows
 
         request = Signal(GemmRequest)

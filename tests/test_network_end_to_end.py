@@ -163,3 +163,40 @@ def test_a_runaway_program_is_aborted_and_the_device_recovers(board):
         assert "exceeded its cycle limit" in str(error.value)
         device.ping(b"still here")
         assert np.array_equal(accelerator.infer(images[0]).logits, expected[0])
+
+
+def test_gemm_and_networks_share_the_array(board):
+    """The GEMM engine and the binary conv engine take turns on one XNOR array: GEMMs between
+    inferences, and after a binary conv aborted with its tiles in flight, are exact, and so is
+    the network after them."""
+    from sw import isa
+    from sw.driver import DeviceError
+    from sw.protocol import Memory, Status
+    _, artifact = compile_net("melius", 6, config=CONFIG)
+    images = raw_images(67, 2, 8).numpy()
+    expected = golden.run(artifact.program, torch.as_tensor(images)).numpy()
+    generator = torch.Generator().manual_seed(5)
+
+    def check_gemm(device, M, N, K):
+        W = torch.randint(0, 2, (M, K), generator=generator) * 2 - 1
+        A = torch.randint(0, 2, (K, N), generator=generator) * 2 - 1
+        counts, _ = device.gemm(W, A)
+        assert np.array_equal(np.asarray(counts), ((W @ A + K) // 2).numpy())
+
+    # About 1024 row tiles of 64 pixels of 9 words: far beyond the cycle limit below.
+    runaway = isa.DESCRIPTOR.pack(
+        opcode=isa.Opcode.BCONV, bconv_in_h=16, bconv_in_w=16, bconv_channels=32,
+        bconv_channel_words=1, bconv_kernel=3, bconv_stride=1, bconv_pad=1,
+        bconv_k_words=9, bconv_m_tiles=1024, bconv_out_channels=4095, bconv_out_plane=256)
+    last = CONFIG.program_depth - 1
+    with open_device(board) as device:
+        accelerator = Accelerator(device, artifact.program)
+        check_gemm(device, 7, 5, 70)
+        assert np.array_equal(accelerator.infer(images[0]).logits, expected[0])
+        check_gemm(device, 4, 4, 32)
+        device.write_words(Memory.PROGRAM, last, [runaway])
+        with pytest.raises(DeviceError) as error:
+            device.run_ops(last, 1, estimated_cycles=3000, max_cycles=3000)
+        assert error.value.status == Status.ABORTED
+        check_gemm(device, 8, 4, 100)
+        assert np.array_equal(accelerator.infer(images[1]).logits, expected[1])
