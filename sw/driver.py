@@ -169,6 +169,10 @@ class Device:
         self.time_scale = float(time_scale)
         #: Bytes dropped before a reply's sync byte, over the device's life (diagnostics).
         self.skipped_bytes = 0
+        #: WRITE requests made through this object, per memory: a loaded network
+        #: (:class:`sw.runtime.Accelerator`) sees from it that something else (a :meth:`gemm`,
+        #: another program) overwrote its weights, and loads them again.
+        self.writes = dict.fromkeys(Memory, 0)
         self._info = None
 
     @classmethod
@@ -409,6 +413,8 @@ class Device:
         for first in range(0, words, per_request):
             chunk = data[first * size:(first + per_request) * size]
             header = protocol.WRITE_HEADER.pack(memory=memory, address=address + first)
+            # Counted before the request: a failed write may still have changed the memory.
+            self.writes[memory] += 1
             self.request(Command.WRITE, header + chunk, expected=0)
 
     def read(self, memory, address, count):

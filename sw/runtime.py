@@ -61,6 +61,12 @@ class Accelerator:
         ...) to generate the program for, instead of the device's own: a smaller budget makes
         the host stream weights in more segments (for tests). It must not exceed the device.
 
+    The descriptors and (when they fit on chip at once) the weights stay loaded between
+    images. Anything else written through the same ``device`` to PROGRAM, WEIGHTS, COEFS or
+    PARAMS (a :meth:`~sw.driver.Device.gemm` uses WEIGHTS, another Accelerator its own program)
+    is noticed from ``device.writes``, and the next :meth:`infer` loads them again. Writes
+    through another connection to the same device cannot be seen.
+
     Raises
     ------
     IncompatibleDeviceError
@@ -95,10 +101,23 @@ class Accelerator:
         self.element_width = dp.geometry.element_width
         # With one segment the weights are loaded once; otherwise before each segment.
         self._resident = len(dp.segments) == 1
+        self._load_resident(progress)
+
+    #: The memories a loaded network keeps between images.
+    _KEPT = ("PROGRAM", "WEIGHTS", "COEFS", "PARAMS")
+
+    def _kept_writes(self):
+        return tuple(self.device.writes[Memory[name]] for name in self._KEPT)
+
+    def _load_resident(self, progress=False):
+        """Write the descriptors and, with one segment, the weights; remember the device's
+        write counts, so that :meth:`infer` notices when anything else overwrites them."""
+        dp = self.device_program
         writes = [("PROGRAM", 0, dp.descriptors)]
         if self._resident:
             writes += dp.segments[0].writes
         self._write_all(writes, progress)
+        self._loaded_writes = self._kept_writes()
 
     def _write_all(self, writes, progress=False):
         """Write ``(memory name, address, words)`` blocks, with a progress bar in bytes."""
@@ -123,6 +142,7 @@ class Accelerator:
 
     def _load_segment(self, segment):
         self._write_all(segment.writes)
+        self._loaded_writes = self._kept_writes()
 
     def infer(self, image):
         """Run one raw image ``(C, H, W)`` of integer pixels; return an :class:`InferenceResult`.
@@ -142,6 +162,9 @@ class Accelerator:
         low, high = -(1 << (self.element_width - 1)), (1 << (self.element_width - 1)) - 1
         if flat.size and (flat.min() < low or flat.max() > high):
             raise ValueError(f"image pixels must lie in [{low}, {high}]")
+        if self._kept_writes() != self._loaded_writes:
+            # A GEMM (which uses WEIGHTS) or another program was run on this device since.
+            self._load_resident()
         self.device.write_words(Memory.INTS, dp.input_base,
                                 _to_unsigned(flat, self.element_width))
         cycles = 0

@@ -168,7 +168,8 @@ def test_a_runaway_program_is_aborted_and_the_device_recovers(board):
 def test_gemm_and_networks_share_the_array(board):
     """The GEMM engine and the binary conv engine take turns on one XNOR array: GEMMs between
     inferences, and after a binary conv aborted with its tiles in flight, are exact, and so is
-    the network after them."""
+    the network after them (a GEMM overwrites WEIGHTS: the accelerator sees the device's write
+    counts change and loads its weights again)."""
     from sw import isa
     from sw.driver import DeviceError
     from sw.protocol import Memory, Status
