@@ -15,9 +15,9 @@ depend on it; loading is just faster to simulate).
 
 Networks (:mod:`bench.networks`, random weights): ``meliusnet`` (``meliusnet-small`` at
 28x28x1) and ``cnv`` (FINN's CNV-W1A1 topology at 32x32x3). CNV does not fit the default
-build's memories (its 64x28x28 count map needs more INTS elements, its conv6 more WEIGHTS
-words than one segment allows), so it runs on the same array and clock with INTS and WEIGHTS
-enlarged; the JSON records the configuration used.
+build's memories (its 64x30x30 count map needs more INTS elements, its conv6 more WEIGHTS
+words than one segment allows, its maps more BITS words), so it runs on the same array and
+clock with INTS, WEIGHTS and BITS enlarged; the JSON records the configuration used.
 
 Figures per op: cycles (hardware counter), useful binary MACs and fixed-point MACs,
 utilization of binary convs (bit-MACs / (cycles * rows * cols * lane)), share of the total.
@@ -206,7 +206,7 @@ def main(argv=None):
             run_config = config
         else:
             program, images = cnv_w1a1_program()
-            run_config = config.replace(int_depth=65536, weight_depth=4096)
+            run_config = config.replace(int_depth=65536, weight_depth=4096, bits_depth=2048)
         print(f"{name}: simulating (the first run of a configuration builds it with "
               f"Verilator)", flush=True)
         record = run_network(name, program, images, run_config, args.images)
