@@ -151,8 +151,8 @@ def _ulx3s(size):
                             coef_depth=8192, param_depth=1024, program_depth=128),
         # 85F: INTS, WEIGHTS, COEFS and PARAMS hold all of MeliusNet-small at 28x28 (peaks of
         # 45,472 elements, 1,152, 16,912 and 1,931 words), so that its weights load once;
-        # BITS has half the 2,048 words of the builds before (its peak is 588). 171 of the
-        # 208 block RAMs.
+        # BITS has half the 2,048 words of the builds before (its peak is 588). 169 of the
+        # 208 block RAMs in the build (the estimate says 171).
         "85F": DeviceConfig(rows=8, cols=8, lane=32, weight_depth=1536, activation_depth=256,
                             result_depth=256, int_depth=49152, bits_depth=1024,
                             coef_depth=32768, param_depth=2048, program_depth=128),
@@ -305,7 +305,7 @@ def estimate_resources(config, family):
         logic cells (iCE40), flip-flops, block RAMs, multipliers. Logic comes from a model
         fitted to measured builds (see the comment above; within a few percent over the
         measured range: arrays from 1x1 to 16x16, lanes 8 to 64; the layer program's units
-        from two builds only); block RAMs and multipliers are exact. On the iCE40 the flip-flops sit in the logic cells, and
+        from two builds only, 4 and 8 lanes); block RAMs and multipliers are exact. On the iCE40 the flip-flops sit in the logic cells, and
         ``luts`` counts the cells.
     """
     if family not in _MODELS:
@@ -325,14 +325,17 @@ def estimate_resources(config, family):
     power_of_two = config.rows & (config.rows - 1) == 0
     dsps = model["dsps"][0 if power_of_two else 1]
     if config.layer_program:
-        # The sequencer, the binary conv engine and the fixed-point unit, fitted to two
-        # ULX3S-85F builds of the 8x8x32 array (fixed-point units of 1 and 8 lanes: +13,898
-        # and +23,883 LUT4, +11,259 and +17,034 FFs). Multipliers are exact: two runtime
-        # products per array column in the window generator, 7 per fixed-point lane plus 2.
+        # The sequencer, the binary conv engine (which shares the GEMM engine's XNOR array),
+        # the window generator and the fixed-point unit, fitted to two builds with Yosys 0.69:
+        # ULX3S-45F 8x4x32 with 4 fixed-point lanes (+12,310 LUT4, +8,071 FFs over the
+        # GEMM-only estimate) and ULX3S-85F 8x8x32 with 8 lanes (+24,443, +12,392). Both have
+        # as many lanes as columns, so the slope covers both. Multipliers are exact (Yosys's
+        # per-module counts): 5 in the window generator, 7 per fixed-point lane and 3 shared
+        # by the lanes.
         lanes = config.int_banks
-        luts += math.ceil(12_470 + 1_430 * lanes)
-        ffs += math.ceil(10_430 + 815 * lanes)
-        dsps += 2 * config.cols + 7 * lanes + 2
+        luts += math.ceil(177 + 3_033 * lanes)
+        ffs += math.ceil(3_751 + 1_080 * lanes)
+        dsps += 7 * lanes + 8
     return {"luts": luts, "ffs": ffs, "brams": brams, "dsps": dsps}
 
 
