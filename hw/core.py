@@ -283,11 +283,20 @@ class DeviceCore(wiring.Component):
                 ]
             m.d.comb += [bconv.int_rd_data.eq(ints.rd_data), fixed.int_rd_data.eq(ints.rd_data)]
 
-        read_data = Signal(8 * max_word_bytes)
+        # A READ sends a word a byte at a time. Each memory picks byte `word_byte` of its own
+        # read port's data (which holds until the port's next enable), and only those 8 bits
+        # meet in the mux to the transmitter. Latching whole words of every memory into one
+        # register (as before) drew thousands of wires to one spot of the chip, a hot spot
+        # that nextpnr's router could not clear (docs/builds.md).
+        read_byte = Signal(8)
         with m.Switch(mem_id):
             for mem in Memory:
+                if mem not in host_reads:
+                    continue
+                padded = Signal(8 * word_bytes[mem], name=f"host_read_{mem.name.lower()}")
+                m.d.comb += padded.eq(host_reads[mem])
                 with m.Case(mem):
-                    m.d.comb += read_data.eq(host_reads.get(mem, 0))
+                    m.d.comb += read_byte.eq(padded.word_select(word_byte, 8))
         selected_word_bytes = Signal(range(max_word_bytes + 1))
         selected_depth = Signal(32)
         with m.Switch(mem_id):
@@ -587,7 +596,6 @@ class DeviceCore(wiring.Component):
                     m.next = "Latch word"
             with m.State("Latch word"):
                 m.d.sync += [
-                    word.eq(read_data),
                     word_byte.eq(0),
                     host_addr.eq(host_addr + 1),
                     words.eq(words - 1),
@@ -596,10 +604,10 @@ class DeviceCore(wiring.Component):
             with m.State("Send word"):
                 m.d.comb += [
                     transmitter.payload.valid.eq(1),
-                    transmitter.payload.payload.eq(word[:8]),
+                    transmitter.payload.payload.eq(read_byte),
                 ]
                 with m.If(taken):
-                    m.d.sync += [word.eq(word >> 8), word_byte.eq(word_byte + 1)]
+                    m.d.sync += word_byte.eq(word_byte + 1)
                     with m.If(word_byte + 1 == selected_word_bytes):
                         m.next = "Send memory"
 
