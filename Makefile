@@ -15,7 +15,7 @@ $(BIN)/python:
 setup: $(BIN)/python
 	$(BIN)/pip install -e ".[test]"
 
-# The full accelerator does not meet the ULX3S's 25 MHz yet (docs/builds.md): the quick start
+# The full accelerator does not route on the ULX3S yet (docs/builds.md): the quick start
 # builds the GEMM-only device; `python -m hw.build --board ulx3s` tries the full one.
 BUILD_OPTIONS ?= --no-layer-program
 
