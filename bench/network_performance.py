@@ -52,16 +52,22 @@ from sw.runtime import Accelerator
 ROOT = Path(__file__).resolve().parent.parent
 
 
-def committed_fmax_mhz(board):
-    """The committed build's Fmax in MHz, or ``None`` where none is committed or the committed
-    one is a GEMM-only build (its Fmax says nothing about the device that runs networks)."""
-    path = ROOT / "bitstreams" / board.name / "report.json"
-    if not path.exists():
-        return None
-    report = json.loads(path.read_text())
-    if not report["config"].get("layer_program", True):
-        return None
-    return min(clock["achieved_mhz"] for clock in report["fmax"].values())
+def committed_fmax_mhz(board, config):
+    """The Fmax in MHz of a committed build of ``board`` (``bitstreams/<board>/`` or
+    ``bitstreams/full/<board>/``) that runs the layer program on ``config``'s array shape, or
+    ``None`` where there is none (a GEMM-only build's Fmax says nothing about the device that
+    runs networks)."""
+    shape = (config.rows, config.cols, config.lane)
+    for path in (ROOT / "bitstreams" / board.name / "report.json",
+                 ROOT / "bitstreams" / "full" / board.name / "report.json"):
+        if not path.exists():
+            continue
+        report = json.loads(path.read_text())
+        built = report["config"]
+        if (built.get("layer_program", True)
+                and (built["rows"], built["cols"], built["lane"]) == shape):
+            return min(clock["achieved_mhz"] for clock in report["fmax"].values())
+    return None
 
 
 def op_figures(program, dp, config):
@@ -197,13 +203,20 @@ def main(argv=None):
     parser.add_argument("--images", type=int, default=1,
                         help="images run (and checked against golden) per network")
     parser.add_argument("--fmax-mhz", type=float, default=None,
-                        help="Fmax for images/s (default: the committed ULX3S build's, if it "
-                             "runs the layer program)")
+                        help="Fmax for images/s (default: that of a committed ULX3S build "
+                             "of the same array that runs the layer program)")
+    parser.add_argument("--cols", type=int, default=None,
+                        help="array columns, and as many fixed-point lanes, as a build with "
+                             "--cols has (default: the 85F default's)")
     parser.add_argument("--output-dir", type=Path, default=ROOT / "bench" / "results")
     args = parser.parse_args(argv)
     torch.set_num_threads(1)
     board = get_board("ulx3s", "85F")
     config = board.default_config
+    suffix = ""
+    if args.cols is not None and args.cols != config.cols:
+        config = config.replace(cols=args.cols)
+        suffix = f"_{config.rows}x{config.cols}x{config.lane}"
     records = []
     for name in args.networks:
         if name == "meliusnet":
@@ -216,7 +229,7 @@ def main(argv=None):
               f"Verilator)", flush=True)
         record = run_network(name, program, images, run_config, args.images)
         records.append(record)
-        png = args.output_dir / f"network_performance_{name}.png"
+        png = args.output_dir / f"network_performance_{name}{suffix}.png"
         plot(record, png)
         print(f"{name}: {record['cycles_per_image']:,} cycles per image, binary convs "
               f"{100 * (record['binary_utilization'] or 0):.1f}% utilized, "
@@ -225,7 +238,7 @@ def main(argv=None):
             util = f"{100 * lay['utilization']:5.1f}%" if "utilization" in lay else "      "
             print(f"  {lay['name']:28s} {lay['kind']:9s} {lay['cycles']:9,d} {util}")
     # The Fmax is read after the (long) simulations, so a build that finished meanwhile counts.
-    fmax = args.fmax_mhz or committed_fmax_mhz(board)
+    fmax = args.fmax_mhz or committed_fmax_mhz(board, config)
     for record in records:
         record["images_per_s_at_fmax"] = (round(fmax * 1e6 / record["cycles_per_image"], 1)
                                           if fmax else None)
@@ -237,7 +250,7 @@ def main(argv=None):
               f"(bound of the array alone: {record['array_bound_images_per_s_at_fmax']}); "
               f"the link carries {record['link_bytes_per_image']:,} bytes per image, at most "
               f"{record['link_bound_images_per_s']} images/s")
-    output = args.output_dir / "network_performance.json"
+    output = args.output_dir / f"network_performance{suffix}.json"
     output.parent.mkdir(parents=True, exist_ok=True)
     output.write_text(json.dumps({
         "benchmark": "network_performance",
