@@ -288,7 +288,12 @@ class DeviceCore(wiring.Component):
         # meet in the mux to the transmitter. Latching whole words of every memory into one
         # register (as before) drew thousands of wires to one spot of the chip, a hot spot
         # that nextpnr's router could not clear (docs/builds.md).
+        # The selected byte is registered before it meets the transmitter's CRC: the block RAM
+        # output, the byte select and the memory mux fill a clock period on their own (the
+        # critical path of the first routed full build, docs/builds.md).
         read_byte = Signal(8)
+        read_byte_q = Signal(8)
+        m.d.sync += read_byte_q.eq(read_byte)
         with m.Switch(mem_id):
             for mem in Memory:
                 if mem not in host_reads:
@@ -600,14 +605,18 @@ class DeviceCore(wiring.Component):
                     host_addr.eq(host_addr + 1),
                     words.eq(words - 1),
                 ]
+                m.next = "Select byte"
+            with m.State("Select byte"):
+                # read_byte_q takes byte `word_byte` at the end of this cycle.
                 m.next = "Send word"
             with m.State("Send word"):
                 m.d.comb += [
                     transmitter.payload.valid.eq(1),
-                    transmitter.payload.payload.eq(read_byte),
+                    transmitter.payload.payload.eq(read_byte_q),
                 ]
                 with m.If(taken):
                     m.d.sync += word_byte.eq(word_byte + 1)
+                    m.next = "Select byte"
                     with m.If(word_byte + 1 == selected_word_bytes):
                         m.next = "Send memory"
 
