@@ -91,12 +91,12 @@ class BconvEngine(wiring.Component):
     ``M = m_tiles``, ``N = ceil(out_plane / C)``, ``P = max(k, R)``, ``Q = max(k + 2, R)`` and
     ``S = sw.isa.window_setup_cycles(C)``, an op takes exactly::
 
-        cycles = S + M * (N - 1) * P + (M - 1) * Q + k + 2 * R + C + 4
+        cycles = S + M * (N - 1) * P + (M - 1) * Q + k + 2 * R + C + 5
 
     cycles from the cycle ``start`` is seen (cycle 0) to the first cycle with ``busy`` low:
     ``S`` for the window's geometry pipeline to settle on the config, ``k + 1`` until the
     first tile's last word enters the array, ``R + C + 2`` more until its first result row,
-    one cycle per row, one for the read-modify-write stage and one for ``busy`` to fall. The
+    one cycle per row, two for the read-modify-write stages and one for ``busy`` to fall. The
     array does ``M * N * P`` cycles of work, so the overhead is ``(M - 1) * (Q - P) <= 2 *
     (M - 1)`` cycles between row tiles plus a constant.
     """
@@ -286,9 +286,11 @@ class BconvEngine(wiring.Component):
             self.int_rd_en.eq(res.valid & cfg.add),
         ]
 
-        # Stage 1: write the counts (plus the old values for add). Runs of consecutive beats
-        # never share a written element (different channel planes, or disjoint pixels of one
-        # plane), so the read in stage 0 never misses the write in stage 1.
+        # Stage 1: the old values arrive (for add) and the sums are registered; stage 2 writes
+        # them. The sum is registered so that no path runs from the INTS block RAMs through
+        # the read rotation, the adder and the write rotation back into them in one cycle (the
+        # critical path of the routed ULX3S build, docs/builds.md). An op writes each element
+        # (o, pixel) exactly once, so a read never needs a write still in the pipeline.
         valid1 = Signal()
         final1 = Signal()
         addr1 = Signal(aw)
@@ -301,14 +303,24 @@ class BconvEngine(wiring.Component):
             mask1.eq(mask),
             counts1.eq(res.payload.counts),
         ]
-        m.d.comb += [
-            self.int_wr_addr.eq(addr1),
-            self.int_wr_en.eq(valid1 & (mask1 != 0)),
-            self.int_wr_mask.eq(mask1),
+        valid2 = Signal()
+        final2 = Signal()
+        addr2 = Signal(aw)
+        mask2 = Signal(cols)
+        m.d.sync += [
+            valid2.eq(valid1),
+            final2.eq(valid1 & final1),
+            addr2.eq(addr1),
+            mask2.eq(mask1),
         ]
         for i in range(cols):
-            m.d.comb += self.int_wr_data[i].eq(
+            m.d.sync += self.int_wr_data[i].eq(
                 counts1[i] + Mux(cfg.add, self.int_rd_data[i], 0))
-        with m.If(valid1 & final1):
+        m.d.comb += [
+            self.int_wr_addr.eq(addr2),
+            self.int_wr_en.eq(valid2 & (mask2 != 0)),
+            self.int_wr_mask.eq(mask2),
+        ]
+        with m.If(valid2 & final2):
             m.d.sync += self.busy.eq(0)
         return m

@@ -223,7 +223,7 @@ def bconv_cycles(rows, cols, k_words, m_tiles, out_plane):
     n_tiles = -(-out_plane // cols)
     p, q = max(k_words, rows), max(k_words + 2, rows)
     return (window_setup_cycles(cols) + m_tiles * (n_tiles - 1) * p + (m_tiles - 1) * q
-            + k_words + 2 * rows + cols + 4)
+            + k_words + 2 * rows + cols + 5)
 
 
 def fixed_lanes(lanes, lane, fields):
