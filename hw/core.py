@@ -283,25 +283,25 @@ class DeviceCore(wiring.Component):
                 ]
             m.d.comb += [bconv.int_rd_data.eq(ints.rd_data), fixed.int_rd_data.eq(ints.rd_data)]
 
-        # A READ sends a word a byte at a time. Each memory picks byte `word_byte` of its own
-        # read port's data (which holds until the port's next enable), and only those 8 bits
-        # meet in the mux to the transmitter. Latching whole words of every memory into one
-        # register (as before) drew thousands of wires to one spot of the chip, a hot spot
-        # that nextpnr's router could not clear (docs/builds.md).
-        # The selected byte is registered before it meets the transmitter's CRC: the block RAM
-        # output, the byte select and the memory mux fill a clock period on their own (the
-        # critical path of the first routed full build, docs/builds.md).
-        read_byte = Signal(8)
+        # A READ sends a word a byte at a time, in two registered steps: each memory picks byte
+        # `word_byte` of its own read port's data (which holds until the port's next enable)
+        # into a register next to it, then the selected memory's register goes to the
+        # transmitter through one more. Latching whole words of every memory into one register
+        # (as before) drew thousands of wires to one spot of the chip, a hot spot nextpnr's
+        # router could not clear; without the registers the block RAM output, the byte select
+        # (a 57:1 multiplexer for PROGRAM's words) and the memory mux each limited Fmax in turn
+        # (docs/builds.md).
+        memory_byte_q = {}
+        for mem, data in host_reads.items():
+            padded = Signal(8 * word_bytes[mem], name=f"host_read_{mem.name.lower()}")
+            memory_byte_q[mem] = Signal(8, name=f"host_read_{mem.name.lower()}_byte")
+            m.d.comb += padded.eq(data)
+            m.d.sync += memory_byte_q[mem].eq(padded.word_select(word_byte, 8))
         read_byte_q = Signal(8)
-        m.d.sync += read_byte_q.eq(read_byte)
         with m.Switch(mem_id):
-            for mem in Memory:
-                if mem not in host_reads:
-                    continue
-                padded = Signal(8 * word_bytes[mem], name=f"host_read_{mem.name.lower()}")
-                m.d.comb += padded.eq(host_reads[mem])
+            for mem, byte_q in memory_byte_q.items():
                 with m.Case(mem):
-                    m.d.comb += read_byte.eq(padded.word_select(word_byte, 8))
+                    m.d.sync += read_byte_q.eq(byte_q)
         selected_word_bytes = Signal(range(max_word_bytes + 1))
         selected_depth = Signal(32)
         with m.Switch(mem_id):
@@ -607,7 +607,10 @@ class DeviceCore(wiring.Component):
                 ]
                 m.next = "Select byte"
             with m.State("Select byte"):
-                # read_byte_q takes byte `word_byte` at the end of this cycle.
+                # The memory's byte register takes byte `word_byte` at the end of this cycle,
+                # read_byte_q at the end of the next.
+                m.next = "Select memory"
+            with m.State("Select memory"):
                 m.next = "Send word"
             with m.State("Send word"):
                 m.d.comb += [
