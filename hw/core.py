@@ -415,7 +415,7 @@ class DeviceCore(wiring.Component):
                         address.eq(_field(args, protocol.READ_REQUEST, "address")),
                         words.eq(_field(args, protocol.READ_REQUEST, "count")),
                     ]
-                    m.next = "Check read"
+                    m.next = "Size read"
                 with m.Case(Command.GEMM):
                     # Register the request and the products the check needs: the 16 x 16
                     # multiplications would otherwise sit on one path with the comparisons and
@@ -481,9 +481,13 @@ class DeviceCore(wiring.Component):
                 with m.If(index == event.length):
                     reply(Status.OK, 0, payload_states.index("Finish"))
 
+            # The reply's size is registered before the checks use it: the multiply, the
+            # compare and the state decision in one cycle limited Fmax.
+            reply_bytes = Signal(32)
+            with m.State("Size read"):
+                m.d.sync += reply_bytes.eq(words * selected_word_bytes)
+                m.next = "Check read"
             with m.State("Check read"):
-                reply_bytes = Signal(32)
-                m.d.comb += reply_bytes.eq(words * selected_word_bytes)
                 with m.If(mem_id >= len(Memory)):
                     fail(Status.BAD_ADDRESS)
                 with m.Elif((words == 0) | (reply_bytes > cfg.max_payload)):
