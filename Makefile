@@ -15,13 +15,9 @@ $(BIN)/python:
 setup: $(BIN)/python
 	$(BIN)/pip install -e ".[test]"
 
-# The full accelerator does not route on the ULX3S yet (docs/builds.md): the quick start
-# builds the GEMM-only device; `python -m hw.build --board ulx3s` tries the full one. On the
-# ECP5 nextpnr's electrostatic placer: with the default HeAP placer router2 did not converge
-# on the GEMM-only device of commit 83b96c8 (docs/builds.md).
-BUILD_OPTIONS_ulx3s := --no-layer-program "--nextpnr-opts=--placer static"
-BUILD_OPTIONS_icebreaker := --no-layer-program
-BUILD_OPTIONS ?= $(BUILD_OPTIONS_$(BOARD))
+# The board's default build (hw/board.py): on the ULX3S-85F the full accelerator, on the
+# iCEBreaker the GEMM-only device. BUILD_OPTIONS adds hw.build options.
+BUILD_OPTIONS ?=
 
 bitstream: setup
 	$(BIN)/python -m hw.build --board $(BOARD) $(BUILD_OPTIONS)

@@ -110,6 +110,10 @@ class Board:
     leds : dict
         LED indices (``platform.request("led", index)``) for ``"heartbeat"``, ``"rx"`` and
         ``"tx"``; two roles may share an LED.
+    nextpnr_options : tuple of str
+        nextpnr options every build for this board gets (before the caller's own).
+    seed : int
+        nextpnr's placement seed unless the caller gives one.
     """
     name: str
     size: str | None
@@ -121,6 +125,8 @@ class Board:
     bitstream_suffix: str
     loader_args: tuple
     leds: dict
+    nextpnr_options: tuple = ()
+    seed: int = 1
 
     @property
     def label(self):
@@ -151,9 +157,11 @@ def _ulx3s(size):
                             coef_depth=8192, param_depth=1024, program_depth=128),
         # 85F: INTS, WEIGHTS, COEFS and PARAMS hold all of MeliusNet-small at 28x28 (peaks of
         # 45,472 elements, 1,152, 16,912 and 1,931 words), so that its weights load once;
-        # BITS has half the 2,048 words of the builds before (its peak is 588). 169 of the
-        # 208 block RAMs in the build (the estimate says 171).
-        "85F": DeviceConfig(rows=8, cols=8, lane=32, weight_depth=1536, activation_depth=256,
+        # BITS has half the 2,048 words of the builds before (its peak is 588). Four columns
+        # (and so four fixed-point lanes): nextpnr's router has not converged on the 8 x 8 x 32
+        # array (`--cols 8`), while this one routes (156 of the 208 block RAMs; with 8 columns
+        # 169); docs/builds.md.
+        "85F": DeviceConfig(rows=8, cols=4, lane=32, weight_depth=1536, activation_depth=256,
                             result_depth=256, int_depth=49152, bits_depth=1024,
                             coef_depth=32768, param_depth=2048, program_depth=128),
     }[size]
@@ -167,6 +175,13 @@ def _ulx3s(size):
         # -m: load the FPGA's SRAM (lost at power-off); flashing is a deliberate, separate act.
         loader_args=("-b", "ulx3s", "-m"),
         leds={"heartbeat": 0, "rx": 1, "tx": 2},
+        # nextpnr's electrostatic placer spreads the design over the die; after HeAP's
+        # placement router2 did not converge on the full accelerator (overuse plateau near
+        # 25,000) nor on the GEMM-only device of commit 83b96c8. Seed 5: the 85F default of
+        # commit c73902b routed with it (51.02 MHz) and with seed 3 (50.02 MHz); some seeds of
+        # earlier commits did not converge (docs/builds.md).
+        nextpnr_options=("--placer", "static"),
+        seed=5,
     )
 
 

@@ -143,7 +143,25 @@ def _run_stage(index, argv, work_dir, env):
                          f"log: {log_path}\n{tail}")
 
 
-def build(board, config, output_dir="bitstreams", *, device_factory=None, seed=1,
+def _merge_options(defaults, extra):
+    """``defaults`` then ``extra`` (command-line options as token sequences), leaving out each
+    default option (``--name`` and its values) that ``extra`` gives again: nextpnr refuses an
+    option given twice, and the caller's choice wins."""
+    def grouped(tokens):
+        groups = []
+        for token in tokens:
+            if token.startswith("-") or not groups:
+                groups.append([token])
+            else:
+                groups[-1].append(token)
+        return groups
+    extra = tuple(extra)
+    given = {group[0] for group in grouped(extra)}
+    kept = [token for group in grouped(defaults) if group[0] not in given for token in group]
+    return tuple(kept) + extra
+
+
+def build(board, config, output_dir="bitstreams", *, device_factory=None, seed=None,
           nextpnr_extra=(), progress=True):
     """Build ``config`` for ``board`` and return the report (also written as JSON).
 
@@ -157,11 +175,13 @@ def build(board, config, output_dir="bitstreams", *, device_factory=None, seed=1
     device_factory : callable
         ``device_factory(config)`` returns the component to place on the board; default
         :class:`hw.device.Device`.
-    seed : int
-        nextpnr's placement seed (fixed, so that builds are reproducible).
+    seed : int, optional
+        nextpnr's placement seed (fixed, so that builds are reproducible); default
+        ``board.seed``.
     nextpnr_extra : sequence of str
-        More nextpnr options, appended to the build's own (for example
-        ``("--placer-heap-beta", "0.7")``); recorded in the report.
+        More nextpnr options, appended to the build's own and the board's
+        (``board.nextpnr_options``, less those given here again; for example
+        ``("--placer", "heap")``); the board's and these are recorded in the report.
     progress : bool
         Show a progress bar over the toolchain stages.
 
@@ -192,12 +212,14 @@ def build(board, config, output_dir="bitstreams", *, device_factory=None, seed=1
 
     device = device_factory(config)
     top = BoardTop(board, device)
+    if seed is None:
+        seed = board.seed
     nextpnr_opts = f"--report {NEXTPNR_REPORT} --timing-allow-fail --seed {seed}"
     if board.family == "ecp5":
         # router2: the full accelerator's 200,000 arcs took router1 more than half an hour
         # for a third of them (the block RAMs are 90% used).
         nextpnr_opts += " --router router2"
-    nextpnr_extra = tuple(nextpnr_extra)
+    nextpnr_extra = _merge_options(board.nextpnr_options, nextpnr_extra)
     if nextpnr_extra:
         nextpnr_opts += " " + " ".join(nextpnr_extra)
     overrides = {
@@ -535,12 +557,14 @@ def make_parser():
     parser.add_argument("--output-dir", metavar="DIR", type=Path, default=Path("bitstreams"),
                         help="where <board>/ with the bitstream and report goes "
                              "(default: %(default)s)")
-    parser.add_argument("--seed", metavar="N", type=int, default=1,
-                        help="nextpnr placement seed (default: %(default)s)")
+    parser.add_argument("--seed", metavar="N", type=int, default=None,
+                        help="nextpnr placement seed (default: the board's: 5 on the ULX3S, "
+                             "1 on the iCEBreaker)")
     parser.add_argument("--nextpnr-opts", metavar="OPTS", default="",
-                        help="more nextpnr options, appended to the build's own; write them "
-                             "after an equals sign, for example "
-                             "--nextpnr-opts='--placer-heap-beta 0.7' (default: none)")
+                        help="more nextpnr options, appended to the build's own and the "
+                             "board's (the ULX3S's: --placer static); write them after an "
+                             "equals sign, for example --nextpnr-opts='--placer-heap-beta 0.7' "
+                             "(default: none)")
     parser.add_argument("--loopback", action="store_true",
                         help="build a UART loopback instead of the accelerator, to bring up a "
                              "board and its serial port (default: %(default)s)")

@@ -227,6 +227,43 @@ def test_nextpnr_extra_options_reach_nextpnr_and_the_report(tmp_path, monkeypatc
     assert report["nextpnr_extra_options"] == ["--placer-heap-beta", "0.7"]
 
 
+def test_board_nextpnr_options_and_seed_reach_nextpnr_unless_overridden(tmp_path, monkeypatch):
+    """The ULX3S's own options (the electrostatic placer) and seed reach nextpnr and the
+    report; an option the caller gives again replaces the board's instead of repeating it."""
+    board = get_board("ulx3s")
+    assert board.nextpnr_options == ("--placer", "static") and board.seed == 5
+    seen = []
+    run_stage = fake_toolchain(sample_nextpnr(achieved=30.0, constraint=25.0))
+
+    def recording(index, argv, work_dir, env):
+        seen.append(argv)
+        run_stage(index, argv, work_dir, env)
+    monkeypatch.setattr(build, "_run_stage", recording)
+
+    def nextpnr_of(**options):
+        seen.clear()
+        report = build.build(board, board.default_config, tmp_path, device_factory=Loopback,
+                             progress=False, **options)
+        return next(argv for argv in seen if argv[0].startswith("nextpnr")), report
+
+    argv, report = nextpnr_of()
+    assert argv[argv.index("--placer") + 1] == "static"
+    assert argv[argv.index("--seed") + 1] == "5"
+    assert (report["nextpnr_seed"], report["nextpnr_extra_options"]) == \
+        (5, ["--placer", "static"])
+    argv, report = nextpnr_of(seed=7, nextpnr_extra=["--placer", "heap", "--slack_redist_iter",
+                                                     "2"])
+    assert argv.count("--placer") == 1 and argv[argv.index("--placer") + 1] == "heap"
+    assert argv[argv.index("--seed") + 1] == "7"
+    assert report["nextpnr_extra_options"] == ["--placer", "heap", "--slack_redist_iter", "2"]
+
+
+def test_merge_options_keeps_defaults_the_caller_does_not_repeat():
+    assert build._merge_options(("--placer", "static", "--tmg-ripup"), ("--placer", "heap")) \
+        == ("--tmg-ripup", "--placer", "heap")
+    assert build._merge_options(("--placer", "static"), ()) == ("--placer", "static")
+
+
 @pytest.mark.parametrize("argv, message", [
     (["--rows", "0"], "argument --rows: must be a positive integer, not 0"),
     (["--board", "icebreaker", "--size", "85F"], "board icebreaker comes in one size"),
@@ -351,7 +388,8 @@ def fake_toolchain(nextpnr_report):
         if index == 1:
             (work_dir / build.NEXTPNR_REPORT).write_text(json.dumps(nextpnr_report))
         if index == 2:
-            (work_dir / "accelerator.bin").write_bytes(b"bitstream")
+            for suffix in (".bin", ".bit"):     # the iCE40's and the ECP5's packer
+                (work_dir / f"accelerator{suffix}").write_bytes(b"bitstream")
     return run_stage
 
 
