@@ -34,6 +34,7 @@ from pathlib import Path
 
 import torch
 
+from bench.committed import committed_fmax_mhz
 from hw.board import BOARDS, get_board
 from sim.board import BoardProcess
 from sw.driver import Device, gemm_cycles_estimate
@@ -63,15 +64,6 @@ def fits(config, M, K, N):
     return (K <= config.max_depth and m_tiles * k_words <= config.weight_depth
             and n_tiles * k_words <= config.activation_depth
             and m_tiles * n_tiles * config.rows <= config.result_depth)
-
-
-def committed_fmax_mhz(board):
-    """Fmax of the board's committed build (``bitstreams/<board>/report.json``), or None."""
-    path = ROOT / "bitstreams" / board.name / "report.json"
-    if not path.exists():
-        return None
-    report = json.loads(path.read_text())
-    return min(clock["achieved_mhz"] for clock in report["fmax"].values())
 
 
 def measure(device, config, name, M, K, N, generator):
@@ -113,7 +105,7 @@ def main(argv=None):
     board = get_board(args.board, args.size)
     config = board.default_config
     output = args.output or ROOT / "bench" / "results" / f"gemm_utilization_{board.name}.json"
-    fmax = committed_fmax_mhz(board)
+    fmax = committed_fmax_mhz(board, config, layer_program=False)
     generator = torch.Generator().manual_seed(args.seed)
 
     print(f"{board.name} {board.size or ''} default build: {config.rows}x{config.cols}x"

@@ -40,6 +40,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from bench.committed import committed_fmax_mhz
 from bench.networks import cnv_w1a1_program, meliusnet_program
 from hw.board import get_board
 from sim.board import BoardProcess
@@ -50,24 +51,6 @@ from sw.protocol import Memory
 from sw.runtime import Accelerator
 
 ROOT = Path(__file__).resolve().parent.parent
-
-
-def committed_fmax_mhz(board, config):
-    """The Fmax in MHz of a committed build of ``board`` (``bitstreams/<board>/`` or
-    ``bitstreams/full/<board>/``) that runs the layer program on ``config``'s array shape, or
-    ``None`` where there is none (a GEMM-only build's Fmax says nothing about the device that
-    runs networks)."""
-    shape = (config.rows, config.cols, config.lane)
-    for path in (ROOT / "bitstreams" / board.name / "report.json",
-                 ROOT / "bitstreams" / "full" / board.name / "report.json"):
-        if not path.exists():
-            continue
-        report = json.loads(path.read_text())
-        built = report["config"]
-        if (built.get("layer_program", True)
-                and (built["rows"], built["cols"], built["lane"]) == shape):
-            return min(clock["achieved_mhz"] for clock in report["fmax"].values())
-    return None
 
 
 def op_figures(program, dp, config):
@@ -238,7 +221,7 @@ def main(argv=None):
             util = f"{100 * lay['utilization']:5.1f}%" if "utilization" in lay else "      "
             print(f"  {lay['name']:28s} {lay['kind']:9s} {lay['cycles']:9,d} {util}")
     # The Fmax is read after the (long) simulations, so a build that finished meanwhile counts.
-    fmax = args.fmax_mhz or committed_fmax_mhz(board, config)
+    fmax = args.fmax_mhz or committed_fmax_mhz(board, config, layer_program=True)
     for record in records:
         record["images_per_s_at_fmax"] = (round(fmax * 1e6 / record["cycles_per_image"], 1)
                                           if fmax else None)

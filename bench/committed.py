@@ -1,0 +1,24 @@
+"""The committed board builds (``bitstreams/<board>/report.json``) as the benchmarks read them."""
+
+import json
+from pathlib import Path
+
+__all__ = ["committed_fmax_mhz"]
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def committed_fmax_mhz(board, config, *, layer_program):
+    """The Fmax in MHz of ``board``'s committed build if it has ``config``'s array shape (and,
+    with ``layer_program`` set, runs the layer program), else ``None``: another array's or a
+    GEMM-only build's Fmax says nothing about the device measured."""
+    path = ROOT / "bitstreams" / board.name / "report.json"
+    if not path.exists():
+        return None
+    report = json.loads(path.read_text())
+    built = report["config"]
+    if (built["rows"], built["cols"], built["lane"]) != (config.rows, config.cols, config.lane):
+        return None
+    if layer_program and not built.get("layer_program", True):
+        return None
+    return min(clock["achieved_mhz"] for clock in report["fmax"].values())
