@@ -209,20 +209,31 @@ def test_config_from_args_applies_layer_program_depths():
                                                   program_depth=64)
 
 
-def test_nextpnr_extra_options_reach_nextpnr_and_the_report(tmp_path, monkeypatch):
-    args = build.make_parser().parse_args(["--nextpnr-opts=--placer-heap-beta 0.7"])
-    assert args.nextpnr_opts.split() == ["--placer-heap-beta", "0.7"]
-    board = get_board("icebreaker")
+def recording_toolchain(monkeypatch, board, tmp_path, constraint):
+    """Replace the tools by :func:`fake_toolchain`; return ``run(**build_options)``, which
+    builds ``board``'s default (a :class:`Loopback`) and returns ``(nextpnr argv, report)``."""
     seen = []
-    run_stage = fake_toolchain(sample_nextpnr(achieved=30.0, constraint=12.0))
+    run_stage = fake_toolchain(sample_nextpnr(achieved=30.0, constraint=constraint))
 
     def recording(index, argv, work_dir, env):
         seen.append(argv)
         run_stage(index, argv, work_dir, env)
     monkeypatch.setattr(build, "_run_stage", recording)
-    report = build.build(board, board.default_config, tmp_path, device_factory=Loopback,
-                         nextpnr_extra=args.nextpnr_opts.split(), progress=False)
-    nextpnr = next(argv for argv in seen if argv[0].startswith("nextpnr"))
+
+    def run(**options):
+        seen.clear()
+        report = build.build(board, board.default_config, tmp_path, device_factory=Loopback,
+                             progress=False, **options)
+        return next(argv for argv in seen if argv[0].startswith("nextpnr")), report
+    return run
+
+
+def test_nextpnr_extra_options_reach_nextpnr_and_the_report(tmp_path, monkeypatch):
+    args = build.make_parser().parse_args(["--nextpnr-opts=--placer-heap-beta 0.7"])
+    assert args.nextpnr_opts.split() == ["--placer-heap-beta", "0.7"]
+    board = get_board("icebreaker")
+    run_nextpnr = recording_toolchain(monkeypatch, board, tmp_path, constraint=12.0)
+    nextpnr, report = run_nextpnr(nextpnr_extra=args.nextpnr_opts.split())
     assert nextpnr[nextpnr.index("--placer-heap-beta") + 1] == "0.7"
     assert report["nextpnr_extra_options"] == ["--placer-heap-beta", "0.7"]
 
@@ -232,20 +243,7 @@ def test_board_nextpnr_options_and_seed_reach_nextpnr_unless_overridden(tmp_path
     report; an option the caller gives again replaces the board's instead of repeating it."""
     board = get_board("ulx3s")
     assert board.nextpnr_options == ("--placer", "static") and board.seed == 5
-    seen = []
-    run_stage = fake_toolchain(sample_nextpnr(achieved=30.0, constraint=25.0))
-
-    def recording(index, argv, work_dir, env):
-        seen.append(argv)
-        run_stage(index, argv, work_dir, env)
-    monkeypatch.setattr(build, "_run_stage", recording)
-
-    def nextpnr_of(**options):
-        seen.clear()
-        report = build.build(board, board.default_config, tmp_path, device_factory=Loopback,
-                             progress=False, **options)
-        return next(argv for argv in seen if argv[0].startswith("nextpnr")), report
-
+    nextpnr_of = recording_toolchain(monkeypatch, board, tmp_path, constraint=25.0)
     argv, report = nextpnr_of()
     assert argv[argv.index("--placer") + 1] == "static"
     assert argv[argv.index("--seed") + 1] == "5"
