@@ -44,6 +44,7 @@ from bench.committed import committed_fmax_mhz
 from bench.networks import cnv_w1a1_program, meliusnet_program
 from hw.board import get_board
 from sim.board import BoardProcess
+from sw import isa
 from sw.compile import golden
 from sw.driver import Device
 from sw.packing import word_bytes
@@ -136,7 +137,7 @@ def run_network(name, program, images, config, images_to_run):
         "config": {k: getattr(config, k) for k in (
             "rows", "cols", "lane", "max_depth", "weight_depth", "int_depth", "bits_depth",
             "coef_depth", "param_depth", "program_depth", "element_width", "clock_hz",
-            "baud")},
+            "baud")} | {"fixed_lanes": config.int_banks},
         "layers": layers,
     }
     return record
@@ -189,17 +190,29 @@ def main(argv=None):
                         help="Fmax for images/s (default: that of a committed ULX3S build "
                              "of the same array that runs the layer program)")
     parser.add_argument("--cols", type=int, default=None,
-                        help="array columns, and as many fixed-point lanes, as a build with "
-                             "--cols has (default: the 85F default's)")
+                        help="array columns, as a build with --cols has (default: the 85F "
+                             "default's)")
+    parser.add_argument("--fixed-lanes", type=int, default=None,
+                        help="at least this many fixed-point lanes, as a build with "
+                             "--fixed-lanes has (default: the 85F default's)")
     parser.add_argument("--output-dir", type=Path, default=ROOT / "bench" / "results")
     args = parser.parse_args(argv)
     torch.set_num_threads(1)
     board = get_board("ulx3s", "85F")
     config = board.default_config
+    changes = {name: value for name, value in (("cols", args.cols),
+                                                ("fixed_lanes", args.fixed_lanes))
+               if value is not None and value != getattr(config, name)}
+    try:
+        config = config.replace(**changes)
+    except ValueError as error:
+        parser.error(str(error))
+    default = board.default_config
     suffix = ""
-    if args.cols is not None and args.cols != config.cols:
-        config = config.replace(cols=args.cols)
+    if (config.cols, config.int_banks) != (default.cols, default.int_banks):
         suffix = f"_{config.rows}x{config.cols}x{config.lane}"
+        if config.int_banks != isa.int_banks(config.cols):
+            suffix += f"_lanes{config.int_banks}"
     records = []
     for name in args.networks:
         if name == "meliusnet":

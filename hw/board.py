@@ -157,13 +157,15 @@ def _ulx3s(size):
                             coef_depth=8192, param_depth=1024, program_depth=128),
         # 85F: INTS, WEIGHTS, COEFS and PARAMS hold all of MeliusNet-small at 28x28 (peaks of
         # 45,472 elements, 1,152, 16,912 and 1,931 words), so that its weights load once;
-        # BITS has half the 2,048 words of the builds before (its peak is 588). Four columns
-        # (and so four fixed-point lanes): nextpnr's router has not converged on the 8 x 8 x 32
-        # array (`--cols 8`), while this one routes (156 of the 208 block RAMs; with 8 columns
-        # 169); docs/builds.md.
+        # BITS has half the 2,048 words of the builds before (its peak is 588). Four columns:
+        # nextpnr's router has not converged on the 8 x 8 x 32 array (`--cols 8`), while this
+        # one routes; docs/builds.md. Eight fixed-point lanes: the fixed-point ops (stem,
+        # transitions, CNV's first layer) take most of a network's cycles, and the lanes'
+        # multipliers are plentiful (about 64 of 156).
         "85F": DeviceConfig(rows=8, cols=4, lane=32, weight_depth=1536, activation_depth=256,
                             result_depth=256, int_depth=49152, bits_depth=1024,
-                            coef_depth=32768, param_depth=2048, program_depth=128),
+                            coef_depth=32768, param_depth=2048, program_depth=128,
+                            fixed_lanes=8),
     }[size]
     return Board(
         name="ulx3s", size=size, family="ecp5",

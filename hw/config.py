@@ -45,6 +45,12 @@ class DeviceConfig:
         Words in the layer program's memories (see :class:`sw.protocol.Memory` and
         :mod:`sw.isa`); ``int_depth`` must be a multiple of :attr:`int_banks`;
         ``program_depth`` is also the number of cycle counters.
+    fixed_lanes : int
+        At least this many fixed-point lanes: 0 or a power of two. The unit computes
+        :attr:`int_banks` output pixels per cycle (the INTS banks): the power of two at least
+        ``cols``, or ``fixed_lanes`` if that is more. More lanes speed up the fixed-point ops
+        (stems, transitions, pools) without widening the XNOR array, at about 7 multipliers
+        per lane.
     layer_program : bool
         Whether the build runs layer programs (the sequencer, the fixed-point unit, the binary
         conv engine and their memories). ``False`` gives a GEMM-only device for FPGAs too
@@ -67,6 +73,7 @@ class DeviceConfig:
     coef_depth: int = 4096
     param_depth: int = 512
     program_depth: int = 256
+    fixed_lanes: int = 0
     layer_program: bool = True
 
     def __post_init__(self):
@@ -95,6 +102,11 @@ class DeviceConfig:
         if not 8 <= self.element_width <= 32:
             raise ValueError(f"element_width must be between 8 and 32, not "
                              f"{self.element_width}")
+        if (not isinstance(self.fixed_lanes, int) or isinstance(self.fixed_lanes, bool)
+                or not 0 <= self.fixed_lanes <= 64
+                or self.fixed_lanes & (self.fixed_lanes - 1)):
+            raise ValueError(f"fixed_lanes must be 0 or a power of two up to 64, not "
+                             f"{self.fixed_lanes!r}")
         if self.int_depth % self.int_banks or self.int_depth > 1 << 24:
             raise ValueError(f"int_depth must be a multiple of {self.int_banks} (the INTS "
                              f"banks) and at most 2**24, not {self.int_depth}")
@@ -120,9 +132,10 @@ class DeviceConfig:
 
     @property
     def int_banks(self):
-        """Banks of INTS memory: the power of two at least ``cols``, so that the binary conv
-        engine writes the ``cols`` counts of a result row in one cycle at any address."""
-        return isa.int_banks(self.cols)
+        """Banks of INTS memory and lanes of the fixed-point unit: the power of two at least
+        ``cols`` (so that the binary conv engine writes the ``cols`` counts of a result row in
+        one cycle at any address), or ``fixed_lanes`` if that is more."""
+        return isa.int_banks(self.cols, self.fixed_lanes)
 
     #: Largest number of terms (``terms_c * kernel_h * kernel_w``) of one output value of the
     #: fixed-point unit; sets its accumulator width.
@@ -167,7 +180,8 @@ class DeviceConfig:
             activation_depth=self.activation_depth, result_depth=self.result_depth,
             clock_hz=self.clock_hz, baud=self.baud, element_width=self.element_width,
             bits_depth=depths[M.BITS], int_depth=depths[M.INTS], coef_depth=depths[M.COEFS],
-            param_depth=depths[M.PARAMS], program_depth=depths[M.PROGRAM])
+            param_depth=depths[M.PARAMS], program_depth=depths[M.PROGRAM],
+            fixed_lanes=self.int_banks if self.layer_program else 0)
 
     @property
     def byte_timeout_cycles(self):

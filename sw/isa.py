@@ -205,10 +205,11 @@ FIXED_LATENCY = 12
 SEQUENCER_CYCLES = 5
 
 
-def int_banks(cols):
-    """Banks of INTS memory (the power of two at least ``cols``), which is also the number of
-    output pixels the fixed-point unit computes per cycle."""
-    return 1 << (cols - 1).bit_length()
+def int_banks(cols, fixed_lanes=0):
+    """Banks of INTS memory, which is also the number of output pixels the fixed-point unit
+    computes per cycle (its lanes): the power of two at least ``cols`` (a binary conv writes
+    the ``cols`` counts of a result row in one cycle), or ``fixed_lanes`` if that is more."""
+    return max(1 << (cols - 1).bit_length(), fixed_lanes)
 
 
 def window_setup_cycles(cols):
@@ -254,13 +255,14 @@ def fixed_cycles(lanes, lane, fields):
     return cycles
 
 
-def op_cycles(rows, cols, lane, descriptor):
-    """An op's cycle counter on a device with a ``rows x cols x lane`` array: ``descriptor`` is
-    a dict of :data:`DESCRIPTOR` fields."""
+def op_cycles(rows, cols, lane, descriptor, fixed_lanes=0):
+    """An op's cycle counter on a device with a ``rows x cols x lane`` array and
+    ``int_banks(cols, fixed_lanes)`` fixed-point lanes: ``descriptor`` is a dict of
+    :data:`DESCRIPTOR` fields."""
     opcode = descriptor["opcode"]
     if opcode == Opcode.FIXED:
         fields = {name: descriptor[f"fixed_{name}"] for name, _, _ in FIXED_FIELDS}
-        return fixed_cycles(int_banks(cols), lane, fields) + SEQUENCER_CYCLES
+        return fixed_cycles(int_banks(cols, fixed_lanes), lane, fields) + SEQUENCER_CYCLES
     if opcode == Opcode.BCONV:
         return bconv_cycles(rows, cols, descriptor["bconv_k_words"],
                             descriptor["bconv_m_tiles"], descriptor["bconv_out_plane"]) \

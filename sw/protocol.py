@@ -63,7 +63,7 @@ __all__ = [
 
 REQUEST_SYNC = 0xA5
 REPLY_SYNC = 0x5A
-PROTOCOL_VERSION = 2
+PROTOCOL_VERSION = 3
 #: Command byte used in error replies when the request's command byte was never received.
 NO_COMMAND = 0x00
 #: Sync, command/status and two length bytes.
@@ -256,6 +256,7 @@ INFO = _Layout([
     ("coef_depth", "I"),      # words in Memory.COEFS
     ("param_depth", "I"),     # words in Memory.PARAMS
     ("program_depth", "I"),   # words in Memory.PROGRAM and Memory.COUNTERS
+    ("fixed_lanes", "B"),     # output pixels the fixed-point unit computes per cycle (0: none)
 ])
 #: Start of a WRITE payload; the data (whole words) follows.
 WRITE_HEADER = _Layout([("memory", "B"), ("address", "I")])

@@ -30,14 +30,15 @@ from tests import boards
 from tests.compile_nets import compile_net, raw_images
 from tests.device_programs import KINDS, single_op_program
 
-#: A 4x4x32 array with memories that hold the test networks, 4 clock cycles per UART bit (the
+#: A 4x4x32 array with eight fixed-point lanes (INTS banks: twice the columns, as in the
+#: ULX3S-85F default), memories that hold the test networks, 4 clock cycles per UART bit (the
 #: fastest the UART allows: loading weights costs fewer simulated cycles).
 #: A short byte timeout (2 ms, 48,000 cycles) answers truncated frames quickly (the fuzz test).
 CONFIG = DeviceConfig(rows=4, cols=4, lane=32, max_depth=1024, weight_depth=640,
                       activation_depth=16, result_depth=16, max_payload=256,
                       clock_hz=24_000_000, baud=6_000_000, byte_timeout_us=2000,
                       int_depth=12288, bits_depth=512, coef_depth=6144, param_depth=1024,
-                      program_depth=128)
+                      program_depth=128, fixed_lanes=8)
 REPLY_TIMEOUT = 10.0
 BOARD_LIMITS = {"idle_timeout": 120, "time_limit": 1200, "startup_timeout": 600}
 

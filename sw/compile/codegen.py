@@ -69,12 +69,18 @@ class Geometry:
     coef_depth: int
     param_depth: int
     program_depth: int
+    #: At least this many fixed-point lanes (0: as many as the columns need; the unit has
+    #: :func:`sw.isa.int_banks` ``(cols, fixed_lanes)``); only cycle counts depend on it.
+    fixed_lanes: int = 0
 
     def __post_init__(self):
         for field in dataclasses.fields(self):
             value = getattr(self, field.name)
-            if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < 1:
-                raise ValueError(f"{field.name} must be a positive integer, not {value!r}")
+            least = 0 if field.name == "fixed_lanes" else 1
+            if (isinstance(value, bool) or not isinstance(value, (int, np.integer))
+                    or value < least):
+                what = "a positive integer" if least else "an integer >= 0"
+                raise ValueError(f"{field.name} must be {what}, not {value!r}")
         # Encoded thresholds lie in the element range and must fit PARAM's 32-bit field; the
         # reference model computes in int64, so elements times multipliers stay far below
         # 2**63 (hw.config.DeviceConfig allows 8..32 as well).
@@ -349,7 +355,8 @@ class _Mapper:
             "res_base": res_base,
         }
         params = [{"in_offset": int(offset)} for offset in in_offsets]
-        cycles = (isa.fixed_cycles(isa.int_banks(self.geo.cols), self.geo.lane, fields)
+        cycles = (isa.fixed_cycles(isa.int_banks(self.geo.cols, self.geo.fixed_lanes),
+                                   self.geo.lane, fields)
                   + isa.SEQUENCER_CYCLES)
         return _Lowered(isa.Opcode.FIXED, fields, params=params, cycles=cycles)
 
