@@ -300,6 +300,11 @@ class _Lowered:
     cycles: int = 0
 
 
+#: Largest value of the FIXED fields in_w and out_w, plus one.
+_FIELD_LIMIT = 1 << min(width for name, width, _ in isa.FIXED_FIELDS
+                        if name in ("in_w", "out_w"))
+
+
 class _Mapper:
     def __init__(self, program, geo, allocation):
         self.program = program
@@ -339,6 +344,12 @@ class _Mapper:
         if out_h < 1 or out_w < 1:
             raise CompileError(f"{op.name}: a {kh}x{kw} kernel does not fit a {in_h}x{in_w} map")
         self.check_shape(op, op.output, out_h, out_w)
+        if (kh, kw, stride, pad) == (1, 1, 1, 0) and 1 < in_h and in_h * in_w < _FIELD_LIMIT:
+            # Element-wise over channel planes: the map's pixels are consecutive elements in
+            # INTS (and pixel-major words in BITS), so the op may see it as one row. The
+            # fixed-point unit's lane groups never cross a row end; one long row keeps its
+            # lanes busy on maps narrower than (or not a multiple of) the lanes.
+            in_h, in_w, out_h, out_w = 1, in_h * in_w, 1, in_h * in_w
         out_c = op.output.channels
         if post == isa.Post.THRESHOLD:
             out_base = self.allocation[op.output.tensor][1]
