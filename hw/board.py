@@ -161,10 +161,12 @@ def _ulx3s(size):
         # nextpnr's router has not converged on the 8 x 8 x 32 array (`--cols 8`), while this
         # one routes; docs/builds.md. Eight fixed-point lanes: the fixed-point ops (stem,
         # transitions, CNV's first layer) take most of a network's cycles, and the lanes'
-        # multipliers are plentiful (about 64 of 156).
+        # multipliers are plentiful (68 of 156). COEFS has 24,576 words, not 32,768: with
+        # 156 block RAMs the static placer's block-RAM overlap stayed at 15.4%, above the 15%
+        # at which it legalises them, so placement never ended; with 152 it places.
         "85F": DeviceConfig(rows=8, cols=4, lane=32, weight_depth=1536, activation_depth=256,
                             result_depth=256, int_depth=49152, bits_depth=1024,
-                            coef_depth=32768, param_depth=2048, program_depth=128,
+                            coef_depth=24576, param_depth=2048, program_depth=128,
                             fixed_lanes=8),
     }[size]
     return Board(
