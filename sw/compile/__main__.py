@@ -47,7 +47,8 @@ def format_report(artifact, config):
                  f"elements, BITS {dp.bits_used:,} of {dp.geometry.bits_depth:,} words; "
                  f"{len(dp.segments)} weight segment(s); longest binary dot product: "
                  f"{hw['max_depth']} bits")
-    lines.append(f"array {config.rows}x{config.cols}x{config.lane} at "
+    lines.append(f"array {config.rows}x{config.cols}x{config.lane}, "
+                 f"{config.int_banks} fixed-point lanes, at "
                  f"{config.clock_hz / 1e6:g} MHz: {cycles:,} cycles = "
                  f"{cycles / config.clock_hz * 1e3:.3f} ms per image (device counters, "
                  f"weights loaded)")
