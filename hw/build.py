@@ -546,8 +546,8 @@ def make_parser():
             ("coef-depth", "WORDS", "words of the COEFS memory (layer program)"),
             ("param-depth", "WORDS", "words of the PARAMS memory (layer program)"),
             ("program-depth", "OPS", "descriptors of the PROGRAM memory (layer program)"),
-            ("fixed-lanes", "N", "at least this many output pixels the fixed-point unit "
-                                 "computes per cycle, a power of two (layer program)"),
+            ("fixed-lanes", "N", ("at least this many output pixels the fixed-point unit "
+                                  "computes per cycle, a power of two (layer program)")),
             ("baud", "B", "UART baud rate")):
         config.add_argument(f"--{name}", metavar=metavar, type=_positive,
                             help=f"{what} (default: the board's)")

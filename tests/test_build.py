@@ -6,6 +6,7 @@ YoWASP flow (yosys, nextpnr-ice40, icepack) on a UART loopback for the iCEBreake
 ``-k "not end_to_end"``.
 """
 
+import dataclasses
 import json
 import re
 import sys
@@ -18,6 +19,7 @@ from amaranth.lib import wiring
 from hw import build
 from hw.board import ULX3S_SIZES, BoardTop, Loopback, check_fits, estimate_resources, get_board
 from hw.config import DeviceConfig
+from sw import protocol
 
 ALL_BOARDS = [("ulx3s", size) for size in ULX3S_SIZES] + [("icebreaker", None)]
 
@@ -485,3 +487,48 @@ def test_icebreaker_loopback_end_to_end(tmp_path):
     (_clock, fmax), = report["fmax"].items()
     assert fmax["constraint_mhz"] == 12.0 and fmax["achieved_mhz"] > 12.0
     assert json.loads((tmp_path / "icebreaker" / "report.json").read_text()) == report
+
+
+def test_fixed_lanes_set_the_int_banks_and_the_info_record():
+    assert DeviceConfig(cols=4).int_banks == 4
+    assert DeviceConfig(cols=3).int_banks == 4          # the power of two at least cols
+    assert DeviceConfig(cols=4, fixed_lanes=8).int_banks == 8
+    assert DeviceConfig(cols=5, fixed_lanes=4).int_banks == 8   # at least what cols need
+    info = protocol.INFO.unpack(DeviceConfig(cols=4, fixed_lanes=16).info())
+    assert info["fixed_lanes"] == 16 and info["protocol_version"] == 3
+    gemm_only = DeviceConfig(fixed_lanes=8, layer_program=False)
+    assert protocol.INFO.unpack(gemm_only.info())["fixed_lanes"] == 0
+
+
+@pytest.mark.parametrize("value", [3, 6, -1, 128, True, 2.0])
+def test_fixed_lanes_must_be_a_power_of_two(value):
+    with pytest.raises(ValueError, match=rf"^fixed_lanes must be 0 or a power of two up to 64, "
+                                         rf"not {value!r}$"):
+        DeviceConfig(fixed_lanes=value)
+
+
+def test_config_from_args_applies_fixed_lanes():
+    board = get_board("ulx3s", "85F")
+    args = build.make_parser().parse_args(["--fixed-lanes", "16"])
+    assert build.config_from_args(board, args).int_banks == 16
+    assert board.default_config.int_banks == 8
+
+
+def test_committed_fmax_needs_the_same_lanes(tmp_path, monkeypatch):
+    from bench import committed
+    board = get_board("ulx3s", "85F")
+    config = board.default_config
+    report = tmp_path / "bitstreams" / "ulx3s" / "report.json"
+    report.parent.mkdir(parents=True)
+    monkeypatch.setattr(committed, "ROOT", tmp_path)
+    built = dataclasses.asdict(config)
+    report.write_text(json.dumps({"config": built, "fmax": {"clk": {"achieved_mhz": 44.5}}}))
+    assert committed.committed_fmax_mhz(board, config, layer_program=True) == 44.5
+    assert committed.committed_fmax_mhz(board, config.replace(fixed_lanes=0),
+                                        layer_program=True) is None
+    # A report from before fixed_lanes existed had the columns' lanes.
+    del built["fixed_lanes"]
+    report.write_text(json.dumps({"config": built, "fmax": {"clk": {"achieved_mhz": 51.0}}}))
+    assert committed.committed_fmax_mhz(board, config, layer_program=True) is None
+    assert committed.committed_fmax_mhz(board, config.replace(fixed_lanes=0),
+                                        layer_program=True) == 51.0

@@ -404,3 +404,40 @@ def test_isa_model_refuses_the_unmodeled():
     with pytest.raises(ValueError, match="does not fit a 4-bit INTS element"):
         isa_model.run(small, image)
     assert isinstance(Geometry.from_config(CONFIG), Geometry)
+
+
+def test_one_by_one_ops_see_their_map_as_one_row():
+    """1x1, stride-1, unpadded FIXED ops get an (H*W)-pixel row, so the fixed-point unit's
+    lane groups do not stop at row ends; other ops keep their rows. Still exact."""
+    program = compiled("melius-pool-shuffle", 0)
+    dp = generate(program, CONFIG)
+    flat = other = 0
+    for op, info in zip(program.ops, dp.ops):
+        f = info.fields
+        if info.opcode != isa.Opcode.FIXED:
+            continue
+        _, h, w = program.tensors[op.inputs[0].tensor].shape
+        one_by_one = (f["fixed_kernel_h"], f["fixed_kernel_w"], f["fixed_stride"],
+                      f["fixed_pad"]) == (1, 1, 1, 0)
+        if one_by_one and h > 1:
+            assert (f["fixed_in_h"], f["fixed_in_w"]) == (1, h * w), op.name
+            assert (f["fixed_out_h"], f["fixed_out_w"]) == (1, h * w), op.name
+            flat += 1
+        else:
+            assert (f["fixed_in_h"], f["fixed_in_w"]) == (h, w), op.name
+            other += 1
+    assert flat and other
+    check_exact(program, dp, images_for("melius-pool-shuffle", 0, count=1))
+
+
+def test_fixed_lanes_change_only_the_cycles():
+    """More fixed-point lanes: the same descriptors, fewer predicted cycles for FIXED ops."""
+    program = compiled("melius", 0)
+    narrow = generate(program, config(fixed_lanes=0))
+    wide = generate(program, config(fixed_lanes=4 * isa.int_banks(CONFIG.cols)))
+    assert narrow.descriptors == wide.descriptors
+    fixed = [(a.cycles, b.cycles) for a, b in zip(narrow.ops, wide.ops)
+             if a.opcode == isa.Opcode.FIXED]
+    assert all(b <= a for a, b in fixed) and any(b < a for a, b in fixed)
+    assert [a.cycles for a in narrow.ops if a.opcode != isa.Opcode.FIXED] == \
+        [b.cycles for b in wide.ops if b.opcode != isa.Opcode.FIXED]
