@@ -269,7 +269,6 @@ class DeviceCore(wiring.Component):
             with m.Elif(fixed_active):
                 m.d.comb += [
                     ints.rd_addr.eq(fixed.int_rd_addr), ints.rd_en.eq(fixed.int_rd_en),
-                    ints.rd_rotate.eq(fixed.int_rd_rotate),
                     ints.wr_addr.eq(fixed.int_wr_addr), ints.wr_en.eq(fixed.int_wr_en),
                     ints.wr_mask.eq(fixed.int_wr_mask), ints.wr_data.eq(fixed.int_wr_data),
                 ]

@@ -17,6 +17,7 @@ from amaranth.lib.wiring import In, Out
 from sw import isa
 
 from .isa import FIXED_LAYOUT, PARAM_LAYOUT
+from .rotate import rotate_up
 
 __all__ = ["FixedUnit"]
 
@@ -154,13 +155,10 @@ class FixedUnit(wiring.Component):
         issued; low again the cycle after. An op with a zero ``out_h``, ``out_w``,
         ``out_channels``, ``terms_c``, ``kernel_h`` or ``kernel_w`` does nothing (``busy`` stays
         low).
-    int_rd_addr, int_rd_en, int_rd_rotate : ``Out(int_addr_width)``, ``Out(1)``,
-    ``Out(max(1, log2(lanes)))``; int_rd_data : ``In(data.ArrayLayout(signed(element_width),
-    lanes))``
-        INTS run read port: ``int_rd_data[(i + int_rd_rotate) % lanes]`` is ``INTS[int_rd_addr
-        + i]`` of the previous cycle's request (latency exactly 1, as IntMemory's, which
-        rotates its banks' outputs by this amount in the same rotator that puts them in run
-        order); read only while ``int_rd_en``.
+    int_rd_addr, int_rd_en : ``Out(int_addr_width)``, ``Out(1)``; int_rd_data : ``In(
+    data.ArrayLayout(signed(element_width), lanes))``
+        INTS run read port: ``int_rd_data[i]`` is ``INTS[int_rd_addr + i]`` of the previous
+        cycle's request (latency exactly 1, as IntMemory's); read only while ``int_rd_en``.
     int_wr_addr, int_wr_en, int_wr_mask, int_wr_data : ``Out(int_addr_width)``, ``Out(1)``,
     ``Out(lanes)``, ``Out(data.ArrayLayout(signed(element_width), lanes))``
         INTS run write port (outputs of posts NONE and REQUANT), driven from registers:
@@ -197,8 +195,7 @@ class FixedUnit(wiring.Component):
        ``pix * out_words`` (one registered multiply, for the BITS address) registered;
     2. INTS address ``P.in_offset + relative`` (or the residual's) and COEFS address issued;
        the BITS address registered;
-    3. INTS run (already in lane order: the memory rotates it, ``int_rd_rotate``) and COEFS
-       data valid;
+    3. INTS run and COEFS data valid; the run rotated into lane order;
     4. the lanes' ``x`` and the coefficient registered (the rotator gets no multiplier
        behind it in the same cycle);
     5. ``x * coef`` registered (per lane one ``element_width x 8`` multiplier);
@@ -259,7 +256,6 @@ class FixedUnit(wiring.Component):
             "busy": Out(1),
             "int_rd_addr": Out(int_addr_width),
             "int_rd_en": Out(1),
-            "int_rd_rotate": Out(max(1, (lanes - 1).bit_length())),
             "int_rd_data": In(data.ArrayLayout(signed(element_width), lanes)),
             "int_wr_addr": Out(int_addr_width),
             "int_wr_en": Out(1),
@@ -451,21 +447,22 @@ class FixedUnit(wiring.Component):
         ]
         m.d.comb += [
             self.int_rd_addr.eq(addr2),
-            self.int_rd_rotate.eq(rot2),
             self.int_rd_en.eq(valid[2] & any2),
             self.coef_rd_addr.eq(coefa2),
             self.coef_rd_en.eq(valid[2] & any2 & ~res[2] & cfg.multiply),
         ]
 
-        # ---- Stage 3 -> 4: the run (in lane order: the memory rotated it), registered ahead
-        # of the multiply ----------------------------------------------------------------------
-        rotated = [self.int_rd_data[i] for i in range(lanes)]
+        # ---- Stage 3 -> 4: the run back in lane order, registered ahead of the multiply ----
+        rot3 = Signal(rot_width)
+        m.d.sync += rot3.eq(rot2)
+        run3 = [self.int_rd_data[i] for i in range(lanes)]
         x4 = [Signal(signed(ew), name=f"x4_{i}") for i in range(lanes)]
         c4 = Signal(signed(8))
         # Stride 2: lane i's term is element 2 * i of the rotated run (the residual run is
         # consecutive pixels, as for stride 1).
         spread3 = Signal()
         m.d.sync += spread3.eq(spread & ~res[2])
+        rotated = rotate_up(m, run3, rot3, "rot")
         for i, reg in enumerate(x4):
             if 2 * i < lanes:
                 m.d.sync += reg.eq(Mux(spread3, rotated[2 * i], rotated[i]))

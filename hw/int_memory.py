@@ -39,16 +39,10 @@ class IntMemory(wiring.Component):
         Element address of the run to read.
     rd_en : ``In(1)``
         Read enable. While low, ``rd_data`` holds its value.
-    rd_rotate : ``In(rotate_width)``
-        Where the run lands in ``rd_data`` (0 unless a reader wants it elsewhere), taken with
-        ``rd_addr``. ``rotate_width = max(1, log2(banks))``.
     rd_data : ``Out(data.ArrayLayout(signed(width), banks))``
-        ``rd_data[(i + rd_rotate) % banks] = mem[rd_addr + i]`` for the ``rd_addr`` and
-        ``rd_rotate`` of the last cycle whose ``rd_en`` was high (:attr:`READ_LATENCY` = 1).
-        The banks' outputs pass one rotator either way: a reader that needs the run in another
-        order (the fixed-point unit's lanes) asks for it here instead of adding a second
-        rotator behind this one. Not transparent: a write in the same cycle as the read is not
-        seen by it (the old value is read).
+        ``rd_data[i] = mem[rd_addr + i]`` for the ``rd_addr`` of the last cycle whose ``rd_en``
+        was high (:attr:`READ_LATENCY` = 1). Not transparent: a write in the same cycle as the
+        read is not seen by it (the old value is read).
     wr_addr : ``In(addr_width)``
     wr_en : ``In(1)``
     wr_mask : ``In(banks)``
@@ -88,7 +82,6 @@ class IntMemory(wiring.Component):
         self.banks = banks
         self.bank_depth = depth // banks
         self.addr_width = max(1, (depth - 1).bit_length())
-        self.rotate_width = max(1, (banks - 1).bit_length())
         self.bank_data = [
             memory.MemoryData(shape=signed(width), depth=self.bank_depth,
                               init=init[b::banks])
@@ -97,7 +90,6 @@ class IntMemory(wiring.Component):
         super().__init__({
             "rd_addr": In(self.addr_width),
             "rd_en": In(1),
-            "rd_rotate": In(self.rotate_width),
             "rd_data": Out(run),
             "wr_addr": In(self.addr_width),
             "wr_en": In(1),
@@ -146,9 +138,7 @@ class IntMemory(wiring.Component):
             m.d.comb += value.eq(Mux(exists_q, rd.data, 0))
             bank_out.append(value)
         with m.If(self.rd_en):
-            # Run element i is in bank (low + i) % banks and goes to lane (i + rd_rotate):
-            # lane j takes bank (low - rd_rotate + j) % banks (the subtraction wraps).
-            m.d.sync += rd_low_q.eq(rd_low - self.rd_rotate)
+            m.d.sync += rd_low_q.eq(rd_low)
         for i, value in enumerate(rotate_down(m, bank_out, rd_low_q, "rd_rot")):
             m.d.comb += self.rd_data[i].eq(value)
 

@@ -11,7 +11,7 @@ import types
 import numpy as np
 import pytest
 import torch
-from amaranth import Elaboratable, Module, Signal, signed, unsigned
+from amaranth import Elaboratable, Module, signed, unsigned
 from amaranth.lib import data, memory
 from amaranth.sim import Simulator
 
@@ -78,27 +78,18 @@ class Harness(Elaboratable):
             ints = self.ints
             m.d.comb += [
                 ints.rd_addr.eq(dut.int_rd_addr), ints.rd_en.eq(dut.int_rd_en),
-                ints.rd_rotate.eq(dut.int_rd_rotate), dut.int_rd_data.eq(ints.rd_data),
+                dut.int_rd_data.eq(ints.rd_data),
                 ints.wr_addr.eq(dut.int_wr_addr), ints.wr_en.eq(dut.int_wr_en),
                 ints.wr_mask.eq(dut.int_wr_mask), ints.wr_data.eq(dut.int_wr_data),
             ]
         else:
-            # Address arithmetic modulo depth = 2**int_addr_width: plain truncation. Element i
-            # of the run goes to lane (i + int_rd_rotate) % lanes, the rotation registered with
-            # the read as IntMemory does.
-            rotate = Signal.like(dut.int_rd_rotate)
-            with m.If(dut.int_rd_en):
-                m.d.sync += rotate.eq(dut.int_rd_rotate)
+            # Address arithmetic modulo depth = 2**int_addr_width: plain truncation.
             for i in range(self.lanes):
                 rd = self.ints.read_port(transparent_for=())
                 wr = self.ints.write_port()
-                lane_ = Signal(range(self.lanes), name=f"lane_of_{i}")
-                m.d.comb += lane_.eq(i + rotate)     # truncated: modulo lanes
-                for j in range(self.lanes):
-                    with m.If(lane_ == j):
-                        m.d.comb += dut.int_rd_data[j].eq(rd.data)
                 m.d.comb += [
                     rd.addr.eq(dut.int_rd_addr + i), rd.en.eq(dut.int_rd_en),
+                    dut.int_rd_data[i].eq(rd.data),
                     wr.addr.eq(dut.int_wr_addr + i), wr.data.eq(dut.int_wr_data[i]),
                     wr.en.eq(dut.int_wr_en & dut.int_wr_mask[i]),
                 ]
