@@ -2,7 +2,7 @@
 
 ::
 
-    python -m bench.network_performance [--networks meliusnet cnv] [--images 1]
+    python -m bench.network_performance [--networks meliusnet cnv] [--images 1] [--batch 8]
                                         [--fmax-mhz F] [--output-dir bench/results]
 
 Simulates the ULX3S-85F default build (:func:`hw.board.get_board`) under Verilator as a
@@ -23,9 +23,12 @@ Figures per op: cycles (hardware counter), useful binary MACs and fixed-point MA
 utilization of binary convs (bit-MACs / (cycles * rows * cols * lane)), share of the total.
 Per network: cycles per image, images/s at the Fmax given (default: the committed ULX3S
 build's report) and at the board clock, and two upper bounds: the array's (every binary MAC
-at peak, nothing else costing a cycle) and the link's (the bytes sent per image, with every
-segment's weights again when they do not fit on chip at once, at the board's baud). Writes ``bench/results/network_performance.json`` and
-a PNG per network (per-layer cycles and binary-conv utilization).
+at peak, nothing else costing a cycle) and the link's: the bytes the driver sent and received
+for one image (with every segment's weights again when they do not fit on chip at once) at
+the board's baud, and, for a network whose weights are streamed, the bytes per image of a
+batch of ``--batch`` images (:meth:`sw.runtime.Accelerator.infer_batch`: each segment loaded
+once for the batch). Writes ``bench/results/network_performance.json`` and a PNG per network
+(per-layer cycles and binary-conv utilization).
 """
 
 import argparse
@@ -73,8 +76,21 @@ def op_figures(program, dp, config):
     return figures
 
 
-def run_network(name, program, images, config, images_to_run):
-    expected = golden.run(program, torch.as_tensor(images[:images_to_run])).numpy()
+def _check(name, index, result, expected):
+    if not np.array_equal(result.logits, expected):
+        raise AssertionError(f"{name}: image {index}: device logits {result.logits.tolist()} "
+                             f"!= golden {expected.tolist()}")
+
+
+def _link_bytes(device):
+    return device.bytes_sent + device.bytes_received
+
+
+def run_network(name, program, images, config, images_to_run, batch):
+    count = max(images_to_run, batch)
+    if count > len(images):
+        raise ValueError(f"{name}: {count} images asked for, the benchmark has {len(images)}")
+    expected = golden.run(program, torch.as_tensor(images[:count])).numpy()
     fast = config.replace(baud=config.clock_hz // 4)
     started = time.monotonic()
     with BoardProcess(fast, connections=1, idle_timeout=900, time_limit=7200,
@@ -85,12 +101,20 @@ def run_network(name, program, images, config, images_to_run):
         loaded = time.monotonic()
         results = []
         for index in range(images_to_run):
+            before = _link_bytes(device)
             result = accelerator.infer(images[index])
-            if not np.array_equal(result.logits, expected[index]):
-                raise AssertionError(f"{name}: image {index}: device logits "
-                                     f"{result.logits.tolist()} != golden "
-                                     f"{expected[index].tolist()}")
+            single_bytes = _link_bytes(device) - before
+            _check(name, index, result, expected[index])
             results.append(result)
+        batch_bytes = None
+        if len(dp.segments) > 1 and batch > 1:
+            # Streamed weights: a batch loads each segment once for all its images.
+            before = _link_bytes(device)
+            batched = accelerator.infer_batch(images[:batch])
+            batch_bytes = (_link_bytes(device) - before) / batch
+            for index, result in enumerate(batched):
+                _check(name, index, result, expected[index])
+            results += batched
     wall = time.monotonic() - started
     counters = results[-1].op_cycles
     total = sum(counters)
@@ -104,14 +128,12 @@ def run_network(name, program, images, config, images_to_run):
         layers.append(layer)
     binary_cycles = sum(lay["cycles"] for lay in layers if lay["kind"] == "bconv")
     binary_macs = sum(lay["binary_macs"] for lay in layers)
-    # Bytes the host sends per image: the image, and every segment's data again when the
-    # weights do not fit on chip at once (the logits coming back are a few bytes).
+    # Payload bytes of the weights streamed for one image when they do not fit on chip at
+    # once (every segment's data again).
     widths = config.word_widths()
-    image_bytes = images[0].size * word_bytes(widths[Memory.INTS])
     streamed = 0 if len(dp.segments) == 1 else sum(
         len(words) * word_bytes(widths[Memory[memory]])
         for segment in dp.segments for memory, _, words in segment.writes)
-    link_bytes = image_bytes + streamed
     record = {
         "network": name,
         "ops": len(layers), "segments": len(dp.segments),
@@ -128,10 +150,17 @@ def run_network(name, program, images, config, images_to_run):
         "array_bound_images_per_s_at_clock": round(
             config.clock_hz * config.peak_bit_macs_per_cycle / binary_macs, 1)
         if binary_macs else None,
-        "link_bytes_per_image": int(link_bytes),
+        # Bytes on the wire (both directions, frames included) as measured by the driver:
+        # one image run alone, and per image of a batch (streamed weights loaded once per
+        # batch); the link's bound is the board's baud at 10 bits per byte.
+        "link_bytes_per_image": int(single_bytes),
         "weight_bytes_streamed_per_image": int(streamed),
-        "link_bound_images_per_s": round(config.baud / 10 / link_bytes, 1),
-        "images_checked_against_golden": images_to_run,
+        "link_bound_images_per_s": round(config.baud / 10 / single_bytes, 1),
+        "batch": batch if batch_bytes is not None else None,
+        "link_bytes_per_image_in_batch": round(batch_bytes) if batch_bytes else None,
+        "link_bound_images_per_s_in_batch": (round(config.baud / 10 / batch_bytes, 1)
+                                             if batch_bytes else None),
+        "images_checked_against_golden": len(results),
         "same_cycles_every_image": all(r.op_cycles == counters for r in results),
         "load_s": round(loaded - started, 1), "wall_s": round(wall, 1),
         "config": {k: getattr(config, k) for k in (
@@ -185,7 +214,11 @@ def main(argv=None):
     parser.add_argument("--networks", nargs="+", choices=["meliusnet", "cnv"],
                         default=["meliusnet", "cnv"])
     parser.add_argument("--images", type=int, default=1,
-                        help="images run (and checked against golden) per network")
+                        help="images run one at a time (and checked against golden) per network")
+    parser.add_argument("--batch", type=int, default=8,
+                        help="for a network whose weights are streamed: images run as one batch "
+                             "(each segment loaded once; checked against golden) for the link's "
+                             "figures per image in a batch (default: %(default)s)")
     parser.add_argument("--fmax-mhz", type=float, default=None,
                         help="Fmax for images/s (default: that of a committed ULX3S build "
                              "of the same array that runs the layer program)")
@@ -197,6 +230,9 @@ def main(argv=None):
                              "--fixed-lanes has (default: the 85F default's)")
     parser.add_argument("--output-dir", type=Path, default=ROOT / "bench" / "results")
     args = parser.parse_args(argv)
+    for option in ("images", "batch"):
+        if getattr(args, option) < 1:
+            parser.error(f"--{option} must be at least 1, not {getattr(args, option)}")
     torch.set_num_threads(1)
     board = get_board("ulx3s", "85F")
     config = board.default_config
@@ -223,7 +259,7 @@ def main(argv=None):
             run_config = config.replace(int_depth=65536, weight_depth=4096, bits_depth=2048)
         print(f"{name}: simulating (the first run of a configuration builds it with "
               f"Verilator)", flush=True)
-        record = run_network(name, program, images, run_config, args.images)
+        record = run_network(name, program, images, run_config, args.images, args.batch)
         records.append(record)
         png = args.output_dir / f"network_performance_{name}{suffix}.png"
         plot(record, png)
@@ -245,7 +281,11 @@ def main(argv=None):
         print(f"{record['network']}: {record['images_per_s_at_fmax']} images/s at {fmax} MHz "
               f"(bound of the array alone: {record['array_bound_images_per_s_at_fmax']}); "
               f"the link carries {record['link_bytes_per_image']:,} bytes per image, at most "
-              f"{record['link_bound_images_per_s']} images/s")
+              f"{record['link_bound_images_per_s']} images/s"
+              + (f"; in a batch of {record['batch']}, "
+                 f"{record['link_bytes_per_image_in_batch']:,} bytes per image, at most "
+                 f"{record['link_bound_images_per_s_in_batch']} images/s"
+                 if record["batch"] else ""))
     output = args.output_dir / f"network_performance{suffix}.json"
     output.parent.mkdir(parents=True, exist_ok=True)
     output.write_text(json.dumps({

@@ -45,7 +45,7 @@ def meliusnet_program(config, seed=0, size=28):
                              preprocessing={"mean": [72.9], "std": [90.0],
                                             "pixel_range": [0, 255]},
                              class_names=[str(i) for i in range(10)])
-    return artifact.program, raw[:4].numpy()
+    return artifact.program, raw[:8].numpy()
 
 
 #: (output channels, kernel) of CNV's binary convs after the first, and pools after which.
@@ -56,7 +56,7 @@ _CNV_FC = [512, 512, 10]
 
 def cnv_w1a1_program(seed=0):
     """CNV-W1A1 as a :class:`~sw.compile.ir.Program` with random weights and thresholds near
-    the middle of each count's range, and raw test images ``(4, 3, 32, 32)``."""
+    the middle of each count's range, and raw test images ``(8, 3, 32, 32)``."""
     rng = np.random.default_rng(seed)
     tensors, ops = {}, []
 
@@ -113,5 +113,5 @@ def cnv_w1a1_program(seed=0):
             bits = threshold(f"{name}.act", counts, out_c, 1, channels / 2)
         channels = out_c
     program = Program(tensors, ops, "image", "logits")
-    images = rng.integers(0, 256, (4, 3, 32, 32))
+    images = rng.integers(0, 256, (8, 3, 32, 32))
     return program, images

@@ -173,6 +173,10 @@ class Device:
         #: (:class:`sw.runtime.Accelerator`) sees from it that something else (a :meth:`gemm`,
         #: another program) overwrote its weights, and loads them again.
         self.writes = dict.fromkeys(Memory, 0)
+        #: Bytes of request frames sent and of reply bytes received (sync bytes, headers and
+        #: CRCs included) over the device's life: what the link carried, for benchmarks.
+        self.bytes_sent = 0
+        self.bytes_received = 0
         self._info = None
 
     @classmethod
@@ -220,14 +224,17 @@ class Device:
             chunk = self.transport.read(count - len(data))
             if chunk:
                 data += chunk
+                self.bytes_received += len(chunk)
             elif time.monotonic() >= deadline:
                 break
         return bytes(data)
 
     def _send(self, command, payload):
         self.transport.reset_input_buffer()
-        self.transport.write(protocol.encode_frame(protocol.REQUEST_SYNC, command, payload))
+        frame = protocol.encode_frame(protocol.REQUEST_SYNC, command, payload)
+        self.transport.write(frame)
         self.transport.flush()
+        self.bytes_sent += len(frame)
 
     def _receive(self, command, expected, deadline, allowed):
         """Read one reply frame; return ``(status, payload)``.
@@ -526,8 +533,10 @@ class Device:
 
     def send_raw(self, data):
         """Send ``data`` as it is (for diagnostics and fuzzing: malformed frames, garbage)."""
-        self.transport.write(bytes(data))
+        data = bytes(data)
+        self.transport.write(data)
         self.transport.flush()
+        self.bytes_sent += len(data)
 
     def receive_reply(self, timeout, command=protocol.NO_COMMAND):
         """Wait up to ``timeout`` seconds (scaled by ``time_scale``) for one reply frame and

@@ -10,6 +10,10 @@ file path, a PIL image, a numpy array or a torch tensor, one image or a batch:
 * files and PIL images are converted to the model's channels (grey or RGB), resized to its
   input size if needed, and scaled from 0..255 to its ``pixel_range``.
 
+On a device, a model whose weights do not fit on chip at once is streamed segment by segment,
+each segment loaded once for all the images of a call
+(:meth:`sw.runtime.Accelerator.infer_batch`): pass a batch rather than one image per call.
+
 Anything else raises :class:`ImageError` (a ``ValueError``) that says what was expected.
 """
 
@@ -51,7 +55,8 @@ class Prediction:
     device_seconds : float or None
         ``cycles`` at the device's clock.
     seconds : float
-        Wall time of this image on the host (transfers included).
+        Wall time of this image on the host (transfers included); for a model whose weights
+        are streamed (a batch shares each segment's load), the batch's time per image.
     labels : list of str
         Every class's name.
     """
@@ -248,12 +253,20 @@ def run_inference(images, model, device=GOLDEN, *, port=None, baud=3_000_000, ti
         accelerator = _accelerator(artifact, device, port, baud, timeout, time_scale, progress)
         clock = accelerator.device.parameters["clock_hz"]
         name = device if isinstance(device, str) else "device"
-        for image in raw:
+        if len(accelerator.device_program.segments) == 1:
+            # Weights stay on the device: one image at a time, each with its own wall time.
+            batches = [[image] for image in raw]
+        else:
+            # Streamed weights: load each segment once for all the images
+            # (Accelerator.infer_batch); each image gets the batch's mean wall time.
+            batches = [raw]
+        for batch in batches:
             started = time.perf_counter()
-            result = accelerator.infer(image)
-            predictions.append(_prediction(result.logits, scale, labels, name, result.cycles,
-                                           result.cycles / clock,
-                                           time.perf_counter() - started))
+            results = accelerator.infer_batch(batch)
+            seconds = (time.perf_counter() - started) / len(batch)
+            predictions.extend(_prediction(result.logits, scale, labels, name, result.cycles,
+                                           result.cycles / clock, seconds)
+                               for result in results)
     return predictions[0] if single else predictions
 
 

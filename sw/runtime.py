@@ -5,7 +5,8 @@ device program (:func:`sw.compile.codegen.generate`) for the geometry the device
 INFO, so a model compiled once runs on any build it fits, writes the descriptors into PROGRAM
 memory once, and, for each image, writes the raw pixels into INTS memory, runs the program's
 segments (loading each segment's weights first when they do not all fit on chip at once) and
-reads the logits back.
+reads the logits back. :meth:`Accelerator.infer_batch` runs several images with each segment's
+weights loaded once for the whole batch.
 """
 
 import dataclasses
@@ -14,6 +15,7 @@ import types
 import numpy as np
 
 from .compile.codegen import generate
+from .compile.plan import lifetimes
 from .driver import CapacityError, IncompatibleDeviceError
 from .protocol import Memory
 
@@ -101,6 +103,16 @@ class Accelerator:
         self.element_width = dp.geometry.element_width
         # With one segment the weights are loaded once; otherwise before each segment.
         self._resident = len(dp.segments) == 1
+        #: Per segment: the blocks ``(memory, base, words)`` of the tensors that its ops and
+        #: the later ones need from before it (live across its start; disjoint, being live at
+        #: the same time). :meth:`infer_batch` keeps them on the host between segments.
+        spans = lifetimes(self.program)
+        self.carried = [
+            [(Memory[memory], base, size)
+             for name, (memory, base, size) in sorted(dp.allocation.items(),
+                                                      key=lambda item: item[1])
+             if name in spans and spans[name][0] < segment.first <= spans[name][1]]
+            for segment in dp.segments]
         self._load_resident(progress)
 
     #: The memories a loaded network keeps between images.
@@ -144,14 +156,8 @@ class Accelerator:
         self._write_all(segment.writes)
         self._loaded_writes = self._kept_writes()
 
-    def infer(self, image):
-        """Run one raw image ``(C, H, W)`` of integer pixels; return an :class:`InferenceResult`.
-
-        Raises
-        ------
-        ValueError
-            If the image has the wrong shape or values that do not fit an INTS element.
-        """
+    def _raw(self, image):
+        """``image`` checked against the program's input: the INTS words to write."""
         dp = self.device_program
         image = np.asarray(image)
         if image.shape != tuple(dp.input_shape):
@@ -162,26 +168,80 @@ class Accelerator:
         low, high = -(1 << (self.element_width - 1)), (1 << (self.element_width - 1)) - 1
         if flat.size and (flat.min() < low or flat.max() > high):
             raise ValueError(f"image pixels must lie in [{low}, {high}]")
+        return _to_unsigned(flat, self.element_width)
+
+    def _run_segment(self, segment):
+        """RUN the segment's ops; return ``(cycles, their counters)``."""
+        dp = self.device_program
+        # The ops' cycles are known exactly (sw.isa.op_cycles); the device aborts a run that
+        # takes twice as long.
+        estimate = sum(op.cycles for op in dp.ops[segment.first:segment.first + segment.count])
+        cycles = self.device.run_ops(segment.first, segment.count, estimated_cycles=estimate,
+                                     max_cycles=2 * estimate + 1000)
+        return cycles, self.device.op_cycles(segment.first, segment.count)
+
+    def infer(self, image):
+        """Run one raw image ``(C, H, W)`` of integer pixels; return an :class:`InferenceResult`.
+
+        Raises
+        ------
+        ValueError
+            If the image has the wrong shape or values that do not fit an INTS element.
+        """
+        return self.infer_batch([image])[0]
+
+    def infer_batch(self, images):
+        """Run raw images ``(C, H, W)``; return one :class:`InferenceResult` per image, in order.
+
+        The results are those of :meth:`infer` for each image. With weight streaming (several
+        segments) each segment's weights are loaded once for the whole batch instead of once
+        per image: the segment runs for every image in turn, and the tensors the later
+        segments need from it (those live across the segment boundary, at most the size of
+        the activations there) are read back after each image and written again before its
+        next segment. Segments alternate their order over the images, so the image that ran
+        last keeps its tensors on the device and costs no transfer. Per image the link carries
+        the image, the carried tensors twice, the counters and the logits, plus the streamed
+        weights divided by the batch size. With one segment it is :meth:`infer` per image.
+
+        Raises
+        ------
+        ValueError
+            If an image has the wrong shape or values that do not fit an INTS element (before
+            anything is sent to the device).
+        """
+        dp = self.device_program
+        raws = [self._raw(image) for image in images]
+        if not raws:
+            return []
         if self._kept_writes() != self._loaded_writes:
             # A GEMM (which uses WEIGHTS) or another program was run on this device since.
             self._load_resident()
-        self.device.write_words(Memory.INTS, dp.input_base,
-                                _to_unsigned(flat, self.element_width))
-        cycles = 0
-        for segment in dp.segments:
+        cycles = [0] * len(raws)
+        counters = [[] for _ in raws]
+        saved = [None] * len(raws)      # per image: the carried tensors' bytes
+        logits = [None] * len(raws)
+        order = list(range(len(raws)))
+        on_device = None                # the image whose tensors the memories hold
+        for number, segment in enumerate(dp.segments):
             if not self._resident:
                 self._load_segment(segment)
-            # The ops' cycles are known exactly (sw.isa.op_cycles); the device aborts a run that
-            # takes twice as long.
-            estimate = sum(op.cycles for op in dp.ops[segment.first:segment.first
-                                                       + segment.count])
-            cycles += self.device.run_ops(segment.first, segment.count,
-                                          estimated_cycles=estimate,
-                                          max_cycles=2 * estimate + 1000)
-        # Each RUN writes the counters of its own ops, so after the last segment COUNTERS
-        # holds every op's.
-        op_cycles = self.device.op_cycles(0, len(dp.ops))
-        logits = _to_signed(self.device.read_words(Memory.INTS, dp.logits_base,
-                                                   dp.logits_count), self.element_width)
-        return InferenceResult(np.array(logits, dtype=np.int64), cycles, op_cycles)
-
+            last = number == len(dp.segments) - 1
+            for index in order:
+                if number == 0:
+                    self.device.write_words(Memory.INTS, dp.input_base, raws[index])
+                elif index != on_device:
+                    for (memory, base, _), data in zip(self.carried[number], saved[index]):
+                        self.device.write(memory, base, data)
+                run_cycles, run_counters = self._run_segment(segment)
+                cycles[index] += run_cycles
+                counters[index] += run_counters
+                if last:
+                    logits[index] = np.array(_to_signed(
+                        self.device.read_words(Memory.INTS, dp.logits_base, dp.logits_count),
+                        self.element_width), dtype=np.int64)
+                elif index != order[-1]:
+                    saved[index] = [self.device.read(memory, base, size)
+                                    for memory, base, size in self.carried[number + 1]]
+                on_device = index
+            order.reverse()
+        return [InferenceResult(logits[i], cycles[i], counters[i]) for i in range(len(raws))]

@@ -25,6 +25,7 @@ from hw.config import DeviceConfig
 from sw import data, train
 from sw.compile import golden
 from sw.compile.codegen import generate
+from sw.protocol import Memory
 from sw.runtime import Accelerator
 from tests import boards
 from tests.compile_nets import compile_net, raw_images
@@ -97,13 +98,40 @@ def test_weight_streaming_is_bit_exact(board):
     _, artifact = compile_net("abc", 4, config=CONFIG)
     small = CONFIG.replace(weight_depth=80, coef_depth=256, param_depth=64)
     assert len(generate(artifact.program, small).segments) > 1
-    images = raw_images(77, 2, 8).numpy()
+    images = raw_images(77, 3, 8).numpy()
     expected = golden.run(artifact.program, torch.as_tensor(images)).numpy()
     with open_device(board) as device:
         accelerator = Accelerator(device, artifact.program, budget=small)
-        assert len(accelerator.device_program.segments) > 1
-        for index, image in enumerate(images):
-            assert np.array_equal(accelerator.infer(image).logits, expected[index])
+        dp = accelerator.device_program
+        assert len(dp.segments) > 1
+        # Some segment needs tensors from before it: a batch must carry them.
+        assert any(accelerator.carried[1:])
+        predicted = [op.cycles for op in dp.ops]
+
+        def loads():
+            return [device.writes[memory] for memory in (Memory.WEIGHTS, Memory.COEFS,
+                                                         Memory.PARAMS)]
+
+        before, sent = loads(), device.bytes_sent
+        result = accelerator.infer(images[0])
+        one_load = [after - first for after, first in zip(loads(), before)]
+        one_image = device.bytes_sent - sent
+        assert np.array_equal(result.logits, expected[0])
+        assert result.op_cycles == predicted and result.cycles == sum(predicted)
+
+        # A batch: every image's answer as infer's, each segment's data written once for all.
+        before, sent = loads(), device.bytes_sent
+        results = accelerator.infer_batch(images)
+        assert [after - first for after, first in zip(loads(), before)] == one_load
+        assert device.bytes_sent - sent < len(images) * one_image
+        for index, result in enumerate(results):
+            assert np.array_equal(result.logits, expected[index]), (
+                f"image {index} of the batch: device logits {result.logits.tolist()} != "
+                f"golden {expected[index].tolist()}")
+            assert result.op_cycles == predicted and result.cycles == sum(predicted)
+        assert accelerator.infer_batch([]) == []
+        with pytest.raises(ValueError, match="shape"):
+            accelerator.infer_batch([images[0], images[0][:, :4]])
 
 
 @pytest.fixture(scope="module")
