@@ -210,6 +210,20 @@ def test_ping():
     assert [c for c, _ in parse_requests(transport.written)] == [Command.PING] * 3
 
 
+def test_link_bytes_are_counted():
+    # Every byte of the request frames and of the replies read: what a benchmark's link bound
+    # is computed from. A PING's reply echoes its payload: frames of 6 bytes plus the payload.
+    device, transport, _ = make_device()
+    device.info()
+    sent, received = device.bytes_sent, device.bytes_received
+    assert sent == len(transport.written) > 0 and received > 0
+    device.ping(b"hello")
+    assert device.bytes_sent - sent == 6 + 5
+    assert device.bytes_received - received == 6 + 5
+    device.send_raw(b"\x00\x01")
+    assert device.bytes_sent - sent == 6 + 5 + 2
+
+
 def test_write_and_read_in_chunks():
     device, transport, model = make_device(SMALL)
     rng = np.random.default_rng(10)
