@@ -193,7 +193,7 @@ class Accelerator:
     def infer_batch(self, images):
         """Run raw images ``(C, H, W)``; return one :class:`InferenceResult` per image, in order.
 
-        The results are those of :meth:`infer` for each image. With weight streaming (several
+        Each image's result is the same as if it ran alone. With weight streaming (several
         segments) each segment's weights are loaded once for the whole batch instead of once
         per image: the segment runs for every image in turn, and the tensors the later
         segments need from it (those live across the segment boundary, at most the size of
@@ -201,7 +201,8 @@ class Accelerator:
         next segment. Segments alternate their order over the images, so the image that ran
         last keeps its tensors on the device and costs no transfer. Per image the link carries
         the image, the carried tensors twice, the counters and the logits, plus the streamed
-        weights divided by the batch size. With one segment it is :meth:`infer` per image.
+        weights divided by the batch size. With one segment nothing is carried: each image is
+        written, run and read back in turn, the weights staying loaded.
 
         Raises
         ------
