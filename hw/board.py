@@ -1,8 +1,9 @@
 """Boards the accelerator is built for: platforms, capacities, default builds and the top level.
 
 A :class:`Board` ties an ``amaranth-boards`` platform to what the build needs to know about it:
-its oscillator (the ``sync`` clock; no PLL), the FPGA's capacity, the default
-:class:`~hw.config.DeviceConfig` that fits it, and how openFPGALoader programs it.
+its oscillator (which feeds the PLL that makes the core clock, :mod:`hw.clock`), the FPGA's
+capacity, the default :class:`~hw.config.DeviceConfig` that fits it (its ``clock_hz`` is the core
+clock), and how openFPGALoader programs it.
 :func:`estimate_resources` and :func:`check_fits` reject a configuration that cannot fit before
 any synthesis runs. :class:`BoardTop` places a device on a board's UART.
 """
@@ -15,6 +16,7 @@ from amaranth.lib import io, wiring
 from amaranth.lib.cdc import FFSynchronizer
 from amaranth.lib.wiring import In, Out
 
+from .clock import CoreClock, core_pll
 from .config import DeviceConfig
 
 __all__ = [
@@ -98,11 +100,13 @@ class Board:
         ``"ecp5"`` or ``"ice40"``: selects the toolchain and the estimate's coefficients.
     platform_class : type
         The ``amaranth-boards`` platform.
-    clock_hz : int
-        Oscillator frequency; the ``sync`` domain runs from it directly.
+    oscillator_hz : int
+        The board's oscillator frequency. It feeds the PLL that makes the core clock
+        (``config.clock_hz``, :class:`hw.clock.CoreClock`); a configuration whose clock is the
+        oscillator's runs from it directly.
     capacity : Capacity
     default_config : DeviceConfig
-        A build that fits this board and meets timing at ``clock_hz``.
+        A build that fits this board and meets timing at its ``clock_hz``.
     bitstream_suffix : str
         File name suffix of the bitstream the toolchain writes (``".bit"``, ``".bin"``).
     loader_args : tuple of str
@@ -119,7 +123,7 @@ class Board:
     size: str | None
     family: str
     platform_class: type
-    clock_hz: int
+    oscillator_hz: int
     capacity: Capacity
     default_config: DeviceConfig
     bitstream_suffix: str
@@ -136,6 +140,11 @@ class Board:
     def platform(self):
         """Return a new instance of the board's platform."""
         return self.platform_class()
+
+
+#: Core clock of the ULX3S defaults that have been routed with the PLL (hw.clock.ecp5_pll makes
+#: it exactly from the 25 MHz oscillator: 25 MHz * 7 / 4).
+_ULX3S_CLOCK_HZ = {"85F": 43_750_000}
 
 
 def _ulx3s(size):
@@ -172,9 +181,12 @@ def _ulx3s(size):
     return Board(
         name="ulx3s", size=size, family="ecp5",
         platform_class=getattr(ulx3s, f"ULX3S_{size}_Platform"),
-        clock_hz=25_000_000, capacity=_ECP5[size],
-        # The FT231X runs up to 3 Mbaud.
-        default_config=config.replace(clock_hz=25_000_000, baud=3_000_000),
+        oscillator_hz=25_000_000, capacity=_ECP5[size],
+        # The FT231X runs up to 3 Mbaud. The core clock is the PLL's, at a frequency the routed
+        # default build meets (docs/builds.md); the smaller sizes' builds have not been routed
+        # at it and run from the oscillator.
+        default_config=config.replace(clock_hz=_ULX3S_CLOCK_HZ.get(size, 25_000_000),
+                                      baud=3_000_000),
         bitstream_suffix=".bit",
         # -m: load the FPGA's SRAM (lost at power-off); flashing is a deliberate, separate act.
         loader_args=("-b", "ulx3s", "-m"),
@@ -194,7 +206,7 @@ def _icebreaker(size):
     return Board(
         name="icebreaker", size=None, family="ice40",
         platform_class=icebreaker.ICEBreakerPlatform,
-        clock_hz=12_000_000, capacity=_UP5K,
+        oscillator_hz=12_000_000, capacity=_UP5K,
         # The FT2232H would do 3 Mbaud, but at 12 MHz that leaves 4 clocks per bit; 1 Mbaud
         # gives the UART's sampler 12.
         # GEMM-only: the layer program's units and memories exceed the UP5K.
@@ -387,16 +399,16 @@ def check_fits(config, board):
     """Raise :exc:`ValueError` if ``config`` cannot fit ``board``'s FPGA.
 
     Runs before synthesis from :func:`estimate_resources`; the message names the resource, the
-    estimate and the capacity. Also checks that ``config`` runs at the board's clock.
+    estimate and the capacity. Also checks that the board's PLL makes ``config.clock_hz`` from
+    its oscillator exactly (or that it is the oscillator's frequency).
 
     Returns
     -------
     dict
         The estimate, for the build report.
     """
-    if config.clock_hz != board.clock_hz:
-        raise ValueError(f"clock_hz must be the {board.name} oscillator frequency "
-                         f"({board.clock_hz}), not {config.clock_hz}")
+    # Raises ValueError, naming the frequencies that can be made, if the PLL cannot make it.
+    core_pll(board.family, board.oscillator_hz, config.clock_hz)
     estimate = estimate_resources(config, board.family)
     capacity = board.capacity
     shape = f"{config.rows}x{config.cols}x{config.lane}"
@@ -457,12 +469,15 @@ class BoardTop(Elaboratable):
     ----------
     board : Board
     device : wiring.Component
-        Signature ``rx: In(1)``, ``tx: Out(1)``, clocked by ``sync`` at ``board.clock_hz``
+        Signature ``rx: In(1)``, ``tx: Out(1)``, clocked by ``sync`` at ``clock_hz``
         (a :class:`hw.device.Device`).
+    clock_hz : int, optional
+        The core clock (default: the board's oscillator frequency).
 
-    The ``sync`` domain is the platform's default: the oscillator, without a PLL (on the ECP5
-    it has no reset signal, flip-flops start at their ``init`` values; on the iCE40 it is
-    held in reset for 15 us after configuration). ``rx`` reaches the device through a
+    The ``sync`` domain is :class:`hw.clock.CoreClock`'s: at the oscillator's frequency the
+    platform's default (the oscillator; on the ECP5 without a reset signal, flip-flops start
+    at their ``init`` values; on the iCE40 held in reset for 15 us after configuration), at
+    any other the PLL's output, held in reset until the PLL locks. ``rx`` reaches the device through a
     two-flip-flop synchronizer (idle high), so the device sees it 2 cycles late. ``tx`` drives
     the pin directly. LEDs: a 1 Hz heartbeat (the clock runs and the bitstream is loaded), and
     ``rx``/``tx`` activity stretched to 50 ms.
@@ -472,12 +487,16 @@ class BoardTop(Elaboratable):
     fight the FTDI chip, and the FPGA's ``tx`` reaches the FT231X without it.
     """
 
-    def __init__(self, board, device):
+    def __init__(self, board, device, clock_hz=None):
         self.board = board
         self.device = device
+        self.clock = CoreClock(board.family, board.oscillator_hz,
+                               board.oscillator_hz if clock_hz is None else clock_hz)
 
     def elaborate(self, platform):
         m = Module()
+        m.submodules.clock = self.clock
+        m.domains += self.clock.domains()
         m.submodules.device = device = self.device
         uart = platform.request("uart", 0, dir="-")
         m.submodules.rx_buffer = rx_buffer = io.Buffer("i", uart.rx)
@@ -485,7 +504,7 @@ class BoardTop(Elaboratable):
         m.submodules.rx_sync = FFSynchronizer(rx_buffer.i, device.rx, init=1)
         m.d.comb += tx_buffer.o.eq(device.tx)
 
-        clock_hz = self.board.clock_hz
+        clock_hz = self.clock.clock_hz
         heartbeat = Signal()
         half_period = Signal(range(clock_hz // 2))
         with m.If(half_period == clock_hz // 2 - 1):

@@ -31,6 +31,7 @@ from pathlib import Path
 from amaranth._toolchain import tool_env_var
 
 from .board import ULX3S_SIZES, BoardTop, Loopback, board_names, check_fits, get_board
+from .clock import core_pll
 
 __all__ = [
     "BuildError",
@@ -211,7 +212,7 @@ def build(board, config, output_dir="bitstreams", *, device_factory=None, seed=N
     _require_tools(env, [tool for tool in platform.required_tools if tool in _YOWASP])
 
     device = device_factory(config)
-    top = BoardTop(board, device)
+    top = BoardTop(board, device, config.clock_hz)
     if seed is None:
         seed = board.seed
     nextpnr_opts = f"--report {NEXTPNR_REPORT} --timing-allow-fail --seed {seed}"
@@ -432,10 +433,13 @@ def make_report(board, config, nextpnr, *, estimate=None, seconds=None, stage_se
         "device": platform.device,
         "package": platform.package,
         "speed": getattr(platform, "speed", None),
-        "clock_hz": board.clock_hz,
+        # The core clock (the device's sync domain) and where it comes from.
+        "clock_hz": config.clock_hz,
+        "oscillator_hz": board.oscillator_hz,
+        "pll": _pll_report(board, config),
         "config": dataclasses.asdict(config),
         "peak_bit_macs_per_cycle": config.peak_bit_macs_per_cycle,
-        "peak_bit_macs_per_second": config.peak_bit_macs_per_cycle * board.clock_hz,
+        "peak_bit_macs_per_second": config.peak_bit_macs_per_cycle * config.clock_hz,
         "cells": cells,
         "fmax": fmax,
         "timing_met": timing_met,
@@ -460,6 +464,12 @@ def make_report(board, config, nextpnr, *, estimate=None, seconds=None, stage_se
             report["bitstream"].update(bytes=len(bitstream_data),
                                        sha256=hashlib.sha256(bitstream_data).hexdigest())
     return report
+
+
+def _pll_report(board, config):
+    """The PLL's settings for the report, or None when the core runs from the oscillator."""
+    pll = core_pll(board.family, board.oscillator_hz, config.clock_hz)
+    return None if pll is None else pll.as_dict()
 
 
 def _display_path(path):
@@ -521,6 +531,18 @@ def _positive(text):
     return value
 
 
+def _megahertz(text):
+    """A frequency in MHz on the command line, as whole hertz."""
+    try:
+        hertz = float(text) * 1e6
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"must be a frequency in MHz, not {text}") from None
+    if not hertz >= 1 or abs(hertz - round(hertz)) > 1e-3:
+        raise argparse.ArgumentTypeError(f"must be a positive frequency in MHz with a whole "
+                                         f"number of hertz, not {text}")
+    return round(hertz)
+
+
 def make_parser():
     parser = argparse.ArgumentParser(
         prog="python -m hw.build",
@@ -551,6 +573,12 @@ def make_parser():
             ("baud", "B", "UART baud rate")):
         config.add_argument(f"--{name}", metavar=metavar, type=_positive,
                             help=f"{what} (default: the board's)")
+    config.add_argument("--clock-mhz", metavar="MHZ", type=_megahertz, dest="clock_hz",
+                        help="core clock in MHz, made by the FPGA's PLL from the board's "
+                             "oscillator, which must make it exactly (an error names the "
+                             "nearest frequencies it makes); the oscillator's own frequency "
+                             "needs no PLL (default: the board's: 43.75 on the ULX3S-85F, the "
+                             "oscillator's elsewhere)")
     config.add_argument("--no-layer-program", dest="layer_program", action="store_const",
                         const=False, default=None,
                         help="build the GEMM-only device, without the sequencer, the binary "

@@ -48,7 +48,9 @@ def test_board_defaults_are_valid_and_fit(name, size):
     config = board.default_config
     assert isinstance(config, DeviceConfig)
     platform = board.platform()
-    assert config.clock_hz == board.clock_hz == int(platform.default_clk_frequency)
+    assert board.oscillator_hz == int(platform.default_clk_frequency)
+    # The core clock is the oscillator's or one the PLL makes exactly (check_fits below).
+    assert config.clock_hz >= board.oscillator_hz
     assert board.family == platform.family.lower()
     assert board.capacity.part == platform.device
     estimate = check_fits(config, board)
@@ -107,12 +109,28 @@ def test_check_fits_names_logic_cells_on_ice40():
         check_fits(config, board)
 
 
-def test_check_fits_rejects_other_clock():
+def test_check_fits_rejects_a_clock_without_pll():
     board = get_board("icebreaker")
     config = board.default_config.replace(clock_hz=48_000_000)
-    with pytest.raises(ValueError, match=r"^clock_hz must be the icebreaker oscillator "
-                                         r"frequency \(12000000\), not 48000000$"):
+    with pytest.raises(ValueError, match=r"^no PLL for the ice40 yet: the core clock must be "
+                                         r"the oscillator's 12000000 Hz, not 48000000$"):
         check_fits(config, board)
+
+
+def test_check_fits_rejects_a_clock_the_pll_cannot_make():
+    board = get_board("ulx3s")
+    config = board.default_config.replace(clock_hz=44_000_000)
+    with pytest.raises(ValueError, match=r"^the ECP5 PLL cannot make exactly 44 MHz from the "
+                                         r"25 MHz oscillator; the nearest frequencies it makes "
+                                         r"are 40.625, 43.75, 45, 46.875 MHz$"):
+        check_fits(config, board)
+
+
+def test_ulx3s_85f_default_runs_from_the_pll():
+    board = get_board("ulx3s", "85F")
+    assert (board.oscillator_hz, board.default_config.clock_hz) == (25_000_000, 43_750_000)
+    for size in ("12F", "25F", "45F"):
+        assert get_board("ulx3s", size).default_config.clock_hz == 25_000_000
 
 
 def test_estimate_grows_with_the_array():
@@ -361,6 +379,15 @@ def test_make_report_fields():
             report["speed"]) == ("ulx3s", "85F", "LFE5U-85F", "BG381", "6")
     assert report["config"]["rows"] == config.rows and report["config"]["baud"] == 3_000_000
     assert report["peak_bit_macs_per_cycle"] == config.rows * config.cols * config.lane
+    # The core clock, the oscillator and the PLL that makes one from the other.
+    assert (report["clock_hz"], report["oscillator_hz"]) == (43_750_000, 25_000_000)
+    assert report["peak_bit_macs_per_second"] == report["peak_bit_macs_per_cycle"] * 43_750_000
+    assert report["pll"] == {"primitive": "EHXPLLL", "input_hz": 25_000_000,
+                             "output_hz": 43_750_000.0, "vco_hz": 612_500_000.0,
+                             "clki_div": 4, "clkfb_div": 7, "clkop_div": 14,
+                             "clkop_cphase": 7}
+    oscillator = build.make_report(board, config.replace(clock_hz=25_000_000), sample_nextpnr())
+    assert oscillator["pll"] is None and oscillator["clock_hz"] == 25_000_000
     assert report["cells"]["DP16KD"]["used"] == 77
     assert report["timing_met"] is True
     assert report["bitstream"]["path"] == "bitstreams/ulx3s/accelerator.bit"
@@ -443,10 +470,18 @@ def test_board_top_prepares(name):
     device = Loopback(board.default_config)
     assert wiring.Signature({"rx": wiring.In(1), "tx": wiring.Out(1, init=1)}) == \
         device.signature
-    plan = board.platform().prepare(BoardTop(board, device), "accelerator")
+    plan = board.platform().prepare(BoardTop(board, device, board.default_config.clock_hz),
+                                    "accelerator")
     constraints = "".join(content if isinstance(content, str) else ""
                           for filename, content in plan.files.items()
                           if filename.endswith((".lpf", ".pcf")))
+    # The ULX3S-85F's core clock comes from the PLL, constrained at its frequency; the
+    # iCEBreaker runs from its oscillator.
+    if name == "ulx3s":
+        assert 'FREQUENCY NET "clock.core_clk" 43750000.0 HZ;' in constraints
+        assert "EHXPLLL" in plan.files["accelerator.il"]
+    else:
+        assert "SB_PLL40" not in plan.files["accelerator.il"]
     # The UART pins, and no uart_tx_enable (ball L3 is an input from the FT231X).
     if name == "ulx3s":
         assert 'SITE "M1"' in constraints and 'SITE "L4"' in constraints
@@ -505,6 +540,24 @@ def test_fixed_lanes_must_be_a_power_of_two(value):
     with pytest.raises(ValueError, match=rf"^fixed_lanes must be 0 or a power of two up to 64, "
                                          rf"not {value!r}$"):
         DeviceConfig(fixed_lanes=value)
+
+
+def test_clock_mhz_option():
+    board = get_board("ulx3s")
+    args = build.make_parser().parse_args(["--clock-mhz", "40"])
+    assert build.config_from_args(board, args).clock_hz == 40_000_000
+    args = build.make_parser().parse_args(["--clock-mhz", "46.875"])
+    assert build.config_from_args(board, args).clock_hz == 46_875_000
+    assert build.config_from_args(board, build.make_parser().parse_args([])).clock_hz == \
+        board.default_config.clock_hz
+    assert "--clock-mhz MHZ" in build.make_parser().format_help()
+
+
+@pytest.mark.parametrize("text", ["fast", "0", "-5", "40.0000001"])
+def test_clock_mhz_option_rejects(text, capsys):
+    with pytest.raises(SystemExit):
+        build.make_parser().parse_args(["--clock-mhz", text])
+    assert "--clock-mhz: must be a" in capsys.readouterr().err
 
 
 def test_config_from_args_applies_fixed_lanes():

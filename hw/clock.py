@@ -1,0 +1,226 @@
+"""The core clock: the ``sync`` domain of a board build, from the FPGA's PLL.
+
+A board's oscillator feeds the PLL; the accelerator runs at the frequency the routed design
+meets, not at the oscillator's (DESIGN.md, "Clock"). :func:`ecp5_pll` computes the ECP5's
+``EHXPLLL`` settings for an exact output frequency (the UART's bit timer divides the core clock
+by the baud rate exactly, so the clock must be the integer number of hertz the configuration
+says); :class:`CoreClock` instantiates the PLL and makes the ``sync`` domain from it, held in
+reset until the PLL has locked.
+
+The ECP5 PLL with the output fed back (``FEEDBK_PATH="CLKOP"``)::
+
+    f_pfd = f_in / CLKI_DIV          3.125 .. 400 MHz
+    f_out = f_pfd * CLKFB_DIV        3.125 .. 400 MHz
+    f_vco = f_out * CLKOP_DIV        400 .. 800 MHz
+
+with ``CLKI_DIV`` and ``CLKOP_DIV`` in 1..128 and ``CLKFB_DIV`` in 1..80 (Lattice TN1263, "ECP5
+and ECP5-5G sysCLOCK PLL/DLL Design and Usage Guide"; prjtrellis' ``ecppll`` uses the same
+limits, and ``tests/test_clock.py`` checks our choice against it where it is installed).
+"""
+
+import dataclasses
+from fractions import Fraction
+
+from amaranth import ClockDomain, ClockSignal, Elaboratable, Instance, Module, Signal
+from amaranth.lib import io
+from amaranth.lib.cdc import ResetSynchronizer
+
+__all__ = ["CoreClock", "Ecp5Pll", "core_pll", "ecp5_frequencies", "ecp5_pll"]
+
+_MHZ = 1_000_000
+#: EHXPLLL limits (see the module docstring), in Hz and divider values.
+_ECP5_PFD = (3_125_000, 400 * _MHZ)
+_ECP5_VCO = (400 * _MHZ, 800 * _MHZ)
+_ECP5_OUT = (3_125_000, 400 * _MHZ)
+_ECP5_CLKI_DIV = 128
+_ECP5_CLKFB_DIV = 80
+_ECP5_CLKOP_DIV = 128
+#: Among settings that make the same frequency, the one whose VCO is nearest this (the middle
+#: of its range), as ecppll prefers.
+_ECP5_VCO_PREFERRED = 600 * _MHZ
+
+
+@dataclasses.dataclass(frozen=True)
+class Ecp5Pll:
+    """Settings of an ECP5 ``EHXPLLL`` with ``CLKOP`` fed back.
+
+    ``output_hz`` is exact: ``input_hz * clkfb_div / clki_div``.
+    """
+    input_hz: int
+    clki_div: int
+    clkfb_div: int
+    clkop_div: int
+
+    @property
+    def output_hz(self):
+        return Fraction(self.input_hz * self.clkfb_div, self.clki_div)
+
+    @property
+    def vco_hz(self):
+        return self.output_hz * self.clkop_div
+
+    @property
+    def clkop_cphase(self):
+        """Coarse phase of CLKOP in VCO cycles: half an output period, as Lattice's tools and
+        ecppll set it (the output's phase does not matter to a design clocked by it alone)."""
+        return self.clkop_div // 2
+
+    def parameters(self):
+        """The ``EHXPLLL`` parameters and attributes, as :class:`amaranth.hdl.Instance`
+        keyword arguments (``p_``: parameters, ``a_``: attributes)."""
+        mhz = f"{float(self.output_hz) / _MHZ:g}"
+        return {
+            "p_PLLRST_ENA": "DISABLED", "p_INTFB_WAKE": "DISABLED",
+            "p_STDBY_ENABLE": "DISABLED", "p_DPHASE_SOURCE": "DISABLED",
+            "p_OUTDIVIDER_MUXA": "DIVA", "p_OUTDIVIDER_MUXB": "DIVB",
+            "p_OUTDIVIDER_MUXC": "DIVC", "p_OUTDIVIDER_MUXD": "DIVD",
+            "p_CLKI_DIV": self.clki_div, "p_CLKFB_DIV": self.clkfb_div,
+            "p_CLKOP_ENABLE": "ENABLED", "p_CLKOP_DIV": self.clkop_div,
+            "p_CLKOP_CPHASE": self.clkop_cphase, "p_CLKOP_FPHASE": 0,
+            "p_FEEDBK_PATH": "CLKOP",
+            # The loop filter settings Lattice's tools give for these dividers (and ecppll
+            # copies); nextpnr writes them into the bitstream.
+            "a_FREQUENCY_PIN_CLKI": f"{self.input_hz / _MHZ:g}",
+            "a_FREQUENCY_PIN_CLKOP": mhz,
+            "a_ICP_CURRENT": "12", "a_LPF_RESISTOR": "8",
+            "a_MFG_ENABLE_FILTEROPAMP": "1", "a_MFG_GMCREF_SEL": "2",
+        }
+
+    def as_dict(self):
+        """The settings for a build report."""
+        return {"primitive": "EHXPLLL", "input_hz": self.input_hz,
+                "output_hz": float(self.output_hz), "vco_hz": float(self.vco_hz),
+                "clki_div": self.clki_div, "clkfb_div": self.clkfb_div,
+                "clkop_div": self.clkop_div, "clkop_cphase": self.clkop_cphase}
+
+
+def _ecp5_settings(input_hz):
+    """Every valid ``Ecp5Pll`` for ``input_hz``, as ``{output frequency: best settings}``
+    (best: VCO nearest 600 MHz)."""
+    best = {}
+    for clki_div in range(1, _ECP5_CLKI_DIV + 1):
+        pfd = Fraction(input_hz, clki_div)
+        if not _ECP5_PFD[0] <= pfd <= _ECP5_PFD[1]:
+            continue
+        for clkfb_div in range(1, _ECP5_CLKFB_DIV + 1):
+            out = pfd * clkfb_div
+            if not _ECP5_OUT[0] <= out <= _ECP5_OUT[1]:
+                continue
+            for clkop_div in range(1, _ECP5_CLKOP_DIV + 1):
+                vco = out * clkop_div
+                if vco > _ECP5_VCO[1]:
+                    break
+                if vco < _ECP5_VCO[0]:
+                    continue
+                settings = Ecp5Pll(input_hz, clki_div, clkfb_div, clkop_div)
+                known = best.get(out)
+                if known is None or (abs(vco - _ECP5_VCO_PREFERRED)
+                                     < abs(known.vco_hz - _ECP5_VCO_PREFERRED)):
+                    best[out] = settings
+    return best
+
+
+def ecp5_frequencies(input_hz, low_hz, high_hz):
+    """The whole-hertz frequencies in ``[low_hz, high_hz]`` an ECP5 PLL makes from
+    ``input_hz``, ascending."""
+    return sorted(int(f) for f in _ecp5_settings(input_hz)
+                  if f.denominator == 1 and low_hz <= f <= high_hz)
+
+
+def ecp5_pll(input_hz, output_hz):
+    """The ``EHXPLLL`` settings that make exactly ``output_hz`` from ``input_hz``.
+
+    Raises
+    ------
+    ValueError
+        If no setting makes exactly ``output_hz``; the message names the nearest frequencies
+        that can be made (whole hertz).
+    """
+    settings = _ecp5_settings(input_hz)
+    exact = settings.get(Fraction(output_hz))
+    if exact is not None:
+        return exact
+    whole = sorted(int(f) for f in settings if f.denominator == 1)
+    below = [f for f in whole if f < output_hz][-2:]
+    above = [f for f in whole if f > output_hz][:2]
+    nearest = ", ".join(f"{f / _MHZ:g}" for f in below + above)
+    raise ValueError(f"the ECP5 PLL cannot make exactly {output_hz / _MHZ:g} MHz from the "
+                     f"{input_hz / _MHZ:g} MHz oscillator; the nearest frequencies it makes "
+                     f"are {nearest} MHz")
+
+
+def core_pll(family, oscillator_hz, clock_hz):
+    """The PLL settings that make the core clock ``clock_hz`` from ``oscillator_hz``: ``None``
+    when they are equal (no PLL), an :class:`Ecp5Pll` on the ECP5.
+
+    Raises
+    ------
+    ValueError
+        If the PLL cannot make ``clock_hz`` exactly (naming the nearest frequencies it makes),
+        or the family has no PLL support yet.
+    """
+    if clock_hz == oscillator_hz:
+        return None
+    if family == "ecp5":
+        return ecp5_pll(oscillator_hz, clock_hz)
+    raise ValueError(f"no PLL for the {family} yet: the core clock must be the "
+                     f"oscillator's {oscillator_hz} Hz, not {clock_hz}")
+
+
+class CoreClock(Elaboratable):
+    """The ``sync`` domain of a board build, at ``clock_hz``.
+
+    Parameters
+    ----------
+    family : str
+        ``"ecp5"`` or ``"ice40"``.
+    oscillator_hz : int
+        The board's oscillator (the platform's default clock).
+    clock_hz : int
+        The core clock. Equal to ``oscillator_hz``: the platform's own ``sync`` domain (the
+        oscillator, no PLL) is used and this module adds nothing. Otherwise (ECP5 only) an
+        ``EHXPLLL`` makes it (:func:`core_pll`; a frequency it cannot make exactly raises
+        ``ValueError``) and clocks the ``sync`` domain, which the parent defines from
+        :meth:`domains` (Amaranth wants a domain defined where it is used or above). ``sync``
+        is held in reset from configuration until two cycles after the PLL reports lock (a
+        :class:`~amaranth.lib.cdc.ResetSynchronizer`); the clock gets a constraint of
+        ``clock_hz`` for nextpnr.
+
+    Members
+    -------
+    pll : :class:`Ecp5Pll` or None
+        The PLL's settings, ``None`` without a PLL.
+    locked : Signal
+        The PLL's lock output (constant 1 without a PLL).
+    """
+
+    def __init__(self, family, oscillator_hz, clock_hz):
+        self.family = family
+        self.oscillator_hz = oscillator_hz
+        self.clock_hz = clock_hz
+        self.locked = Signal(init=1)
+        self.pll = core_pll(family, oscillator_hz, clock_hz)
+
+    def domains(self):
+        """The clock domains the parent defines: ``[]`` without a PLL (the platform makes
+        ``sync`` from the oscillator), else the ``sync`` domain this module clocks."""
+        return [] if self.pll is None else [ClockDomain("sync")]
+
+    def elaborate(self, platform):
+        m = Module()
+        if self.pll is None:
+            return m
+        oscillator = platform.request(platform.default_clk, dir="-")
+        m.submodules.oscillator = oscillator_buffer = io.Buffer("i", oscillator)
+        # The PLL's output net, named so that its constraint says what it is.
+        core = Signal(name="core_clk")
+        m.submodules.pll = Instance(
+            "EHXPLLL",
+            i_CLKI=oscillator_buffer.i, o_CLKOP=core, i_CLKFB=core, o_LOCK=self.locked,
+            i_RST=0, i_STDBY=0, i_PHASESEL0=0, i_PHASESEL1=0, i_PHASEDIR=1, i_PHASESTEP=1,
+            i_PHASELOADREG=1, i_PLLWAKESYNC=0, i_ENCLKOP=0,
+            **self.pll.parameters())
+        m.d.comb += ClockSignal("sync").eq(core)
+        platform.add_clock_constraint(core, self.clock_hz)
+        m.submodules.reset = ResetSynchronizer(~self.locked, domain="sync")
+        return m
