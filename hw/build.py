@@ -197,6 +197,8 @@ def build(board, config, output_dir="bitstreams", *, device_factory=None, seed=N
         installed (it stays in the work directory).
     """
     started = time.monotonic()
+    # The sources' commit as elaborated: the tree may change during the long tool runs.
+    sources = _git()
     estimate = check_fits(config, board)
     if device_factory is None:
         # Imported here so that the rest of this module works without the device.
@@ -257,7 +259,7 @@ def build(board, config, output_dir="bitstreams", *, device_factory=None, seed=N
     report = make_report(board, config, nextpnr, estimate=estimate,
                          seconds=time.monotonic() - started, stage_seconds=stage_seconds,
                          bitstream=bitstream, bitstream_data=built.read_bytes(), seed=seed,
-                         nextpnr_extra=nextpnr_extra,
+                         nextpnr_extra=nextpnr_extra, git=sources,
                          design=f"{type(device).__module__}.{type(device).__qualname__}")
     # A stale bitstream next to a report of a failed build would be mistaken for this one.
     bitstream.unlink(missing_ok=True)
@@ -418,11 +420,12 @@ def _git():
 
 def make_report(board, config, nextpnr, *, estimate=None, seconds=None, stage_seconds=None,
                 bitstream=None, bitstream_data=None, seed=None, nextpnr_extra=(), date=None,
-                design=None):
+                design=None, git=None):
     """Assemble the build report (a JSON-serializable dict) from nextpnr's report.
 
     ``estimate`` is :func:`hw.board.estimate_resources`' figure (kept next to the measured
-    cells, so every build shows how good the estimate is); ``design`` the device's class.
+    cells, so every build shows how good the estimate is); ``design`` the device's class;
+    ``git`` the commit and state of the sources when the design was elaborated (default: now).
     """
     cells, fmax, timing_met = summarize_nextpnr(nextpnr)
     platform = board.platform_class
@@ -454,7 +457,7 @@ def make_report(board, config, nextpnr, *, estimate=None, seconds=None, stage_se
         "nextpnr_seed": seed,
         "nextpnr_extra_options": list(nextpnr_extra),
         "tools": _versions(),
-        "git": _git(),
+        "git": _git() if git is None else git,
         "date": (date or datetime.datetime.now(datetime.UTC)).isoformat(
             timespec="seconds"),
     }

@@ -434,6 +434,19 @@ def test_build_installs_bitstream_and_report(tmp_path, monkeypatch):
                                             "place and route (nextpnr)", "bitstream (pack)"}
 
 
+def test_build_reports_the_sources_as_elaborated(tmp_path, monkeypatch):
+    """The report's commit is the one the design was elaborated from, even if the tree
+    changes (a commit, an edit) while the tools run."""
+    states = iter([{"commit": "a" * 40, "dirty": False}, {"commit": "b" * 40, "dirty": True}])
+    monkeypatch.setattr(build, "_git", lambda: next(states))
+    monkeypatch.setattr(build, "_run_stage",
+                        fake_toolchain(sample_nextpnr(achieved=30.0, constraint=12.0)))
+    board = get_board("icebreaker")
+    report = build.build(board, board.default_config, tmp_path, device_factory=Loopback,
+                         progress=False)
+    assert report["git"] == {"commit": "a" * 40, "dirty": False}
+
+
 def test_build_fails_on_timing_without_installing(tmp_path, monkeypatch):
     board = get_board("icebreaker")
     stale = tmp_path / "icebreaker" / "accelerator.bin"
