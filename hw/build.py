@@ -127,12 +127,32 @@ def _plan_commands(work_dir):
     return script["commands"]
 
 
+#: The options by which Amaranth's build script quiets a tool (it prints only warnings and
+#: errors, and writes its full log only to the file it names with ``-l``/``--log``).
+_QUIET_OPTIONS = {"yosys": ("-q",), "nextpnr-ecp5": ("--quiet",), "nextpnr-ice40": ("--quiet",)}
+
+
+def _unquieted(tool, args):
+    """``args`` without the option that quiets ``tool``: the stage's log then holds all that
+    the tool prints (nextpnr's Fmax lines, Yosys's statistics), as it prints it."""
+    quiet = _QUIET_OPTIONS.get(tool, ())
+    return [arg for arg in args if arg not in quiet]
+
+
 def _run_stage(index, argv, work_dir, env):
+    """Run one command of the build plan in ``work_dir``; its output, unquieted, goes to
+    ``work_dir/stage<index>-<tool>.log``.
+
+    Raises
+    ------
+    BuildError
+        If it fails; the message names the log and quotes its last lines.
+    """
     # Amaranth's JSON build script names tools as Amaranth knows them ("nextpnr-ecp5"); the
     # environment says where they are. Paths in the arguments are relative to the work
     # directory: the WebAssembly tools cannot open absolute paths under some directories.
     tool, *args = argv
-    command = [env[tool_env_var(tool)], *args]
+    command = [env[tool_env_var(tool)], *_unquieted(tool, args)]
     log_path = work_dir / f"stage{index}-{tool}.log"
     with open(log_path, "w") as log:
         result = subprocess.run(command, cwd=work_dir, env=env, stdout=log,
@@ -230,16 +250,20 @@ def build(board, config, output_dir="bitstreams", *, device_factory=None, seed=N
     if board.family == "ice40":
         # Multiplications to the UP5K's SB_MAC16s instead of logic cells.
         overrides["synth_opts"] = "-dsp"
-    plan = platform.prepare(top, DESIGN_NAME, **overrides)
-    elaborated = time.monotonic()
-    if work_dir.exists():
-        shutil.rmtree(work_dir)
-    plan.extract(work_dir)
-    commands = _plan_commands(work_dir)
-
-    stage_seconds = {"elaborate": round(elaborated - started, 1)}
-    bar = _progress(len(commands), board.label, progress)
+    # Stages: elaboration, then the build plan's commands (three for both families; the
+    # total is corrected once the plan is extracted).
+    bar = _progress(1 + len(_STAGES), board.label, progress)
+    bar.set_description_str(f"{board.label}: elaborate")
     try:
+        plan = platform.prepare(top, DESIGN_NAME, **overrides)
+        elaborated = time.monotonic()
+        if work_dir.exists():
+            shutil.rmtree(work_dir)
+        plan.extract(work_dir)
+        commands = _plan_commands(work_dir)
+        stage_seconds = {"elaborate": round(elaborated - started, 1)}
+        bar.set_total(1 + len(commands))
+        bar.update()
         for index, argv in enumerate(commands):
             stage = _STAGES.get(index, argv[0])
             bar.set_description_str(f"{board.label}: {stage}")
@@ -279,6 +303,9 @@ class _NoProgress:
     def set_description_str(self, text):
         pass
 
+    def set_total(self, total):
+        pass
+
     def update(self):
         pass
 
@@ -286,11 +313,32 @@ class _NoProgress:
         pass
 
 
+class _StageProgress:
+    """A tqdm bar that counts stages (elaboration and each tool) as ``stage n/total``."""
+
+    def __init__(self, total, label):
+        from tqdm import tqdm
+        self._bar = tqdm(total=total, desc=label,
+                         bar_format="{desc}: stage {n}/{total} [{elapsed}]")
+
+    def set_description_str(self, text):
+        self._bar.set_description_str(text)
+
+    def set_total(self, total):
+        self._bar.total = total
+        self._bar.refresh()
+
+    def update(self):
+        self._bar.update()
+
+    def close(self):
+        self._bar.close()
+
+
 def _progress(total, label, enabled):
-    if not enabled:
-        return _NoProgress()
-    from tqdm import tqdm
-    return tqdm(total=total, desc=label, bar_format="{desc}: stage {n}/{total} [{elapsed}]")
+    """The progress display of :func:`build`: ``set_description_str``, ``set_total``,
+    ``update`` (one stage done) and ``close``."""
+    return _StageProgress(total, label) if enabled else _NoProgress()
 
 
 def summarize_nextpnr(nextpnr):
