@@ -270,7 +270,9 @@ def run_inference(images, model, device=GOLDEN, *, port=None, baud=3_000_000, ti
         try:
             for batch in batches:
                 started = time.perf_counter()
-                results = accelerator.infer_batch(batch, progress=progress)
+                # One image at a time: the images' bar is enough.
+                results = accelerator.infer_batch(batch,
+                                                  progress=progress and images_bar is None)
                 seconds = (time.perf_counter() - started) / len(batch)
                 predictions.extend(_prediction(result.logits, scale, labels, name,
                                                result.cycles, result.cycles / clock, seconds)
