@@ -38,7 +38,7 @@ Contract:
 Timing. Simulated time runs much slower than real time: Verilator clocks the default design at
 some tens of thousands of cycles per second, so its 24 MHz device runs several hundred times
 slower than a board (the self-test measures it and the board prints the figure; on the
-two-core development machine it was about 480 to 820 times).
+two-core development machine from 482 to 1,491 times, with the load).
 The driver's reply timeouts assume real time; pass ``time_scale`` (which multiplies its
 estimates of transfer and computation time) at least ``clock_hz / simulated cycles per second``.
 The board measures that speed in its self-test and prints a suggestion with margin (twice the
