@@ -17,9 +17,9 @@ What runs, in a scratch directory with this checkout on ``PYTHONPATH``:
   weights), so that the simulated board loads the compiled model in seconds rather than
   minutes; every later command uses that checkpoint;
 * more cheaply: ``make bitstream`` and ``make test`` as dry runs (``make -n``, and
-  ``python -m hw.build --help``); the Debian package and the CPU wheel of the set-up blocks
-  are checked against what ``.ci/run``, :mod:`sw.data` and the Makefile use (nothing is
-  installed or downloaded).
+  ``python -m hw.build --help``), and ``make setup TORCH_INDEX=...`` as a dry run that must
+  pass PyTorch's CPU index to pip; the Debian package of the set-up block is checked against
+  what ``.ci/run`` and :mod:`sw.data` use (nothing is installed or downloaded).
 
 Two liberties for the test's sake: the board's port 5555 is replaced by a free port, and the
 board gets ``--idle-timeout``/``--time-limit`` so that it ends itself if this process dies.
@@ -55,7 +55,8 @@ CHECKS = {
     "make bitstream": "make -n bitstream; python -m hw.build --help",
     "make test": "make -n test",
     "sudo apt-get install dataset-fashion-mnist": "the package .ci/run and sw.data use",
-    "python3 -m venv .venv": "the torch version the Makefile installs",
+    "make setup TORCH_INDEX=https://download.pytorch.org/whl/cpu":
+        "make -n -B: the CPU index reaches pip; the installed torch is that version",
     "python -m sim.board --port 5555": "run (free port), serves the other blocks",
     "import numpy as np": "run against the board",
     "python -m sw.models.summary": "run; its sw.train line reduced as the walk-through's",
@@ -240,13 +241,15 @@ def test_setup_blocks_name_what_ci_and_the_makefile_use():
     assert f"install -y --no-install-recommends {package}" in (ROOT / ".ci/run").read_text()
     from sw import data
     assert data.FASHION_MNIST_DIR == Path("/usr/share/datasets/fashion-mnist")
-    venv, pip = commands(block("python3 -m venv .venv"))
-    assert venv == "python3 -m venv .venv"
-    wheel = re.fullmatch(r"\.venv/bin/pip install (torch==\S+) --index-url "
-                         r"https://download\.pytorch\.org/whl/cpu", pip)
-    assert wheel, pip
-    makefile = (ROOT / "Makefile").read_text()
-    assert f"pip install {wheel[1]}" in makefile and "VENV := .venv" in makefile
+    (setup,) = commands(block("make setup TORCH_INDEX=https://download.pytorch.org/whl/cpu"))
+    # -B: the commands of every rule, the virtual environment's included, even where it exists.
+    dry = shell(f"make -n -B -C {shlex.quote(str(ROOT))} {setup.removeprefix('make ')}",
+                ROOT)
+    wheel = re.search(r"pip install (torch==\S+) --index-url "
+                      r"https://download\.pytorch\.org/whl/cpu\n", dry)
+    assert wheel, dry
+    assert "-m venv .venv" in dry and 'pip install -e ".[test]"' in dry, dry
+    assert "--index-url" not in shell(f"make -n -B -C {shlex.quote(str(ROOT))} setup", ROOT)
     import torch
     assert torch.__version__.split("+")[0] == wheel[1].split("==")[1]
 
