@@ -139,3 +139,25 @@ def test_build_lock_is_shared_by_simulations_and_a_rebuild_says_what_it_waits_fo
 def _enter(directory, is_current, build, entered):
     with runner._build_locked(directory, is_current, build):
         entered.set()
+
+
+def test_a_traced_run_holds_the_build_alone(tmp_path, capsys):
+    """``exclusive_run`` (traced runs, which write one dump.vcd): a second run waits, saying
+    so, until the first ends."""
+    entered = threading.Event()
+
+    def current():
+        return True
+
+    def build():
+        raise AssertionError("a current build was rebuilt")
+
+    with runner._build_locked(tmp_path, current, build, exclusive_run=True) as built:
+        assert not built
+        worker = threading.Thread(target=lambda: _enter(tmp_path, current, build, entered))
+        worker.start()
+        wait_until(lambda: "sim.runner: waiting for" in capsys.readouterr().err, 5,
+                   "no message from the run that waits for the traced one")
+        assert not entered.is_set()
+    worker.join(5)
+    assert entered.is_set()
