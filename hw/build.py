@@ -127,21 +127,25 @@ def _plan_commands(work_dir):
     return script["commands"]
 
 
-#: The options by which Amaranth's build script quiets a tool (it prints only warnings and
-#: errors, and writes its full log only to the file it names with ``-l``/``--log``).
-_QUIET_OPTIONS = {"yosys": ("-q",), "nextpnr-ecp5": ("--quiet",), "nextpnr-ice40": ("--quiet",)}
+#: The options by which a tool of the build plan names its own log file (Amaranth's script runs
+#: Yosys with ``-q -l accelerator.rpt`` and nextpnr with ``--quiet --log accelerator.tim``:
+#: they print only warnings and errors, and the whole log, nextpnr's Fmax lines included, only
+#: to that file).
+_LOG_OPTIONS = ("-l", "--log")
 
 
-def _unquieted(tool, args):
-    """``args`` without the option that quiets ``tool``: the stage's log then holds all that
-    the tool prints (nextpnr's Fmax lines, Yosys's statistics), as it prints it."""
-    quiet = _QUIET_OPTIONS.get(tool, ())
-    return [arg for arg in args if arg not in quiet]
+def _tool_log(args):
+    """The log file that ``args`` tell the tool to write, or ``None``."""
+    for index, arg in enumerate(args[:-1]):
+        if arg in _LOG_OPTIONS:
+            return args[index + 1]
+    return None
 
 
 def _run_stage(index, argv, work_dir, env):
-    """Run one command of the build plan in ``work_dir``; its output, unquieted, goes to
-    ``work_dir/stage<index>-<tool>.log``.
+    """Run one command of the build plan in ``work_dir``, as the plan gives it. What the tool
+    prints goes to ``work_dir/stage<index>-<tool>.log``, followed by the tool's own log file
+    (if it names one): the stage's log holds all of what the tool reported.
 
     Raises
     ------
@@ -151,12 +155,18 @@ def _run_stage(index, argv, work_dir, env):
     # Amaranth's JSON build script names tools as Amaranth knows them ("nextpnr-ecp5"); the
     # environment says where they are. Paths in the arguments are relative to the work
     # directory: the WebAssembly tools cannot open absolute paths under some directories.
+    # (Unquieting the tools instead would lose the end of Yosys's output: YoWASP's Yosys stops
+    # writing to a redirected standard output once it has run ABC.)
     tool, *args = argv
-    command = [env[tool_env_var(tool)], *_unquieted(tool, args)]
+    command = [env[tool_env_var(tool)], *args]
     log_path = work_dir / f"stage{index}-{tool}.log"
+    tool_log = _tool_log(args)
     with open(log_path, "w") as log:
         result = subprocess.run(command, cwd=work_dir, env=env, stdout=log,
                                 stderr=subprocess.STDOUT, check=False)
+        if tool_log is not None and (work_dir / tool_log).is_file():
+            log.write(f"\n--- {tool}'s log file {tool_log} (appended by hw.build) ---\n")
+            log.write((work_dir / tool_log).read_text(errors="replace"))
     if result.returncode != 0:
         tail = "\n".join(log_path.read_text(errors="replace").splitlines()[-25:])
         raise BuildError(f"{tool} failed (exit status {result.returncode}); "
