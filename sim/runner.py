@@ -29,6 +29,13 @@ By hand, from the repository root, ``FACTORY`` being ``module:callable``::
 
 ``--waves`` (or ``WAVES=1`` in the environment) records ``dump.vcd`` in the build directory.
 
+Locking: the build directory's ``.lock`` is held exclusively while the build is checked and
+(re)built, and shared while the simulation runs, so that simulations of one build (two
+``python -m sim.board`` of one configuration, say) run side by side, and a rebuild waits
+until they end. A run that has to wait says so at once on standard error
+(``sim.runner: waiting for sim_build/...: ...``). Traced runs (``--waves``) hold it
+exclusively throughout, each results file is named after the process.
+
 Writing a testbench (a cocotb module such as ``sim/tb_uart.py``):
 
 * The toplevel's ports are the component's signature, flattened the way Amaranth names them:
