@@ -12,10 +12,13 @@ What runs, in a scratch directory with this checkout on ``PYTHONPATH``:
   ``python -c`` that writes the PNG files, and its two ``python -m sw.infer`` commands (the
   golden model and the simulated board; the board must print the golden model's classes and
   probabilities);
-* with a reduced setting: both ``python -m sw.train`` commands run for one epoch
-  (``--epochs 1``) of a smaller MeliusNet (:data:`SMALL_MELIUSNET`, about a tenth of the
+* with a reduced setting: the walk-through's ``python -m sw.train`` runs for one epoch
+  (``--epochs 1``) of a smaller MeliusNet (:data:`SMALL_MELIUSNET`, about a twentieth of the
   weights), so that the simulated board loads the compiled model in seconds rather than
-  minutes; every later command uses that checkpoint;
+  minutes; every later command of both pages uses that checkpoint. README's training
+  command (the same model and data set for eight epochs) is parsed by ``sw.train``'s own
+  command line, which must accept it and give it the walk-through's output directory, but is
+  not run;
 * more cheaply: ``make bitstream`` and ``make test`` as dry runs (``make -n``, and
   ``python -m hw.build --help``), and ``make setup TORCH_INDEX=...`` as a dry run that must
   pass PyTorch's CPU index to pip; the Debian package of the set-up block is checked against
@@ -45,8 +48,8 @@ PAGES = ("README.md", "docs/walkthrough.md")
 DOC_PORT = "5555"
 #: ``--model-option``s of the reduced training runs: a MeliusNet with a tenth of the weights.
 SMALL_MELIUSNET = ("--model-option", "blocks=(1, 1)", "--model-option",
-                   "transition_channels=(32,)", "--model-option", "init_features=16",
-                   "--model-option", "growth_rate=16", "--threads", "1", "--no-progress")
+                   "transition_channels=(16,)", "--model-option", "init_features=16",
+                   "--model-option", "growth_rate=8", "--threads", "1", "--no-progress")
 #: Seconds any one command may take.
 COMMAND_TIMEOUT = 600
 
@@ -59,7 +62,7 @@ CHECKS = {
         "make -n -B: the CPU index reaches pip; the installed torch is that version",
     "python -m sim.board --port 5555": "run (free port), serves the other blocks",
     "import numpy as np": "run against the board",
-    "python -m sw.models.summary": "run; its sw.train line reduced as the walk-through's",
+    "python -m sw.models.summary": "run; its sw.train line parsed by sw.train",
     "from sw.compile import load": "run against the board",
     "python -m sw.compile runs/meliusnet-small-digits/best.pt --board ulx3s -o model.bnn": "run",
     "$ python -m sw.train --model meliusnet-small --dataset digits --epochs 10 --threads 1 \\":
@@ -268,13 +271,22 @@ def test_readme_models_summary(scratch):
     assert re.search(r"^meliusnet22 +3x224x224 .*6,944,584", output, re.MULTILINE), output
 
 
-def test_walkthrough(board, scratch):
-    """The walk-through's steps in order (training reduced, see the module docstring)."""
+@pytest.fixture(scope="module")
+def trained(scratch):
+    """The walk-through's training command, reduced (see the module docstring); its output
+    directory."""
     (train,) = commands(block(next(first for first in CHECKS if "sw.train" in first)))
     output = shell(reduced_training(train), scratch)
     assert re.match(r"training meliusnet-small \(\d+ parameters\) on digits \(1438 train, 359 "
                     r"test images\), 1 process, epochs 1\.\.1 of 1\n", output), output
-    assert (scratch / "runs/meliusnet-small-digits/best.pt").exists()
+    argv = shlex.split(train.replace("\\\n", " "))
+    directory = argv[argv.index("--output") + 1]
+    assert (scratch / directory / "best.pt").exists()
+    return directory
+
+
+def test_walkthrough(board, scratch, trained):
+    """The walk-through's steps in order (training reduced, see the module docstring)."""
 
     compile_block = block(next(first for first in CHECKS if "meliusnet-digits.bnn" in first
                                and "sw.compile" in first))
@@ -302,11 +314,14 @@ def test_walkthrough(board, scratch):
                          r"host$", got), got
 
 
-def test_readme_training_compiling_and_accelerator(board, scratch):
-    """README's training (reduced), compiling and ``Accelerator`` blocks, in order."""
+def test_readme_training_compiling_and_accelerator(board, scratch, trained):
+    """README's training (parsed), compiling and ``Accelerator`` blocks, in order."""
+    from sw import train as sw_train
     _, train = commands(block("python -m sw.models.summary"))
     assert train.startswith("python -m sw.train "), train
-    shell(reduced_training(train), scratch)
+    config = sw_train.config_from_args(shlex.split(train)[3:])
+    assert (config.model, config.dataset, config.epochs) == ("meliusnet-small", "digits", 8)
+    assert Path(config.output) == Path(trained)     # the checkpoint the compile block reads
     (compile_command,) = commands(block(next(first for first in CHECKS
                                              if first.endswith("-o model.bnn"))))
     shell(compile_command, scratch)
