@@ -23,8 +23,6 @@ from sw import protocol
 from tests import boards
 from tests.test_end_to_end import BOARD_LIMITS, CONFIG, REPLY_TIMEOUT
 
-pytestmark = pytest.mark.skipif(not sys.platform.startswith("linux"),
-                                reason="looks up processes in /proc (Linux)")
 
 
 def children(pid):
@@ -72,6 +70,8 @@ def wait_until(condition, seconds, what):
         time.sleep(0.1)
 
 
+@pytest.mark.skipif(not sys.platform.startswith("linux"),
+                    reason="looks up processes in /proc; the parent-death signal is Linux's")
 def test_two_boards_serve_side_by_side_and_stop_with_their_simulators():
     with BoardProcess(CONFIG, **BOARD_LIMITS) as first, BoardProcess(CONFIG, **BOARD_LIMITS) \
             as second:
