@@ -24,7 +24,6 @@ from tests import boards
 from tests.test_end_to_end import BOARD_LIMITS, CONFIG, REPLY_TIMEOUT
 
 
-
 def children(pid):
     """The ids of the child processes of ``pid`` (empty if it has ended)."""
     try:
