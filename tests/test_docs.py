@@ -26,7 +26,8 @@ What runs, in a scratch directory with this checkout on ``PYTHONPATH``:
 
 Two liberties for the test's sake: the board's port 5555 is replaced by a free port, and the
 board gets ``--idle-timeout``/``--time-limit`` so that it ends itself if this process dies.
-The board is stopped by SIGTERM at the end.
+The board is stopped by SIGTERM at the end; it must exit with status 143 and leave no
+simulator process and no listening port.
 """
 
 import os
@@ -41,6 +42,7 @@ from pathlib import Path
 import pytest
 
 from sim.board import LISTENING
+from tests.test_board_processes import alive, children, wait_until
 
 ROOT = Path(__file__).resolve().parent.parent
 PAGES = ("README.md", "docs/walkthrough.md")
@@ -201,6 +203,7 @@ def board():
         assert f"socket://127.0.0.1:{port}" in lines[-1]
         yield port
     finally:
+        simulators = children(process.pid)
         process.send_signal(signal.SIGTERM)
         try:
             status = process.wait(30)
@@ -210,6 +213,9 @@ def board():
         finally:
             process.stdout.close()
     assert status == 128 + signal.SIGTERM
+    assert simulators, "the board ran no simulator process"
+    wait_until(lambda: not any(alive(pid) for pid in simulators), 10,
+               f"the board's simulator {simulators} still runs after SIGTERM")
     with socket.socket() as probe:
         assert probe.connect_ex(("127.0.0.1", port)) != 0, "the board's port still listens"
 
