@@ -3,7 +3,8 @@
 The toplevel is :class:`hw.device.Device` (ports ``clk``, ``rst``, ``rx``, ``tx``). Parameters
 (:func:`sim.runner.parameters`): the :class:`hw.config.DeviceConfig` fields, and ``host``,
 ``port``, ``connections``, ``idle_timeout``, ``time_limit``, ``poll_cycles`` and
-``drain_timeout`` as :func:`sim.board.main` describes them. Run it with ``python -m sim.board``.
+``drain_timeout`` as :func:`sim.board.main` describes them, and ``parent_pid``, the id of the
+``python -m sim.board`` process (see :func:`die_with_parent`). Run it with ``python -m sim.board``.
 
 How the bridge keeps the simulation going without stalling it:
 
@@ -312,7 +313,7 @@ def die_with_parent(parent_pid):
         return
     if os.getppid() != parent_pid:
         # The parent died before the request: nobody is left to serve.
-        print(f"sim.board: its process {parent_pid} has ended; exiting", flush=True)
+        print(f"sim.board: the board process {parent_pid} has ended; exiting", flush=True)
         os._exit(1)
 
 
