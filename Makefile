@@ -6,11 +6,15 @@ BOARD ?= ulx3s
 
 .PHONY: setup bitstream test lint clean
 
+# Where pip's default index gives the CUDA build of torch (PyPI on Linux x86-64), name
+# PyTorch's CPU index: make setup TORCH_INDEX=https://download.pytorch.org/whl/cpu
+TORCH_INDEX ?=
+
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install --upgrade pip
-	# The CPU wheel first: anything that asks for torch later finds it satisfied.
-	$(BIN)/pip install torch==2.13.0
+	# torch first: anything that asks for torch later finds it satisfied.
+	$(BIN)/pip install torch==2.13.0 $(if $(TORCH_INDEX),--index-url $(TORCH_INDEX))
 
 setup: $(BIN)/python
 	$(BIN)/pip install -e ".[test]"

@@ -128,16 +128,46 @@ def _plan_commands(work_dir):
     return script["commands"]
 
 
+#: The options by which a tool of the build plan names its own log file (Amaranth's script runs
+#: Yosys with ``-q -l accelerator.rpt`` and nextpnr with ``--quiet --log accelerator.tim``:
+#: they print only warnings and errors, and the whole log, nextpnr's Fmax lines included, only
+#: to that file).
+_LOG_OPTIONS = ("-l", "--log")
+
+
+def _tool_log(args):
+    """The log file that ``args`` tell the tool to write, or ``None``."""
+    for index, arg in enumerate(args[:-1]):
+        if arg in _LOG_OPTIONS:
+            return args[index + 1]
+    return None
+
+
 def _run_stage(index, argv, work_dir, env):
+    """Run one command of the build plan in ``work_dir``, as the plan gives it. What the tool
+    prints goes to ``work_dir/stage<index>-<tool>.log``, followed by the tool's own log file
+    (if it names one): the stage's log holds all of what the tool reported.
+
+    Raises
+    ------
+    BuildError
+        If it fails; the message names the log and quotes its last lines.
+    """
     # Amaranth's JSON build script names tools as Amaranth knows them ("nextpnr-ecp5"); the
     # environment says where they are. Paths in the arguments are relative to the work
     # directory: the WebAssembly tools cannot open absolute paths under some directories.
+    # (Unquieting the tools instead would lose the end of Yosys's output: YoWASP's Yosys stops
+    # writing to a redirected standard output once it has run ABC.)
     tool, *args = argv
     command = [env[tool_env_var(tool)], *args]
     log_path = work_dir / f"stage{index}-{tool}.log"
+    tool_log = _tool_log(args)
     with open(log_path, "w") as log:
         result = subprocess.run(command, cwd=work_dir, env=env, stdout=log,
                                 stderr=subprocess.STDOUT, check=False)
+        if tool_log is not None and (work_dir / tool_log).is_file():
+            log.write(f"\n--- {tool}'s log file {tool_log} (appended by hw.build) ---\n")
+            log.write((work_dir / tool_log).read_text(errors="replace"))
     if result.returncode != 0:
         tail = "\n".join(log_path.read_text(errors="replace").splitlines()[-25:])
         raise BuildError(f"{tool} failed (exit status {result.returncode}); "
@@ -233,16 +263,20 @@ def build(board, config, output_dir="bitstreams", *, device_factory=None, seed=N
     if board.family == "ice40":
         # Multiplications to the UP5K's SB_MAC16s instead of logic cells.
         overrides["synth_opts"] = "-dsp"
-    plan = platform.prepare(top, DESIGN_NAME, **overrides)
-    elaborated = time.monotonic()
-    if work_dir.exists():
-        shutil.rmtree(work_dir)
-    plan.extract(work_dir)
-    commands = _plan_commands(work_dir)
-
-    stage_seconds = {"elaborate": round(elaborated - started, 1)}
-    bar = _progress(len(commands), board.label, progress)
+    # Stages: elaboration, then the build plan's commands (three for both families; the
+    # total is corrected once the plan is extracted).
+    bar = _progress(1 + len(_STAGES), board.label, progress)
+    bar.set_description_str(f"{board.label}: elaborate")
     try:
+        plan = platform.prepare(top, DESIGN_NAME, **overrides)
+        elaborated = time.monotonic()
+        if work_dir.exists():
+            shutil.rmtree(work_dir)
+        plan.extract(work_dir)
+        commands = _plan_commands(work_dir)
+        stage_seconds = {"elaborate": round(elaborated - started, 1)}
+        bar.set_total(1 + len(commands))
+        bar.update()
         for index, argv in enumerate(commands):
             stage = _STAGES.get(index, argv[0])
             bar.set_description_str(f"{board.label}: {stage}")
@@ -282,6 +316,9 @@ class _NoProgress:
     def set_description_str(self, text):
         pass
 
+    def set_total(self, total):
+        pass
+
     def update(self):
         pass
 
@@ -289,11 +326,32 @@ class _NoProgress:
         pass
 
 
+class _StageProgress:
+    """A tqdm bar that counts stages (elaboration and each tool) as ``stage n/total``."""
+
+    def __init__(self, total, label):
+        from tqdm import tqdm
+        self._bar = tqdm(total=total, desc=label,
+                         bar_format="{desc}: stage {n}/{total} [{elapsed}]")
+
+    def set_description_str(self, text):
+        self._bar.set_description_str(text)
+
+    def set_total(self, total):
+        self._bar.total = total
+        self._bar.refresh()
+
+    def update(self):
+        self._bar.update()
+
+    def close(self):
+        self._bar.close()
+
+
 def _progress(total, label, enabled):
-    if not enabled:
-        return _NoProgress()
-    from tqdm import tqdm
-    return tqdm(total=total, desc=label, bar_format="{desc}: stage {n}/{total} [{elapsed}]")
+    """The progress display of :func:`build`: ``set_description_str``, ``set_total``,
+    ``update`` (one stage done) and ``close``."""
+    return _StageProgress(total, label) if enabled else _NoProgress()
 
 
 def summarize_nextpnr(nextpnr):

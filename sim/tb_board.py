@@ -3,7 +3,8 @@
 The toplevel is :class:`hw.device.Device` (ports ``clk``, ``rst``, ``rx``, ``tx``). Parameters
 (:func:`sim.runner.parameters`): the :class:`hw.config.DeviceConfig` fields, and ``host``,
 ``port``, ``connections``, ``idle_timeout``, ``time_limit``, ``poll_cycles`` and
-``drain_timeout`` as :func:`sim.board.main` describes them. Run it with ``python -m sim.board``.
+``drain_timeout`` as :func:`sim.board.main` describes them, and ``parent_pid``, the id of the
+``python -m sim.board`` process (see :func:`die_with_parent`). Run it with ``python -m sim.board``.
 
 How the bridge keeps the simulation going without stalling it:
 
@@ -26,8 +27,11 @@ The clock period is nominal (10 ns); all timing is in clock cycles.
 
 import dataclasses
 import math
+import os
 import select
+import signal
 import socket
+import sys
 import time
 from fractions import Fraction
 
@@ -51,6 +55,8 @@ INBOX_LIMIT = 4096
 IDLE_WAIT_S = 0.02
 #: Seconds one wait for a connection lasts (between checks of the limits).
 ACCEPT_WAIT_S = 0.25
+#: ``prctl`` option: the signal a process gets when its parent dies (linux/prctl.h).
+PR_SET_PDEATHSIG = 1
 #: Payload of the self-test PING, which also measures the simulation speed under traffic.
 SELF_TEST_PAYLOAD = bytes(range(0x30, 0x30 + 48))
 
@@ -295,10 +301,27 @@ class Board:
         self._reset_trackers()
 
 
+def die_with_parent(parent_pid):
+    """Have the kernel kill this process (the simulator) when its parent, ``python -m
+    sim.board`` with id ``parent_pid``, dies, even by SIGKILL; exit at once if it already has.
+    Linux only (``prctl(PR_SET_PDEATHSIG)``); elsewhere, and without ``parent_pid``, nothing."""
+    if not parent_pid or not sys.platform.startswith("linux"):
+        return
+    import ctypes
+    libc = ctypes.CDLL(None, use_errno=True)
+    if libc.prctl(PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0) != 0:
+        return
+    if os.getppid() != parent_pid:
+        # The parent died before the request: nobody is left to serve.
+        print(f"sim.board: the board process {parent_pid} has ended; exiting", flush=True)
+        os._exit(1)
+
+
 @cocotb.test()
 async def serve(dut):
     """Serve the device's UART on a TCP socket until a limit ends the run."""
     settings = parameters()
+    die_with_parent(settings.get("parent_pid"))
     board = Board(dut, settings)
     await Timer(10 * PERIOD_NS, unit="ns")
     speed = await board.self_test()

@@ -218,7 +218,9 @@ def run_inference(images, model, device=GOLDEN, *, port=None, baud=3_000_000, ti
         rate; the reply timeout in seconds and the factor for a simulation's slower time
         (see :class:`sw.driver.Device`).
     progress : bool
-        Show a progress bar while the model's weights are uploaded.
+        Show progress bars (standard error) on a device: while the model is loaded, while
+        streamed weights load and images run (:meth:`sw.runtime.Accelerator.infer_batch`),
+        and over the images.
 
     Returns
     -------
@@ -260,13 +262,26 @@ def run_inference(images, model, device=GOLDEN, *, port=None, baud=3_000_000, ti
             # Streamed weights: load each segment once for all the images
             # (Accelerator.infer_batch); each image gets the batch's mean wall time.
             batches = [raw]
-        for batch in batches:
-            started = time.perf_counter()
-            results = accelerator.infer_batch(batch)
-            seconds = (time.perf_counter() - started) / len(batch)
-            predictions.extend(_prediction(result.logits, scale, labels, name, result.cycles,
-                                           result.cycles / clock, seconds)
-                               for result in results)
+        images_bar = None
+        if progress and len(batches) > 1:
+            from tqdm import tqdm
+            images_bar = tqdm(total=len(raw), unit="image", desc=f"images on {name}",
+                              leave=False)
+        try:
+            for batch in batches:
+                started = time.perf_counter()
+                # One image at a time: the images' bar is enough.
+                results = accelerator.infer_batch(batch,
+                                                  progress=progress and images_bar is None)
+                seconds = (time.perf_counter() - started) / len(batch)
+                predictions.extend(_prediction(result.logits, scale, labels, name,
+                                               result.cycles, result.cycles / clock, seconds)
+                                   for result in results)
+                if images_bar is not None:
+                    images_bar.update(len(batch))
+        finally:
+            if images_bar is not None:
+                images_bar.close()
     return predictions[0] if single else predictions
 
 

@@ -57,7 +57,9 @@ class Accelerator:
     device : :class:`sw.driver.Device`
     program : :class:`sw.compile.ir.Program` or an artifact holding one
     progress : bool
-        Show a progress bar (tqdm) while the descriptors and weights are written.
+        Show progress bars (tqdm, on standard error) over all the long work: the descriptors
+        and resident weights written here, and in :meth:`infer_batch` the weight segments
+        streamed and the runs of each image.
     budget : optional
         An object with the memory sizes (``weight_depth``, ``coef_depth``, ``param_depth``,
         ...) to generate the program for, instead of the device's own: a smaller budget makes
@@ -80,6 +82,7 @@ class Accelerator:
     def __init__(self, device, program, *, budget=None, progress=False):
         from .compile.lower import CompileError
         self.device = device
+        self.progress = progress
         self.program = getattr(program, "program", program)
         parameters = device.parameters
         if not parameters["program_depth"]:
@@ -131,15 +134,17 @@ class Accelerator:
         self._write_all(writes, progress)
         self._loaded_writes = self._kept_writes()
 
-    def _write_all(self, writes, progress=False):
-        """Write ``(memory name, address, words)`` blocks, with a progress bar in bytes."""
+    def _write_all(self, writes, progress=False, description="loading model"):
+        """Write ``(memory name, address, words)`` blocks, with a progress bar in bytes
+        (``description``; one that is not ``"loading model"`` is removed when done)."""
         from .packing import word_bytes
         sizes = [len(words) * word_bytes(self.device.word_width(Memory[memory]))
                  for memory, _, words in writes]
         bar = None
         if progress:
             from tqdm import tqdm
-            bar = tqdm(total=sum(sizes), unit="B", unit_scale=True, desc="loading model")
+            bar = tqdm(total=sum(sizes), unit="B", unit_scale=True, desc=description,
+                       leave=description == "loading model")
         try:
             for (memory, address, words), size in zip(writes, sizes):
                 # Chunks of at most 256 words keep the bar moving on a slow link.
@@ -152,8 +157,8 @@ class Accelerator:
             if bar is not None:
                 bar.close()
 
-    def _load_segment(self, segment):
-        self._write_all(segment.writes)
+    def _load_segment(self, segment, progress=False, description=""):
+        self._write_all(segment.writes, progress, description)
         self._loaded_writes = self._kept_writes()
 
     def _raw(self, image):
@@ -180,17 +185,19 @@ class Accelerator:
                                      max_cycles=2 * estimate + 1000)
         return cycles, self.device.op_cycles(segment.first, segment.count)
 
-    def infer(self, image):
+    def infer(self, image, *, progress=None):
         """Run one raw image ``(C, H, W)`` of integer pixels; return an :class:`InferenceResult`.
+
+        ``progress`` as for :meth:`infer_batch`.
 
         Raises
         ------
         ValueError
             If the image has the wrong shape or values that do not fit an INTS element.
         """
-        return self.infer_batch([image])[0]
+        return self.infer_batch([image], progress=progress)[0]
 
-    def infer_batch(self, images):
+    def infer_batch(self, images, *, progress=None):
         """Run raw images ``(C, H, W)``; return one :class:`InferenceResult` per image, in order.
 
         Each image's result is the same as if it ran alone. With weight streaming (several
@@ -204,6 +211,10 @@ class Accelerator:
         weights divided by the batch size. With one segment nothing is carried: each image is
         written, run and read back in turn, the weights staying loaded.
 
+        ``progress`` (default: the ``progress`` given to the constructor) shows a bar over
+        the runs (one per image and segment) and, with streamed weights, one in bytes over
+        each segment's weights while they load (on a simulated board these take minutes).
+
         Raises
         ------
         ValueError
@@ -214,9 +225,23 @@ class Accelerator:
         raws = [self._raw(image) for image in images]
         if not raws:
             return []
+        progress = self.progress if progress is None else progress
+        bar = None
+        if progress:
+            from tqdm import tqdm
+            bar = tqdm(total=len(raws) * len(dp.segments), unit="run", desc="running",
+                       leave=False)
+        try:
+            return self._infer_batch(raws, bar)
+        finally:
+            if bar is not None:
+                bar.close()
+
+    def _infer_batch(self, raws, bar):
+        dp = self.device_program
         if self._kept_writes() != self._loaded_writes:
             # A GEMM (which uses WEIGHTS) or another program was run on this device since.
-            self._load_resident()
+            self._load_resident(bar is not None)
         cycles = [0] * len(raws)
         counters = [[] for _ in raws]
         saved = [None] * len(raws)      # per image: the carried tensors' bytes
@@ -224,10 +249,18 @@ class Accelerator:
         order = list(range(len(raws)))
         on_device = None                # the image whose tensors the memories hold
         for number, segment in enumerate(dp.segments):
+            segments = f"segment {number + 1}/{len(dp.segments)}"
             if not self._resident:
-                self._load_segment(segment)
+                if bar is not None:
+                    bar.set_description_str(f"running ({segments}: loading weights)")
+                self._load_segment(segment, bar is not None, f"{segments} weights")
             last = number == len(dp.segments) - 1
-            for index in order:
+            for position, index in enumerate(order):
+                if bar is not None:
+                    bar.set_description_str(
+                        f"running ({segments}, image {position + 1}/{len(raws)})"
+                        if len(dp.segments) > 1 else
+                        f"running (image {position + 1}/{len(raws)})")
                 if number == 0:
                     self.device.write_words(Memory.INTS, dp.input_base, raws[index])
                 elif index != on_device:
@@ -244,5 +277,7 @@ class Accelerator:
                     saved[index] = [self.device.read(memory, base, size)
                                     for memory, base, size in self.carried[number + 1]]
                 on_device = index
+                if bar is not None:
+                    bar.update()
             order.reverse()
         return [InferenceResult(logits[i], cycles[i], counters[i]) for i in range(len(raws))]

@@ -8,6 +8,7 @@ YoWASP flow (yosys, nextpnr-ice40, icepack) on a UART loopback for the iCEBreake
 
 import dataclasses
 import json
+import os
 import re
 import sys
 import types
@@ -535,6 +536,10 @@ def test_icebreaker_loopback_end_to_end(tmp_path):
     (_clock, fmax), = report["fmax"].items()
     assert fmax["constraint_mhz"] == 12.0 and fmax["achieved_mhz"] > 12.0
     assert json.loads((tmp_path / "icebreaker" / "report.json").read_text()) == report
+    # The stage logs hold what the tools report: nextpnr's Fmax, Yosys's statistics.
+    work = tmp_path / "icebreaker" / "work"
+    assert "Max frequency for clock" in (work / "stage1-nextpnr-ice40.log").read_text()
+    assert "Printing statistics" in (work / "stage0-yosys.log").read_text()
 
 
 def test_fixed_lanes_set_the_int_banks_and_the_info_record():
@@ -598,3 +603,84 @@ def test_committed_fmax_needs_the_same_lanes(tmp_path, monkeypatch):
     assert committed.committed_fmax_mhz(board, config, layer_program=True) is None
     assert committed.committed_fmax_mhz(board, config.replace(fixed_lanes=0),
                                         layer_program=True) == 51.0
+
+
+class RecordingProgress:
+    """A stand-in for the build's progress bar that records what it is told."""
+
+    def __init__(self, total, label, enabled):
+        self.totals = [total]
+        self.descriptions = []
+        self.done = 0
+        self.closed = False
+
+    def set_description_str(self, text):
+        self.descriptions.append(text)
+
+    def set_total(self, total):
+        self.totals.append(total)
+
+    def update(self):
+        self.done += 1
+
+    def close(self):
+        self.closed = True
+
+
+def test_progress_counts_every_timed_stage(tmp_path, monkeypatch):
+    board = get_board("icebreaker")
+    bars = []
+    monkeypatch.setattr(build, "_progress",
+                        lambda *args: bars.append(RecordingProgress(*args)) or bars[-1])
+    monkeypatch.setattr(build, "_run_stage",
+                        fake_toolchain(sample_nextpnr(achieved=30.0, constraint=12.0)))
+    report = build.build(board, board.default_config, tmp_path, device_factory=Loopback)
+    (bar,) = bars
+    # Elaboration and the three tools: four stages, each counted once and timed once.
+    assert bar.totals[-1] == bar.done == len(report["stage_seconds"]) == 4
+    assert bar.totals[0] == 4 and bar.closed
+    assert [text.split(": ", 1)[1] for text in bar.descriptions] == list(report["stage_seconds"])
+
+
+FAKE_NEXTPNR = """\
+import sys
+args = sys.argv[1:]
+if "--quiet" not in args:
+    print("Info: Max frequency for clock '$glbnet$cd_sync.clk': 44.69 MHz (PASS at 25.00 MHz)")
+log = args[args.index("--log") + 1]
+with open(log, "w") as file:
+    file.write("Info: Max frequency for clock '$glbnet$cd_sync.clk': 44.69 MHz "
+               "(PASS at 25.00 MHz)\\n")
+print("Info: Preparing to run", file=sys.stderr)
+sys.exit(int("--fail" in args))
+"""
+
+
+@pytest.mark.parametrize("fail", [False, True])
+def test_stage_log_holds_what_the_tool_reports(tmp_path, fail):
+    """A fake nextpnr that, like the real one under Amaranth's ``--quiet``, prints only
+    "Preparing to run" and writes its Fmax lines to its ``--log`` file: the stage's log holds
+    both."""
+    tool = tmp_path / "fake-nextpnr"
+    tool.write_text(f"#!{sys.executable}\n{FAKE_NEXTPNR}")
+    tool.chmod(0o755)
+    env = {**os.environ, build.tool_env_var("nextpnr-ecp5"): str(tool)}
+    argv = ["nextpnr-ecp5", "--quiet", "--log", "accelerator.tim", *(["--fail"] if fail else [])]
+    log = tmp_path / "stage1-nextpnr-ecp5.log"
+    if fail:
+        with pytest.raises(build.BuildError, match=r"(?s)nextpnr-ecp5 failed \(exit status 1\); "
+                                                   r"log: .*stage1-nextpnr-ecp5\.log\n"
+                                                   r".*Max frequency"):
+            build._run_stage(1, argv, tmp_path, env)
+    else:
+        build._run_stage(1, argv, tmp_path, env)
+    text = log.read_text()
+    assert text.index("Preparing to run") < text.index("accelerator.tim (appended by hw.build)")
+    assert "Max frequency for clock '$glbnet$cd_sync.clk': 44.69 MHz (PASS at 25.00 MHz)" in text
+
+
+def test_tool_log_files_are_found():
+    assert build._tool_log(["-q", "-l", "accelerator.rpt", "accelerator.ys"]) == "accelerator.rpt"
+    assert build._tool_log(["--quiet", "--log", "a.tim", "--up5k"]) == "a.tim"
+    assert build._tool_log(["a.asc", "a.bin"]) is None
+    assert build._tool_log(["--log"]) is None
