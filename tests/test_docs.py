@@ -41,6 +41,7 @@ from pathlib import Path
 
 import pytest
 
+from hw.board import get_board
 from sim.board import LISTENING
 from tests.test_board_processes import alive, children, wait_until
 
@@ -300,7 +301,10 @@ def test_walkthrough(board, scratch, trained):
     output = shell(compile_command, scratch)
     page = compile_block.splitlines()
     assert output.splitlines()[:3] == page[1:4], output
-    assert re.search(r"^array 8x4x32, 8 fixed-point lanes, at 25 MHz: ", output, re.MULTILINE)
+    clock_mhz = f"{get_board('ulx3s').default_config.clock_hz / 1e6:g}"
+    assert re.search(rf"^array 8x4x32, 8 fixed-point lanes, at {re.escape(clock_mhz)} MHz: ",
+                     output, re.MULTILINE)
+    assert f"at {clock_mhz} MHz: " in compile_block, "the page shows another clock"
 
     (pictures,) = commands(block('$ python -c "'))
     shell(pictures, scratch)
