@@ -141,13 +141,18 @@ class Accelerator:
             from tqdm import tqdm
             bar = tqdm(total=sum(sizes), unit="B", unit_scale=True, desc="loading model")
         try:
+            # Pipelined (the device's receive buffer permitting); the errors come at the end.
+            pending = []
             for (memory, address, words), size in zip(writes, sizes):
                 # Chunks of at most 256 words keep the bar moving on a slow link.
                 for first in range(0, len(words), 256):
                     chunk = words[first:first + 256]
-                    self.device.write_words(Memory[memory], address + first, chunk)
+                    pending.append(self.device.write_words(Memory[memory], address + first,
+                                                           chunk, wait=False))
                     if bar is not None:
                         bar.update(size * len(chunk) // len(words))
+            for write in pending:
+                write.result()
         finally:
             if bar is not None:
                 bar.close()
