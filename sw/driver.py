@@ -17,7 +17,9 @@ Pipelining. :meth:`Device.submit` (and ``wait=False`` of :meth:`Device.write`,
 :class:`Pending`; its :meth:`~Pending.result` collects the replies, in order, up to its own. A
 request is only sent while the frames in flight (sent, reply not yet complete), all but the
 oldest, fit the device's receive buffer (``rx_buffer`` of INFO, see :mod:`sw.protocol`); until
-INFO has been read, nothing is pipelined. The driver waits for older replies when they do not.
+INFO has been read, nothing is pipelined. The driver waits for older replies when they do not,
+and also while the replies still due would exceed :data:`REPLY_BUDGET` bytes (the host's serial
+driver holds them while this one writes and does not read).
 A :meth:`Device.write` or :meth:`Device.read` larger than ``max_payload`` pipelines its own
 frames. :meth:`Device.request` is :meth:`Device.submit` followed by ``result()``.
 
@@ -50,9 +52,15 @@ from .protocol import Command, Memory, Status
 from .transport import DEFAULT_BAUD, open_transport
 
 __all__ = [
-    "CapacityError", "Device", "DeviceError", "DeviceTimeoutError", "DriverError",
-    "IncompatibleDeviceError", "Pending", "ProtocolError", "gemm", "gemm_cycles_estimate",
+    "REPLY_BUDGET", "CapacityError", "Device", "DeviceError", "DeviceTimeoutError",
+    "DriverError", "IncompatibleDeviceError", "Pending", "ProtocolError", "gemm",
+    "gemm_cycles_estimate",
 ]
+
+#: Most reply bytes (frames, by their expected size) the driver lets the device owe it while it
+#: pipelines: they pile up in the host's serial buffers while the driver writes. A USB-serial
+#: port's kernel buffer holds several times this; a socket far more.
+REPLY_BUDGET = 4096
 
 _STATUS_MEANING = {
     Status.BAD_CRC: "the request's CRC did not match",
@@ -154,8 +162,9 @@ class Pending:
 class _Request:
     """One request in flight: what its reply must be and, once it has arrived, the outcome."""
 
-    def __init__(self, command, expected, size, allowed):
+    def __init__(self, command, expected, size, reply_size, allowed):
         self.command, self.expected, self.size, self.allowed = command, expected, size, allowed
+        self.reply_size = reply_size
         self.done = False
         self.payload = None
         self.error = None
@@ -416,7 +425,8 @@ class Device:
 
         Before sending, the replies of older requests are collected (their outcomes kept for
         their own :class:`Pending`) until the frames in flight after the oldest, this one
-        included, fit the device's ``rx_buffer``; with nothing in flight any frame may go.
+        included, fit the device's ``rx_buffer`` and the replies due, this one's included, fit
+        :data:`REPLY_BUDGET`; with nothing in flight any frame may go.
         The arguments and the errors are those of :meth:`request`.
         """
         payload = bytes(payload)
@@ -427,12 +437,16 @@ class Device:
         reply_size = protocol.MAX_LENGTH if expected is None else expected
         allowed = self._reply_allowance(len(payload), min(reply_size, self._max_payload()),
                                         compute_seconds)
-        size = len(payload) + protocol.HEADER_SIZE + protocol.CRC_SIZE
-        while self._in_flight and (sum(r.size for r in self._in_flight) - self._in_flight[0].size
-                                   + size > self._rx_buffer()):
+        frame_overhead = protocol.HEADER_SIZE + protocol.CRC_SIZE
+        size = len(payload) + frame_overhead
+        reply_frame = min(reply_size, self._max_payload()) + frame_overhead
+        while self._in_flight and (
+                sum(r.size for r in self._in_flight) - self._in_flight[0].size + size
+                > self._rx_buffer()
+                or sum(r.reply_size for r in self._in_flight) + reply_frame > REPLY_BUDGET):
             self._collect()
         self._send(command, payload)
-        request = _Request(command, expected, size, allowed)
+        request = _Request(command, expected, size, reply_frame, allowed)
         self._in_flight.append(request)
         return Pending(self, [request], lambda payloads: payloads[0])
 

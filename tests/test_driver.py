@@ -824,3 +824,24 @@ def test_driver_refuses_to_write_counters():
     with pytest.raises(ValueError, match="COUNTERS is read-only"):
         device.write_words(Memory.COUNTERS, 0, [1])
     assert len(transport.written) == sent
+
+
+def test_pipelined_replies_due_stay_within_the_reply_budget():
+    # 64-word READs of a 2,048-deep memory: 262-byte replies; at most REPLY_BUDGET bytes due.
+    config = DeviceConfig(rows=2, cols=2, lane=16, max_depth=256, weight_depth=2048,
+                          max_payload=256, rx_buffer=4096)
+    device, transport, _ = make_checked_device(config)
+    device.info()
+    due = []
+    original = device._send
+
+    def send(command, payload):
+        due.append(sum(r.reply_size for r in device._in_flight))
+        return original(command, payload)
+
+    device._send = send
+    pending = [device.read(Memory.WEIGHTS, first, 64, wait=False) for first in range(0, 2048, 64)]
+    assert [p.result() for p in pending] == [bytes(256)] * 32
+    reply = 64 * 4 + 6
+    assert max(due) + reply <= sw.driver.REPLY_BUDGET < max(due) + 2 * reply
+    assert transport.most_in_flight == sw.driver.REPLY_BUDGET // reply
