@@ -37,8 +37,9 @@ send requests before the replies to earlier ones have arrived, as long as the fr
 requests it has sent and whose replies it has not yet received *completely*, all but the oldest
 of them, total at most ``rx_buffer`` bytes (sync, header and CRC included). Within that limit
 every request is answered, in order. Beyond it the device has nowhere to put the bytes: the UART
-drops them, and the frames they belonged to are answered with ``TIMEOUT`` or ``BAD_CRC``, or
-(when all their bytes were lost) not at all; the host then recovers as from any broken frame.
+drops them, and the frames they belonged to are answered with an error (``TIMEOUT``,
+``BAD_CRC``, or whatever the remaining bytes make of the frame), or (when all their bytes were
+lost) not at all; the host then recovers as from any broken frame.
 """
 
 import enum
