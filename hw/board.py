@@ -210,9 +210,11 @@ def _icebreaker(size):
         # The FT2232H would do 3 Mbaud, but at 12 MHz that leaves 4 clocks per bit; 1 Mbaud
         # gives the UART's sampler 12.
         # GEMM-only: the layer program's units and memories exceed the UP5K.
+        # A 512-byte receive FIFO: one of the 30 block RAMs (2,048 bytes would take four).
         default_config=DeviceConfig(
             rows=2, cols=2, lane=16, weight_depth=512, activation_depth=512,
-            result_depth=512, clock_hz=12_000_000, baud=1_000_000, layer_program=False),
+            result_depth=512, clock_hz=12_000_000, baud=1_000_000, layer_program=False,
+            rx_buffer=512),
         bitstream_suffix=".bin",
         # The iCEBreaker boots from its SPI flash; openFPGALoader writes it over the FT2232H.
         loader_args=("-b", "ice40_generic"),
@@ -301,7 +303,7 @@ _MODELS = {
         "ffs": (702.4 + 121, 1.83, 3.18, 8.19, 2.75, -0.50), "ffs_skew": 1,
         # DP16KD shapes, widest first (512x36 is the one-read-one-write PDPW16KD).
         "bram_shapes": ((36, 512), (18, 1024), (9, 2048), (4, 4096), (2, 8192), (1, 16384)),
-        # The ECP5 keeps the receive FIFO in LUT RAM.
+        # The ECP5 keeps a receive FIFO of up to 64 bytes in LUT RAM.
         "fifo_brams": 0,
         # The request checks' multiplications; a product by a row count that is not a power of
         # two takes more.
@@ -313,7 +315,7 @@ _MODELS = {
         "ffs": (682.8 + 121, 1.47, 3.02, 7.93, 3.04, 2.46), "ffs_skew": 1,
         # SB_RAM40_4K shapes.
         "bram_shapes": ((16, 256), (8, 512), (4, 1024), (2, 2048)),
-        # The iCE40 has no LUT RAM: the 64-byte receive FIFO takes a block RAM.
+        # The iCE40 has no LUT RAM: even a 64-byte receive FIFO takes a block RAM.
         "fifo_brams": 1,
         "dsps": (4, 5),
     },
@@ -351,8 +353,12 @@ def estimate_resources(config, family):
 
     luts = math.ceil(linear("luts"))
     ffs = math.ceil(linear("ffs"))
+    # The receive FIFO keeps rx_buffer - 1 bytes in its memory (one more in its output
+    # register); beyond 64 bytes it is a block RAM on both families.
+    fifo_brams = (_brams(8, config.rx_buffer - 1, model["bram_shapes"])
+                  if config.rx_buffer > 64 else model["fifo_brams"])
     brams = sum(_brams(width, depth, model["bram_shapes"])
-                for width, depth in _memories(config)) + model["fifo_brams"]
+                for width, depth in _memories(config)) + fifo_brams
     power_of_two = config.rows & (config.rows - 1) == 0
     dsps = model["dsps"][0 if power_of_two else 1]
     if config.layer_program:

@@ -39,6 +39,11 @@ class DeviceConfig:
         UART baud rate.
     byte_timeout_us : int
         A frame that stalls for longer than this is dropped with ``Status.TIMEOUT``.
+    rx_buffer : int
+        Bytes of the receive FIFO, which holds the requests that arrive while the device is
+        busy (a host that pipelines keeps at most this many bytes in flight, see
+        :mod:`sw.protocol`); reported by INFO. 64 .. 65536. 2048 is one ECP5 block RAM and
+        holds a ``max_payload`` WRITE of 1,024 bytes with room for more.
     element_width : int
         Bits of one signed integer of the layer program's integer tensors (INTS memory).
     bits_depth, int_depth, coef_depth, param_depth, program_depth : int
@@ -67,6 +72,7 @@ class DeviceConfig:
     clock_hz: int = 25_000_000
     baud: int = 3_000_000
     byte_timeout_us: int = 20_000
+    rx_buffer: int = 2048
     element_width: int = 24
     bits_depth: int = 1024
     int_depth: int = 8192
@@ -79,6 +85,7 @@ class DeviceConfig:
     def __post_init__(self):
         for name in ("rows", "cols", "lane", "max_depth", "weight_depth", "activation_depth",
                      "result_depth", "max_payload", "clock_hz", "baud", "byte_timeout_us",
+                     "rx_buffer",
                      "element_width", "bits_depth", "int_depth", "coef_depth", "param_depth",
                      "program_depth"):
             value = getattr(self, name)
@@ -96,6 +103,8 @@ class DeviceConfig:
         if self.clock_hz < 4 * self.baud:
             raise ValueError(f"clock_hz must be at least 4 * baud ({4 * self.baud}) for the "
                              f"UART to sample each bit, not {self.clock_hz}")
+        if not 64 <= self.rx_buffer <= 1 << 16:
+            raise ValueError(f"rx_buffer must be between 64 and 65536, not {self.rx_buffer}")
         if not 16 <= self.max_payload <= protocol.MAX_LENGTH:
             raise ValueError(f"max_payload must be between 16 and {protocol.MAX_LENGTH}, "
                              f"not {self.max_payload}")
@@ -166,9 +175,9 @@ class DeviceConfig:
         return self.rows * self.cols * self.lane
 
     def memory_bits(self):
-        """Total bits in the three memories and the frame buffer."""
+        """Total bits in the memories, the frame buffer and the receive FIFO."""
         return (sum(self.word_widths()[m] * self.depths()[m] for m in protocol.Memory)
-                + 8 * self.max_payload)
+                + 8 * (self.max_payload + self.rx_buffer))
 
     def info(self):
         """Return the INFO reply payload (bytes) of a device built with this configuration."""
@@ -181,7 +190,7 @@ class DeviceConfig:
             clock_hz=self.clock_hz, baud=self.baud, element_width=self.element_width,
             bits_depth=depths[M.BITS], int_depth=depths[M.INTS], coef_depth=depths[M.COEFS],
             param_depth=depths[M.PARAMS], program_depth=depths[M.PROGRAM],
-            fixed_lanes=self.int_banks if self.layer_program else 0)
+            fixed_lanes=self.int_banks if self.layer_program else 0, rx_buffer=self.rx_buffer)
 
     @property
     def byte_timeout_cycles(self):

@@ -5,7 +5,7 @@ computes binary GEMMs; its command executor is where the layer program of the fu
 will plug in. :class:`hw.device.Device` adds the UART.
 """
 
-from amaranth import Array, Cat, Const, Module, Signal
+from amaranth import Array, Cat, Const, Module, Mux, Signal
 from amaranth.hdl import ResetInserter
 from amaranth.lib import fifo, memory, stream, wiring
 from amaranth.lib.wiring import In, Out
@@ -48,17 +48,18 @@ class DeviceCore(wiring.Component):
     Members
     -------
     rx_data : ``In(stream.Signature(8))``
-        Request bytes from the host. Always ready unless the receive FIFO (``rx_fifo_depth``
-        bytes, filled while a request executes) is full; ``overrun`` then counts the bytes the
-        producer could not deliver.
+        Request bytes from the host. Ready unless the receive FIFO is full: it holds
+        ``config.rx_buffer`` bytes in a block RAM and two more in registers after it, and
+        fills while a request executes or its reply is sent. (Behind a UART, whose receiver
+        cannot wait, bytes that find it full are lost: the host keeps at most ``rx_buffer``
+        bytes in flight, see :mod:`sw.protocol`.)
     tx_data : ``Out(stream.Signature(8))``
         Reply bytes to the host.
 
     Every request frame gets exactly one reply (see :mod:`sw.protocol`). Requests are executed
-    one at a time; the next frame is parsed once the reply to the previous one has been sent.
+    one at a time, in order; the next frame is parsed once the reply to the previous one has
+    been handed to ``tx_data``, and meanwhile its bytes wait in the receive FIFO.
     """
-
-    rx_fifo_depth = 64
 
     def __init__(self, config):
         self.config = config
@@ -76,18 +77,25 @@ class DeviceCore(wiring.Component):
         max_word_bytes = max(word_bytes.values())
 
         # Link: receive FIFO -> frame receiver -> (executor) -> frame transmitter.
-        m.submodules.rx_fifo = rx_fifo = fifo.SyncFIFOBuffered(width=8, depth=self.rx_fifo_depth)
+        # The FIFO (a block RAM for the default 2,048 bytes) buffers the requests a host
+        # pipelines while the executor is busy; a two-entry register FIFO after it keeps the
+        # block RAM's read data off the receiver's logic (the CRC, the compares).
+        m.submodules.rx_fifo = rx_fifo = fifo.SyncFIFOBuffered(width=8, depth=cfg.rx_buffer)
+        m.submodules.rx_stage = rx_stage = fifo.SyncFIFOBuffered(width=8, depth=2)
         m.d.comb += [
             rx_fifo.w_data.eq(self.rx_data.payload),
             rx_fifo.w_en.eq(self.rx_data.valid),
             self.rx_data.ready.eq(rx_fifo.w_rdy),
+            rx_stage.w_data.eq(rx_fifo.r_data),
+            rx_stage.w_en.eq(rx_fifo.r_rdy),
+            rx_fifo.r_en.eq(rx_stage.w_rdy),
         ]
         m.submodules.receiver = receiver = FrameReceiver(cfg.max_payload,
                                                          cfg.byte_timeout_cycles)
         m.d.comb += [
-            receiver.i.payload.eq(rx_fifo.r_data),
-            receiver.i.valid.eq(rx_fifo.r_rdy),
-            rx_fifo.r_en.eq(receiver.i.ready),
+            receiver.i.payload.eq(rx_stage.r_data),
+            receiver.i.valid.eq(rx_stage.r_rdy),
+            rx_stage.r_en.eq(receiver.i.ready),
         ]
         m.submodules.frame_buffer = frame_buffer = memory.Memory(
             shape=8, depth=cfg.max_payload, init=[])
@@ -148,6 +156,7 @@ class DeviceCore(wiring.Component):
         remainder = Signal(16)      # bytes of a WRITE not yet divided into words
         word = Signal(8 * max_word_bytes)
         word_byte = Signal(range(max_word_bytes + 1))
+        narrow = Signal()           # a WRITE8: one byte per INTS element
         reply_status = Signal(8)
         reply_length = Signal(16)
 
@@ -279,7 +288,8 @@ class DeviceCore(wiring.Component):
                     ints.wr_addr.eq(host_addr),
                     ints.wr_en.eq(host_write_en & host_selected(Memory.INTS)),
                     ints.wr_mask.eq(1),
-                    ints.wr_data[0].eq(host_data(Memory.INTS)),
+                    # A WRITE8's byte (shifted in at the top of `word`) is zero-extended.
+                    ints.wr_data[0].eq(Mux(narrow, word[-8:], host_data(Memory.INTS))),
                 ]
             m.d.comb += [bconv.int_rd_data.eq(ints.rd_data), fixed.int_rd_data.eq(ints.rd_data)]
 
@@ -364,7 +374,7 @@ class DeviceCore(wiring.Component):
                             fail(Status.BAD_LENGTH)
                         with m.Else():
                             reply(Status.OK, len(info), payload_states.index("Send info"))
-                    with m.Case(Command.WRITE):
+                    with m.Case(Command.WRITE, Command.WRITE8):
                         with m.If(length <= protocol.WRITE_HEADER.size):
                             fail(Status.BAD_LENGTH)
                         with m.Else():
@@ -401,12 +411,13 @@ class DeviceCore(wiring.Component):
                     m.next = "Check arguments"
 
             with m.State("Check arguments"), m.Switch(event.command):
-                with m.Case(Command.WRITE):
+                with m.Case(Command.WRITE, Command.WRITE8):
                     m.d.sync += [
                         mem_id.eq(_field(args, protocol.WRITE_HEADER, "memory")),
                         address.eq(_field(args, protocol.WRITE_HEADER, "address")),
                         remainder.eq(event.length - protocol.WRITE_HEADER.size),
                         words.eq(0),
+                        narrow.eq(event.command == Command.WRITE8),
                     ]
                     m.next = "Count words"
                 with m.Case(Command.READ):
@@ -442,11 +453,18 @@ class DeviceCore(wiring.Component):
                         m.next = "Check RUN"
 
             # WRITE: divide the data length by the word size by repeated subtraction (at most
-            # max_payload cycles), then check the range.
+            # max_payload cycles), then check the range. A WRITE8 has one byte per word.
+            read_only = Cat(*(mem_id == mem for mem in sorted(protocol.READ_ONLY_MEMORIES))).any()
             with m.State("Count words"):
                 with m.If(mem_id >= len(Memory)):
                     fail(Status.BAD_ADDRESS)
-                with m.Elif(remainder >= selected_word_bytes):
+                with m.Elif(read_only):
+                    fail(Status.READ_ONLY)
+                with m.Elif(narrow & (mem_id != Memory.INTS)):
+                    fail(Status.BAD_ARGUMENT)
+                with m.Elif(narrow & (remainder != 0)):
+                    m.d.sync += [words.eq(remainder), remainder.eq(0)]
+                with m.Elif(~narrow & (remainder >= selected_word_bytes)):
                     m.d.sync += [
                         remainder.eq(remainder - selected_word_bytes),
                         words.eq(words + 1),
@@ -472,7 +490,7 @@ class DeviceCore(wiring.Component):
                     word_byte.eq(word_byte + 1),
                 ]
                 m.next = "Write fetch"
-                with m.If(word_byte + 1 == selected_word_bytes):
+                with m.If(narrow | (word_byte + 1 == selected_word_bytes)):
                     m.next = "Write word"
             with m.State("Write word"):
                 m.d.comb += [host_write_en.eq(1), host_write_data.eq(word)]

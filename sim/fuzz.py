@@ -13,13 +13,14 @@ bad_length      INFO with a payload, READ/GEMM/RUN with a payload of the wrong s
 oversize        a length above ``max_payload`` (header only, then non-sync garbage)    BAD_LENGTH
 bad_address     READ of an unknown memory or past a memory's end                       BAD_ADDRESS
 bad_argument    RUN of no ops, past PROGRAM or of no cycles; GEMM with a zero tile     BAD_ARGUMENT
+read_only       WRITE or WRITE8 of COUNTERS                                            READ_ONLY
 truncated       a frame cut short, then silence                                        TIMEOUT
 garbage         bytes that contain no sync byte, between frames                        (none)
 valid           PING with a random payload, INFO, READ of COUNTERS                     OK + data
 ==============  =====================================================================  ==========
 
 Nothing the fuzzer sends changes the device's memories (writes only ever go out with a bad
-CRC), so a model loaded before the run must still infer bit-exactly after it. A reply that does
+CRC, or to the read-only COUNTERS), so a model loaded before the run must still infer bit-exactly after it. A reply that does
 not come within ``reply_timeout`` counts as a hang; the fuzzer then resynchronizes
 (:meth:`sw.driver.Device.resync`) and goes on.
 """
@@ -38,7 +39,7 @@ __all__ = ["KINDS", "FuzzReport", "fuzz"]
 
 #: Frame kinds and their relative weights (truncations are rare: each costs a byte timeout).
 KINDS = {"bad_crc": 20, "unknown": 10, "bad_length": 15, "oversize": 5, "bad_address": 10,
-         "bad_argument": 10, "truncated": 1, "garbage": 9, "valid": 20}
+         "bad_argument": 10, "read_only": 5, "truncated": 1, "garbage": 9, "valid": 20}
 
 
 @dataclasses.dataclass
@@ -78,7 +79,7 @@ def _random_request(rng, info):
         return command, rng.randbytes(rng.randint(0, 24))
     if command == Command.INFO:
         return command, b""
-    if command == Command.WRITE:
+    if command in (Command.WRITE, Command.WRITE8):
         return command, protocol.WRITE_HEADER.pack(memory=rng.randrange(len(Memory)),
                                                     address=rng.randrange(64)) \
             + rng.randbytes(rng.randint(1, 16))
@@ -133,6 +134,11 @@ def _case(rng, info):
             return kind, _frame(Command.RUN, payload), Status.BAD_ARGUMENT, Command.RUN, None
         payload = protocol.GEMM_REQUEST.pack(m_tiles=0, n_tiles=1, k_words=1)
         return kind, _frame(Command.GEMM, payload), Status.BAD_ARGUMENT, Command.GEMM, None
+    if kind == "read_only":
+        command = rng.choice([Command.WRITE, Command.WRITE8])
+        payload = protocol.WRITE_HEADER.pack(memory=Memory.COUNTERS, address=rng.randrange(64)) \
+            + rng.randbytes(4 * rng.randint(1, 4))
+        return kind, _frame(command, payload), Status.READ_ONLY, command, None
     if kind == "truncated":
         command, payload = _random_request(rng, info)
         frame = _frame(command, payload)

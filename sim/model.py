@@ -19,8 +19,10 @@ answers):
 PING     none; the payload (0 .. ``max_payload`` bytes) is echoed
 INFO     length 0, else BAD_LENGTH; replies ``config.info()``
 WRITE    length > 5 (at least one data byte), else BAD_LENGTH; memory id, else BAD_ADDRESS;
-         data a whole number of words, else BAD_LENGTH; words within the memory, else
-         BAD_ADDRESS. Bits above the word width are ignored.
+         not COUNTERS, else READ_ONLY; data a whole number of words, else BAD_LENGTH; words
+         within the memory, else BAD_ADDRESS. Bits above the word width are ignored.
+WRITE8   as WRITE, and the memory INTS (after the READ_ONLY check), else BAD_ARGUMENT; each
+         data byte is one element, zero-extended
 READ     length 7, else BAD_LENGTH; memory id, else BAD_ADDRESS; ``1 <= count`` and
          ``count * word_bytes <= max_payload``, else BAD_LENGTH; words within the memory, else
          BAD_ADDRESS
@@ -160,6 +162,7 @@ class DeviceModel:
             Command.PING: self._ping,
             Command.INFO: self._info,
             Command.WRITE: self._write,
+            Command.WRITE8: self._write8,
             Command.READ: self._read,
             Command.GEMM: self._gemm,
         }
@@ -182,7 +185,10 @@ class DeviceModel:
     def _word_bytes(self, memory):
         return self.config.word_bytes(memory)
 
-    def _write(self, payload):
+    def _write8(self, payload):
+        return self._write(payload, narrow=True)
+
+    def _write(self, payload, narrow=False):
         header_size = protocol.WRITE_HEADER.size
         if len(payload) <= header_size:
             return Status.BAD_LENGTH
@@ -190,8 +196,12 @@ class DeviceModel:
         if header["memory"] not in set(Memory):
             return Status.BAD_ADDRESS
         memory = Memory(header["memory"])
+        if memory in protocol.READ_ONLY_MEMORIES:
+            return Status.READ_ONLY
+        if narrow and memory != Memory.INTS:
+            return Status.BAD_ARGUMENT
         data = payload[header_size:]
-        size = self._word_bytes(memory)
+        size = 1 if narrow else self._word_bytes(memory)
         if len(data) % size:
             return Status.BAD_LENGTH
         words = len(data) // size

@@ -7,8 +7,21 @@ anything with the same ``write``, ``flush``, ``read``, ``reset_input_buffer`` an
 most ``timeout`` seconds with what has arrived; the driver waits for a reply in several reads.
 
 Each request is answered by exactly one reply frame. The driver discards unread input before it
-sends a request, then hunts for the reply's sync byte, reads the header, payload and CRC, and
-checks the CRC, the status and the payload length the request calls for.
+sends a request when no reply is outstanding, then hunts for the reply's sync byte, reads the
+header, payload and CRC, and checks the CRC, the status and the payload length the request calls
+for.
+
+Pipelining. :meth:`Device.submit` (and ``wait=False`` of :meth:`Device.write`,
+:meth:`Device.write8`, :meth:`Device.read`, :meth:`Device.read_words`, :meth:`Device.run_ops`,
+:meth:`Device.op_cycles`) sends a request without waiting for its reply and returns a
+:class:`Pending`; its :meth:`~Pending.result` collects the replies, in order, up to its own. A
+request is only sent while the frames in flight (sent, reply not yet complete), all but the
+oldest, fit the device's receive buffer (``rx_buffer`` of INFO, see :mod:`sw.protocol`); until
+INFO has been read, nothing is pipelined. The driver waits for older replies when they do not,
+and also while the replies still due would exceed :data:`REPLY_BUDGET` bytes (the host's serial
+driver holds them while this one writes and does not read).
+A :meth:`Device.write` or :meth:`Device.read` larger than ``max_payload`` pipelines its own
+frames. :meth:`Device.request` is :meth:`Device.submit` followed by ``result()``.
 
 Errors (all derive from :class:`DriverError`):
 
@@ -19,7 +32,8 @@ Errors (all derive from :class:`DriverError`):
 * :class:`IncompatibleDeviceError`: the device speaks another protocol version;
 * :class:`CapacityError` (also a :class:`ValueError`): a GEMM does not fit the device.
 
-After a :class:`DeviceTimeoutError` or :class:`ProtocolError` the link may be out of step; call
+After a :class:`DeviceTimeoutError` or :class:`ProtocolError` the link may be out of step: the
+requests still in flight then fail with a :class:`DriverError` naming it; call
 :meth:`Device.resync` before the next request.
 
 Reply timeouts are ``timeout`` seconds plus twice the estimated time on the wire (10 bits per
@@ -28,6 +42,7 @@ device's clock); ``time_scale`` multiplies the estimates for a simulated device 
 than real time.
 """
 
+import collections
 import operator
 import os
 import time
@@ -37,9 +52,15 @@ from .protocol import Command, Memory, Status
 from .transport import DEFAULT_BAUD, open_transport
 
 __all__ = [
-    "CapacityError", "Device", "DeviceError", "DeviceTimeoutError", "DriverError",
-    "IncompatibleDeviceError", "ProtocolError", "gemm", "gemm_cycles_estimate",
+    "REPLY_BUDGET", "CapacityError", "Device", "DeviceError", "DeviceTimeoutError",
+    "DriverError", "IncompatibleDeviceError", "Pending", "ProtocolError", "gemm",
+    "gemm_cycles_estimate",
 ]
+
+#: Most reply bytes (frames, by their expected size) the driver lets the device owe it while it
+#: pipelines: they pile up in the host's serial buffers while the driver writes. A USB-serial
+#: port's kernel buffer holds several times this; a socket far more.
+REPLY_BUDGET = 4096
 
 _STATUS_MEANING = {
     Status.BAD_CRC: "the request's CRC did not match",
@@ -50,7 +71,8 @@ _STATUS_MEANING = {
     Status.ABORTED: "the run exceeded its cycle limit and was stopped (the execution units were "
                     "reset; load the image again)",
     Status.BAD_ARGUMENT: "an argument is out of range (a GEMM that does not fit the memories "
-                         "or max_depth, or a zero)",
+                         "or max_depth, a zero, or a WRITE8 to a memory other than INTS)",
+    Status.READ_ONLY: "the memory is read-only (COUNTERS): nothing was written",
 }
 
 
@@ -106,6 +128,46 @@ class IncompatibleDeviceError(DriverError):
 
 class CapacityError(DriverError, ValueError):
     """A GEMM needs more than the device has (memory words or K)."""
+
+
+class Pending:
+    """The outcome of requests sent without waiting (see the module docstring on pipelining).
+
+    :meth:`result` waits for the replies of ``requests`` (collecting every older reply first,
+    in order) and returns ``finish(payloads)``; it raises the first error among them: a
+    :class:`DeviceError` for an error status, or the link's error if the link broke before
+    they were answered. Calling it again returns the same value or raises the same error.
+    """
+
+    def __init__(self, device, requests, finish):
+        self._device = device
+        self._requests = list(requests)
+        self._finish = finish
+
+    @property
+    def done(self):
+        """Whether every reply has arrived (``result`` will not wait)."""
+        return all(request.done for request in self._requests)
+
+    def result(self):
+        for request in self._requests:
+            while not request.done:
+                self._device._collect()
+        for request in self._requests:
+            if request.error is not None:
+                raise request.error
+        return self._finish([request.payload for request in self._requests])
+
+
+class _Request:
+    """One request in flight: what its reply must be and, once it has arrived, the outcome."""
+
+    def __init__(self, command, expected, size, reply_size, allowed):
+        self.command, self.expected, self.size, self.allowed = command, expected, size, allowed
+        self.reply_size = reply_size
+        self.done = False
+        self.payload = None
+        self.error = None
 
 
 def gemm_cycles_estimate(m_tiles, n_tiles, k_words, rows, cols):
@@ -178,6 +240,8 @@ class Device:
         self.bytes_sent = 0
         self.bytes_received = 0
         self._info = None
+        #: Requests sent whose replies have not been collected, oldest first.
+        self._in_flight = collections.deque()
 
     @classmethod
     def open(cls, port=None, *, baud=DEFAULT_BAUD, timeout=1.0, time_scale=1.0):
@@ -230,11 +294,44 @@ class Device:
         return bytes(data)
 
     def _send(self, command, payload):
-        self.transport.reset_input_buffer()
+        if not self._in_flight:
+            self.transport.reset_input_buffer()
         frame = protocol.encode_frame(protocol.REQUEST_SYNC, command, payload)
         self.transport.write(frame)
         self.transport.flush()
         self.bytes_sent += len(frame)
+        return len(frame)
+
+    def _rx_buffer(self):
+        """Bytes of requests the device buffers behind the one it executes (0: unknown)."""
+        return 0 if self._info is None else self._info["rx_buffer"]
+
+    def _collect(self):
+        """Receive the oldest outstanding reply into its :class:`_Request`.
+
+        A reply that does not arrive or is malformed leaves the link out of step: every
+        request in flight then fails with that error (the oldest with the error itself), and
+        it is raised.
+        """
+        request = self._in_flight[0]
+        try:
+            status, payload = self._receive(request.command, request.expected,
+                                            time.monotonic() + request.allowed, request.allowed)
+        except DriverError as error:
+            failed = list(self._in_flight)
+            self._in_flight.clear()
+            for number, other in enumerate(failed):
+                other.done = True
+                other.error = error if number == 0 else DriverError(
+                    f"no reply to {_command_name(other.command)}: the link broke on an "
+                    f"earlier reply ({error}); resync")
+            raise
+        self._in_flight.popleft()
+        request.done = True
+        if status == Status.OK:
+            request.payload = payload
+        else:
+            request.error = DeviceError(status, _as_command(request.command), payload[0])
 
     def _receive(self, command, expected, deadline, allowed):
         """Read one reply frame; return ``(status, payload)``.
@@ -293,7 +390,8 @@ class Device:
                                                  + 4 * compute_seconds)
 
     def request(self, command, payload=b"", *, expected=None, compute_seconds=0.0):
-        """Send one request and return the payload of its OK reply.
+        """Send one request and return the payload of its OK reply (after the replies to the
+        requests still in flight: see :meth:`submit`).
 
         Parameters
         ----------
@@ -318,14 +416,39 @@ class Device:
         if len(payload) > self._max_payload():
             raise ValueError(f"payload must be at most max_payload ({self._max_payload()}) "
                              f"bytes, not {len(payload)}")
+        return self.submit(command, payload, expected=expected,
+                           compute_seconds=compute_seconds).result()
+
+    def submit(self, command, payload=b"", *, expected=None, compute_seconds=0.0):
+        """Send one request without waiting for its reply; return a :class:`Pending` whose
+        ``result()`` is the payload of its OK reply.
+
+        Before sending, the replies of older requests are collected (their outcomes kept for
+        their own :class:`Pending`) until the frames in flight after the oldest, this one
+        included, fit the device's ``rx_buffer`` and the replies due, this one's included, fit
+        :data:`REPLY_BUDGET`; with nothing in flight any frame may go.
+        The arguments and the errors are those of :meth:`request`.
+        """
+        payload = bytes(payload)
+        command = _check_int("command", command, 0, 0xFF)
+        if len(payload) > self._max_payload():
+            raise ValueError(f"payload must be at most max_payload ({self._max_payload()}) "
+                             f"bytes, not {len(payload)}")
         reply_size = protocol.MAX_LENGTH if expected is None else expected
         allowed = self._reply_allowance(len(payload), min(reply_size, self._max_payload()),
                                         compute_seconds)
+        frame_overhead = protocol.HEADER_SIZE + protocol.CRC_SIZE
+        size = len(payload) + frame_overhead
+        reply_frame = min(reply_size, self._max_payload()) + frame_overhead
+        while self._in_flight and (
+                sum(r.size for r in self._in_flight) - self._in_flight[0].size + size
+                > self._rx_buffer()
+                or sum(r.reply_size for r in self._in_flight) + reply_frame > REPLY_BUDGET):
+            self._collect()
         self._send(command, payload)
-        status, reply = self._receive(command, expected, time.monotonic() + allowed, allowed)
-        if status != Status.OK:
-            raise DeviceError(status, _as_command(command), reply[0])
-        return reply
+        request = _Request(command, expected, size, reply_frame, allowed)
+        self._in_flight.append(request)
+        return Pending(self, [request], lambda payloads: payloads[0])
 
     def ping(self, data=b""):
         """Check the link: send ``data`` and check that the device echoes it.
@@ -389,8 +512,9 @@ class Device:
                              f"within the memory's {depth} words")
         return address
 
-    def write(self, memory, address, data):
-        """Write whole words into a memory, in as many WRITE requests as ``max_payload`` needs.
+    def write(self, memory, address, data, *, wait=True):
+        """Write whole words into a memory, in as many WRITE requests as ``max_payload`` needs
+        (pipelined within the device's ``rx_buffer``).
 
         Parameters
         ----------
@@ -399,6 +523,9 @@ class Device:
             First word.
         data : bytes-like
             A whole number of words (:func:`sw.packing.words_to_bytes`); empty writes nothing.
+        wait : bool
+            Wait for the replies (the default), or return a :class:`Pending` (``result()`` is
+            ``None``) and let later requests follow.
 
         Raises
         ------
@@ -406,7 +533,8 @@ class Device:
             If ``data`` is not whole words or the words do not lie within the memory (nothing
             is written then).
         DeviceError, DeviceTimeoutError, ProtocolError
-            From any of the requests; the requests before it have been executed.
+            From any of the requests (with ``wait=False``, from ``result()``); the requests
+            before it have been executed.
         """
         memory = _check_memory(memory)
         data = bytes(data)
@@ -414,18 +542,65 @@ class Device:
         if len(data) % size:
             raise ValueError(f"data must be a whole number of {memory.name} words ({size} "
                              f"bytes each), not {len(data)} bytes")
+        return self._write_frames(Command.WRITE, memory, address, data, size, wait)
+
+    def write8(self, address, values, *, wait=True):
+        """Write INTS elements from one byte each (WRITE8: zero-extended on the device), a
+        third of the bytes of :meth:`write_words` for 24-bit elements.
+
+        Parameters
+        ----------
+        address : int
+            First element.
+        values : iterable of int or bytes-like
+            The elements, each in 0 .. 255.
+        wait : bool
+            As for :meth:`write`.
+
+        Raises
+        ------
+        ValueError
+            If a value lies outside 0 .. 255 or the elements do not lie within INTS.
+        DeviceError, DeviceTimeoutError, ProtocolError
+        """
+        if isinstance(values, (bytes, bytearray, memoryview)):
+            data = bytes(values)
+        else:
+            values = [int(value) for value in values]
+            if values and not 0 <= min(values) <= max(values) <= 0xFF:
+                raise ValueError(f"WRITE8 values must lie in 0 .. 255, not "
+                                 f"{min(values)} .. {max(values)}")
+            data = bytes(values)
+        return self._write_frames(Command.WRITE8, Memory.INTS, address, data, 1, wait)
+
+    def _write_frames(self, command, memory, address, data, size, wait):
+        if memory in protocol.READ_ONLY_MEMORIES:
+            raise ValueError(f"{memory.name} is read-only")
         words = len(data) // size
         address = self._check_range(memory, address, words)
         per_request = (self.parameters["max_payload"] - protocol.WRITE_HEADER.size) // size
+        pending = []
         for first in range(0, words, per_request):
             chunk = data[first * size:(first + per_request) * size]
             header = protocol.WRITE_HEADER.pack(memory=memory, address=address + first)
             # Counted before the request: a failed write may still have changed the memory.
             self.writes[memory] += 1
-            self.request(Command.WRITE, header + chunk, expected=0)
+            pending.append(self.submit(command, header + chunk, expected=0))
+        return self._join(pending, lambda results: None, wait)
 
-    def read(self, memory, address, count):
+    def _join(self, pending, finish, wait):
+        """One :class:`Pending` for several (``finish`` maps their results), or its result."""
+        joined = Pending(self, [request for part in pending for request in part._requests],
+                         lambda payloads: finish(payloads))
+        return joined.result() if wait else joined
+
+    def read(self, memory, address, count, *, wait=True):
         """Read ``count`` words from a memory, in as many READ requests as ``max_payload`` needs.
+
+        Parameters
+        ----------
+        wait : bool
+            As for :meth:`write` (``result()`` is the bytes).
 
         Returns
         -------
@@ -443,24 +618,27 @@ class Device:
         address = self._check_range(memory, address, count)
         size = packing.word_bytes(self.word_width(memory))
         per_request = min(self.parameters["max_payload"] // size, 0xFFFF)
-        data = bytearray()
+        pending = []
         for first in range(0, count, per_request):
             words = min(per_request, count - first)
             payload = protocol.READ_REQUEST.pack(memory=memory, address=address + first,
                                                  count=words)
-            data += self.request(Command.READ, payload, expected=words * size)
-        return bytes(data)
+            pending.append(self.submit(Command.READ, payload, expected=words * size))
+        return self._join(pending, b"".join, wait)
 
-    def write_words(self, memory, address, words):
+    def write_words(self, memory, address, words, *, wait=True):
         """Write words given as integers (see :meth:`write`)."""
         memory = _check_memory(memory)
-        self.write(memory, address, packing.words_to_bytes(words, self.word_width(memory)))
+        return self.write(memory, address,
+                          packing.words_to_bytes(words, self.word_width(memory)), wait=wait)
 
-    def read_words(self, memory, address, count):
+    def read_words(self, memory, address, count, *, wait=True):
         """Read words as integers (see :meth:`read`)."""
         memory = _check_memory(memory)
-        return packing.bytes_to_words(self.read(memory, address, count),
-                                      self.word_width(memory))
+        width = self.word_width(memory)
+        pending = self.read(memory, address, count, wait=False)
+        return self._join([pending], lambda payloads: packing.bytes_to_words(
+            b"".join(payloads), width), wait)
 
     def run_gemm(self, m_tiles, n_tiles, k_words):
         """Run a binary GEMM over the loaded memories.
@@ -490,7 +668,7 @@ class Device:
                              compute_seconds=cycles / p["clock_hz"])
         return protocol.GEMM_REPLY.unpack(reply)["cycles"]
 
-    def run_ops(self, first, count, *, estimated_cycles=None, max_cycles=None):
+    def run_ops(self, first, count, *, estimated_cycles=None, max_cycles=None, wait=True):
         """Run ops ``first .. first + count - 1`` of the layer program in PROGRAM memory.
 
         Parameters
@@ -500,6 +678,8 @@ class Device:
         max_cycles : int, optional
             The device aborts the run after this many cycles (default: four times the
             estimate plus 10,000).
+        wait : bool
+            As for :meth:`write` (``result()`` is the cycles).
 
         Returns
         -------
@@ -523,13 +703,14 @@ class Device:
             max_cycles = min(4 * estimate + 10_000, 0xFFFF_FFFF)
         max_cycles = _check_int("max_cycles", max_cycles, 1, 0xFFFF_FFFF)
         payload = protocol.RUN_REQUEST.pack(first=first, count=count, max_cycles=max_cycles)
-        reply = self.request(Command.RUN, payload, expected=protocol.RUN_REPLY.size,
-                             compute_seconds=max(estimate, max_cycles) / clock)
-        return protocol.RUN_REPLY.unpack(reply)["cycles"]
+        pending = self.submit(Command.RUN, payload, expected=protocol.RUN_REPLY.size,
+                              compute_seconds=max(estimate, max_cycles) / clock)
+        return self._join([pending], lambda payloads: protocol.RUN_REPLY.unpack(
+            payloads[0])["cycles"], wait)
 
-    def op_cycles(self, first, count):
+    def op_cycles(self, first, count, *, wait=True):
         """The per-op cycle counters of ops ``first .. first + count - 1`` (last run)."""
-        return self.read_words(Memory.COUNTERS, first, count)
+        return self.read_words(Memory.COUNTERS, first, count, wait=wait)
 
     def send_raw(self, data):
         """Send ``data`` as it is (for diagnostics and fuzzing: malformed frames, garbage)."""
@@ -555,13 +736,19 @@ class Device:
         Sends ``max_payload + 6`` zero bytes (enough to end any frame in progress on the
         device; 65541 before the parameters are known), waits for the device to answer them,
         discards the input, then sends a PING with a random payload and waits for its echo,
-        skipping any stale replies.
+        skipping any stale replies. Requests still in flight are abandoned: their
+        :class:`Pending` raise a :class:`DriverError`.
 
         Raises
         ------
         DeviceTimeoutError
             If the echo does not arrive.
         """
+        for request in self._in_flight:
+            request.done = True
+            request.error = DriverError(f"no reply to {_command_name(request.command)}: "
+                                        f"abandoned by resync")
+        self._in_flight.clear()
         frame_size = protocol.HEADER_SIZE + protocol.CRC_SIZE
         zeros = self._max_payload() + frame_size
         self.transport.write(bytes(zeros))

@@ -30,6 +30,16 @@ Robustness rules the device follows:
 * A frame that stalls for longer than the device's byte timeout is answered with
   :attr:`Status.TIMEOUT` (a truncated frame never hangs the device).
 * A frame with a bad CRC is answered with :attr:`Status.BAD_CRC` and has no other effect.
+
+Pipelining: the device executes requests one at a time, in order, and buffers the bytes that
+arrive meanwhile in a receive FIFO of ``rx_buffer`` bytes (an :data:`INFO` field). A host may
+send requests before the replies to earlier ones have arrived, as long as the frames of the
+requests it has sent and whose replies it has not yet received *completely*, all but the oldest
+of them, total at most ``rx_buffer`` bytes (sync, header and CRC included). Within that limit
+every request is answered, in order. Beyond it the device has nowhere to put the bytes: the UART
+drops them, and the frames they belonged to are answered with an error (``TIMEOUT``,
+``BAD_CRC``, or whatever the remaining bytes make of the frame), or (when all their bytes were
+lost) not at all; the host then recovers as from any broken frame.
 """
 
 import enum
@@ -44,6 +54,7 @@ __all__ = [
     "MAX_LENGTH",
     "NO_COMMAND",
     "PROTOCOL_VERSION",
+    "READ_ONLY_MEMORIES",
     "READ_REQUEST",
     "REPLY_SYNC",
     "REQUEST_SYNC",
@@ -63,7 +74,7 @@ __all__ = [
 
 REQUEST_SYNC = 0xA5
 REPLY_SYNC = 0x5A
-PROTOCOL_VERSION = 3
+PROTOCOL_VERSION = 4
 #: Command byte used in error replies when the request's command byte was never received.
 NO_COMMAND = 0x00
 #: Sync, command/status and two length bytes.
@@ -90,6 +101,10 @@ class Command(enum.IntEnum):
     #: (:data:`RUN_REQUEST`, reply :data:`RUN_REPLY`); each op's cycles go to COUNTERS memory
     #: at the op's index. The reply is sent when the last op has finished.
     RUN = 0x06
+    #: Write INTS elements from one byte each (:data:`WRITE_HEADER`, then one unsigned byte
+    #: per element, zero-extended to ``element_width``): a raw 8-bit image costs a third of
+    #: its WRITE. Other memories are answered with :attr:`Status.BAD_ARGUMENT`.
+    WRITE8 = 0x07
 
 
 class Status(enum.IntEnum):
@@ -110,6 +125,9 @@ class Status(enum.IntEnum):
     #: A RUN took more than its ``max_cycles`` and was stopped; the execution units were reset
     #: (memories keep their contents; the op running then is left incomplete).
     ABORTED = 0x07
+    #: A WRITE or WRITE8 to a memory the host may only read (:attr:`Memory.COUNTERS`); nothing
+    #: was written.
+    READ_ONLY = 0x08
 
 
 class Memory(enum.IntEnum):
@@ -135,7 +153,8 @@ class Memory(enum.IntEnum):
     PARAMS = 6
     #: :data:`sw.isa.DESCRIPTOR` records: one op of the layer program.
     PROGRAM = 7
-    #: 32 bits per word: the clock cycles of the op with the same index (read only).
+    #: 32 bits per word: the clock cycles of the op with the same index. Read only: a WRITE
+    #: is answered with :attr:`Status.READ_ONLY`.
     COUNTERS = 8
 
 
@@ -257,8 +276,12 @@ INFO = _Layout([
     ("param_depth", "I"),     # words in Memory.PARAMS
     ("program_depth", "I"),   # words in Memory.PROGRAM and Memory.COUNTERS
     ("fixed_lanes", "B"),     # output pixels the fixed-point unit computes per cycle (0: none)
+    ("rx_buffer", "I"),       # request bytes the device buffers while it is busy (pipelining)
 ])
-#: Start of a WRITE payload; the data (whole words) follows.
+#: Memories a WRITE may not change (answered with :attr:`Status.READ_ONLY`).
+READ_ONLY_MEMORIES = frozenset({Memory.COUNTERS})
+#: Start of a WRITE payload; the data (whole words) follows. Also the start of a WRITE8
+#: payload, which one byte per INTS element follows.
 WRITE_HEADER = _Layout([("memory", "B"), ("address", "I")])
 #: Payload of a READ request.
 READ_REQUEST = _Layout([("memory", "B"), ("address", "I"), ("count", "H")])

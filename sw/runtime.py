@@ -146,13 +146,18 @@ class Accelerator:
             bar = tqdm(total=sum(sizes), unit="B", unit_scale=True, desc=description,
                        leave=description == "loading model")
         try:
+            # Pipelined (the device's receive buffer permitting); the errors come at the end.
+            pending = []
             for (memory, address, words), size in zip(writes, sizes):
                 # Chunks of at most 256 words keep the bar moving on a slow link.
                 for first in range(0, len(words), 256):
                     chunk = words[first:first + 256]
-                    self.device.write_words(Memory[memory], address + first, chunk)
+                    pending.append(self.device.write_words(Memory[memory], address + first,
+                                                           chunk, wait=False))
                     if bar is not None:
                         bar.update(size * len(chunk) // len(words))
+            for write in pending:
+                write.result()
         finally:
             if bar is not None:
                 bar.close()
@@ -175,15 +180,25 @@ class Accelerator:
             raise ValueError(f"image pixels must lie in [{low}, {high}]")
         return _to_unsigned(flat, self.element_width)
 
+    def _write_image(self, raw):
+        """Send the image's INTS words without waiting (a :class:`sw.driver.Pending`): as
+        WRITE8, one byte per pixel, when every pixel lies in 0 .. 255 (``raw`` holds the
+        two's complement words, so a negative pixel is a large word), else as WRITE."""
+        base = self.device_program.input_base
+        if all(word <= 0xFF for word in raw):
+            return self.device.write8(base, raw, wait=False)
+        return self.device.write_words(Memory.INTS, base, raw, wait=False)
+
     def _run_segment(self, segment):
-        """RUN the segment's ops; return ``(cycles, their counters)``."""
+        """Send the RUN of the segment's ops and the read of their counters without waiting;
+        return their :class:`sw.driver.Pending` ``(cycles, counters)``."""
         dp = self.device_program
         # The ops' cycles are known exactly (sw.isa.op_cycles); the device aborts a run that
         # takes twice as long.
         estimate = sum(op.cycles for op in dp.ops[segment.first:segment.first + segment.count])
         cycles = self.device.run_ops(segment.first, segment.count, estimated_cycles=estimate,
-                                     max_cycles=2 * estimate + 1000)
-        return cycles, self.device.op_cycles(segment.first, segment.count)
+                                     max_cycles=2 * estimate + 1000, wait=False)
+        return cycles, self.device.op_cycles(segment.first, segment.count, wait=False)
 
     def infer(self, image, *, progress=None):
         """Run one raw image ``(C, H, W)`` of integer pixels; return an :class:`InferenceResult`.
@@ -209,7 +224,12 @@ class Accelerator:
         last keeps its tensors on the device and costs no transfer. Per image the link carries
         the image, the carried tensors twice, the counters and the logits, plus the streamed
         weights divided by the batch size. With one segment nothing is carried: each image is
-        written, run and read back in turn, the weights staying loaded.
+        written, run and read back in turn, the weights staying loaded. Images whose pixels
+        all lie in 0 .. 255 travel as one byte per pixel (WRITE8).
+
+        The requests are pipelined (:meth:`sw.driver.Device.submit`): the next image's write
+        and run are sent while the device still computes, within its receive buffer, and the
+        replies are collected as the buffer needs and at the end.
 
         ``progress`` (default: the ``progress`` given to the constructor) shows a bar over
         the runs (one per image and segment) and, with streamed weights, one in bytes over
@@ -242,9 +262,9 @@ class Accelerator:
         if self._kept_writes() != self._loaded_writes:
             # A GEMM (which uses WEIGHTS) or another program was run on this device since.
             self._load_resident(bar is not None)
-        cycles = [0] * len(raws)
-        counters = [[] for _ in raws]
-        saved = [None] * len(raws)      # per image: the carried tensors' bytes
+        runs = [[] for _ in raws]       # per image: its segments' (cycles, counters) Pending
+        writes = []                     # the Pending of every write, for their errors
+        saved = [None] * len(raws)      # per image: the carried tensors' bytes (Pending)
         logits = [None] * len(raws)
         order = list(range(len(raws)))
         on_device = None                # the image whose tensors the memories hold
@@ -262,22 +282,30 @@ class Accelerator:
                         if len(dp.segments) > 1 else
                         f"running (image {position + 1}/{len(raws)})")
                 if number == 0:
-                    self.device.write_words(Memory.INTS, dp.input_base, raws[index])
+                    writes.append(self._write_image(raws[index]))
                 elif index != on_device:
                     for (memory, base, _), data in zip(self.carried[number], saved[index]):
-                        self.device.write(memory, base, data)
-                run_cycles, run_counters = self._run_segment(segment)
-                cycles[index] += run_cycles
-                counters[index] += run_counters
+                        writes.append(self.device.write(memory, base, data.result(),
+                                                        wait=False))
+                runs[index].append(self._run_segment(segment))
                 if last:
-                    logits[index] = np.array(_to_signed(
-                        self.device.read_words(Memory.INTS, dp.logits_base, dp.logits_count),
-                        self.element_width), dtype=np.int64)
+                    logits[index] = self.device.read_words(Memory.INTS, dp.logits_base,
+                                                           dp.logits_count, wait=False)
                 elif index != order[-1]:
-                    saved[index] = [self.device.read(memory, base, size)
+                    saved[index] = [self.device.read(memory, base, size, wait=False)
                                     for memory, base, size in self.carried[number + 1]]
                 on_device = index
                 if bar is not None:
                     bar.update()
             order.reverse()
-        return [InferenceResult(logits[i], cycles[i], counters[i]) for i in range(len(raws))]
+        for write in writes:
+            write.result()
+        results = []
+        for index in range(len(raws)):
+            done = [(cycles.result(), counters.result()) for cycles, counters in runs[index]]
+            results.append(InferenceResult(
+                np.array(_to_signed(logits[index].result(), self.element_width),
+                         dtype=np.int64),
+                sum(cycles for cycles, _ in done),
+                [count for _, counters in done for count in counters]))
+        return results

@@ -146,23 +146,28 @@ def test_estimate_grows_with_the_array():
 
 def test_estimate_block_rams_tile_the_memories():
     # ECP5: 256-bit words, 2048 deep: 29 EBR of 2048x9 each for weights and activations
-    # (fewer than 8 x 4 of 512x36); results 8 * 13 = 104 bits: 12; frame buffer 1024 x 8: 1.
-    # A build of this configuration used 71 DP16KD.
+    # (fewer than 8 x 4 of 512x36); results 8 * 13 = 104 bits: 12; frame buffer 1024 x 8: 1;
+    # the 2,048-byte receive FIFO (2047 x 8 in memory) 1. A build of this configuration with a
+    # 64-byte receive FIFO (in LUT RAM) used 71 DP16KD.
     config = DeviceConfig(rows=8, cols=8, lane=32, weight_depth=2048, activation_depth=2048,
                           result_depth=2048, max_payload=1024, layer_program=False)
-    assert estimate_resources(config, "ecp5")["brams"] == 29 + 29 + 12 + 1
+    assert estimate_resources(config, "ecp5")["brams"] == 29 + 29 + 12 + 1 + 1
+    assert estimate_resources(config.replace(rx_buffer=64), "ecp5")["brams"] == 29 + 29 + 12 + 1
     # With the layer program: INTS as 8 banks of 1024 x 24 (2 EBR each: 1024x18 + 1024x...),
     # BITS 1024 x 32 once per column (2 each), COEFS 4096 x 8 (2), PARAMS 512 x 148 (5 of
     # 512x36), PROGRAM 256 x 455 (13), COUNTERS 256 x 32 (1).
     full = config.replace(layer_program=True, int_depth=8192, bits_depth=1024,
                           coef_depth=4096, param_depth=512, program_depth=256)
-    assert estimate_resources(full, "ecp5")["brams"] == (29 + 29 + 12 + 1 + 8 * 2 + 8 * 2 + 2
-                                                         + 5 + 13 + 1)
+    assert estimate_resources(full, "ecp5")["brams"] == (29 + 29 + 12 + 1 + 1 + 8 * 2 + 8 * 2
+                                                         + 2 + 5 + 13 + 1)
     # iCE40: 32-bit words, 512 deep: 4 of 256x16 each for weights, activations and results
-    # (26 bits), 2 for the frame buffer, 1 for the receive FIFO; a build used 15.
+    # (26 bits), 2 for the frame buffer, 1 for a receive FIFO of 64 or 512 bytes (4 for 2,048);
+    # a build with the 64-byte FIFO used 15.
     config = DeviceConfig(rows=2, cols=2, lane=16, weight_depth=512, activation_depth=512,
                           result_depth=512, max_payload=1024, layer_program=False)
-    assert estimate_resources(config, "ice40")["brams"] == 4 + 4 + 4 + 2 + 1
+    for rx_buffer, fifo in ((64, 1), (512, 1), (2048, 4)):
+        assert estimate_resources(config.replace(rx_buffer=rx_buffer),
+                                  "ice40")["brams"] == 4 + 4 + 4 + 2 + fifo
 
 
 def test_estimate_rejects_unknown_family():
@@ -548,7 +553,8 @@ def test_fixed_lanes_set_the_int_banks_and_the_info_record():
     assert DeviceConfig(cols=4, fixed_lanes=8).int_banks == 8
     assert DeviceConfig(cols=5, fixed_lanes=4).int_banks == 8   # at least what cols need
     info = protocol.INFO.unpack(DeviceConfig(cols=4, fixed_lanes=16).info())
-    assert info["fixed_lanes"] == 16 and info["protocol_version"] == 3
+    assert info["fixed_lanes"] == 16 and info["protocol_version"] == protocol.PROTOCOL_VERSION
+    assert info["rx_buffer"] == 2048
     gemm_only = DeviceConfig(fixed_lanes=8, layer_program=False)
     assert protocol.INFO.unpack(gemm_only.info())["fixed_lanes"] == 0
 

@@ -212,3 +212,37 @@ def test_gemm_matches_reference(M, K, N):
                 count = word >> (c * cfg.acc_width) & ((1 << cfg.acc_width) - 1)
                 assert count == expected[m][n], f"count[{m}][{n}]: expected " \
                     f"{expected[m][n]}, got {count}"
+
+
+def test_write8_and_read_only_counters():
+    """WRITE8 zero-extends one byte per INTS element; a WRITE or WRITE8 to COUNTERS is
+    READ_ONLY (nothing written), a WRITE8 elsewhere BAD_ARGUMENT; pipelined back to back."""
+    cfg = SMALL
+    rng = random.Random(8)
+    values = [rng.randrange(256) for _ in range(14)] + [0, 255, 128]
+    ints_bytes = cfg.word_bytes(Memory.INTS)
+    header = protocol.WRITE_HEADER.pack
+    chunks = [
+        (request(Command.WRITE, header(memory=Memory.INTS, address=0) + b"\xff" * 3 * 15), 0),
+        (request(Command.WRITE8, header(memory=Memory.INTS, address=3) + bytes(values)), 0),
+        (request(Command.READ, protocol.READ_REQUEST.pack(memory=Memory.INTS, address=0,
+                                                          count=len(values) + 4)), 0),
+        (request(Command.WRITE, header(memory=Memory.COUNTERS, address=0) + bytes(4)), 0),
+        (request(Command.WRITE8, header(memory=Memory.COUNTERS, address=0) + b"\x01"), 0),
+        (request(Command.WRITE8, header(memory=Memory.WEIGHTS, address=0) + b"\x01"), 0),
+        (request(Command.WRITE8, header(memory=Memory.INTS, address=cfg.int_depth - 1)
+                 + b"\x01\x02"), 0),
+        (request(Command.WRITE8, header(memory=Memory.INTS, address=0)), 0),
+        (request(Command.READ, protocol.READ_REQUEST.pack(memory=Memory.COUNTERS, address=0,
+                                                          count=1)), 0),
+    ]
+    got = run_core(cfg, chunks, seed=3, ready_probability=0.6, gap_probability=0.1)
+    words = [0xFFFFFF] * 3 + values + [0]       # the last element was never written
+    expected = (reply(Status.OK) + reply(Status.OK)
+                + reply(Status.OK, b"".join(w.to_bytes(ints_bytes, "little") for w in words))
+                + error(Status.READ_ONLY, Command.WRITE) + error(Status.READ_ONLY, Command.WRITE8)
+                + error(Status.BAD_ARGUMENT, Command.WRITE8)
+                + error(Status.BAD_ADDRESS, Command.WRITE8)
+                + error(Status.BAD_LENGTH, Command.WRITE8)
+                + reply(Status.OK, bytes(4)))
+    assert got == expected

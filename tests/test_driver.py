@@ -283,7 +283,8 @@ def test_device_errors():
         (lambda: device.run_gemm(1, 1, SMALL.max_k_words + 1),
          Status.BAD_ARGUMENT, Command.GEMM,
          ("device answered GEMM with BAD_ARGUMENT: an argument is out of range (a GEMM that does "
-          "not fit the memories or max_depth, or a zero)")),
+          "not fit the memories or max_depth, a zero, or a WRITE8 to a memory other than "
+          "INTS)")),
         (lambda: device.request(0x7E, b"?"),
          Status.UNKNOWN_COMMAND, 0x7E,
          ("device answered command 0x7e with UNKNOWN_COMMAND: the device does not know the "
@@ -662,3 +663,185 @@ def test_a_gemm_only_device_cannot_load_a_network():
     _, artifact = compile_net("melius", 0)
     with pytest.raises(IncompatibleDeviceError, match="GEMM-only build"):
         Accelerator(device, artifact.program)
+
+
+# Pipelining, WRITE8 and the read-only COUNTERS (protocol version 4).
+
+class BufferCheckingTransport(LoopbackTransport):
+    """A loopback whose writes must respect the device's receive buffer: the request frames
+    whose replies the host has not read completely, all but the oldest, may hold at most
+    ``rx_buffer`` bytes (``sw.protocol``). Records the most frames ever in flight."""
+
+    def __init__(self, model, **options):
+        super().__init__(model, **options)
+        self.in_flight = []         # [frame bytes, reply bytes not yet read]
+        self.most_in_flight = 0
+
+    def write(self, data):
+        before = len(self._input)
+        count = super().write(data)
+        after_oldest = sum(size for size, _ in self.in_flight[1:])
+        if self.in_flight:
+            after_oldest += len(data)
+        assert after_oldest <= self.model.config.rx_buffer, (after_oldest, self.in_flight)
+        self.in_flight.append([len(data), len(self._input) - before])
+        self.most_in_flight = max(self.most_in_flight, len(self.in_flight))
+        return count
+
+    def read(self, size=1):
+        data = super().read(size)
+        left = len(data)
+        while left and self.in_flight:
+            take = min(left, self.in_flight[0][1])
+            self.in_flight[0][1] -= take
+            left -= take
+            if not self.in_flight[0][1]:
+                self.in_flight.pop(0)
+        return data
+
+
+def make_checked_device(config):
+    model = DeviceModel(config)
+    transport = BufferCheckingTransport(model)
+    return Device(transport, timeout=0.05), transport, model
+
+
+@pytest.mark.parametrize("rx_buffer", [64, 150, 2048])
+def test_pipelined_writes_and_reads_respect_the_receive_buffer(rx_buffer):
+    config = SMALL.replace(rx_buffer=rx_buffer)
+    device, transport, model = make_checked_device(config)
+    rng = np.random.default_rng(rx_buffer)
+    width = config.rows * config.lane
+    words = [int(w) for w in rng.integers(0, 1 << width, size=config.weight_depth)]
+    device.write_words(Memory.WEIGHTS, 0, words)
+    assert model.memories[Memory.WEIGHTS] == words
+    # Several READs, pipelined, each with its own result.
+    pending = [device.read_words(Memory.WEIGHTS, first, 7, wait=False)
+               for first in range(0, 56, 7)]
+    assert [p.result() for p in pending] == [words[f:f + 7] for f in range(0, 56, 7)]
+    assert all(p.done for p in pending) and not device._in_flight
+    # The READ frames are 13 bytes: as many follow the oldest as the buffer holds (the
+    # transport checked the limit at every write).
+    assert transport.most_in_flight == 1 + min(7, rx_buffer // 13)
+
+
+def test_nothing_is_pipelined_before_info():
+    device, transport, _ = make_checked_device(SMALL)
+    pending = [device.submit(Command.PING, bytes([n])) for n in range(3)]
+    assert transport.most_in_flight == 1          # rx_buffer unknown: one at a time
+    assert [p.result() for p in pending] == [b"\x00", b"\x01", b"\x02"]
+    device.info()
+    pending = [device.submit(Command.PING, bytes([n]) * 10) for n in range(5)]
+    assert transport.most_in_flight == 5
+    assert [p.result() for p in pending] == [bytes([n]) * 10 for n in range(5)]
+
+
+def test_a_pipelined_error_belongs_to_its_own_request():
+    device, _, _ = make_checked_device(SMALL)
+    device.info()
+    first = device.submit(Command.PING, b"a")
+    bad = device.submit(Command.READ, protocol.READ_REQUEST.pack(memory=0, address=63,
+                                                                 count=2))
+    last = device.submit(Command.PING, b"z")
+    assert last.result() == b"z"                  # collects the two before it
+    assert first.result() == b"a"
+    for _ in range(2):                            # the same error each time
+        with pytest.raises(DeviceError) as info:
+            bad.result()
+        assert info.value.status == Status.BAD_ADDRESS and info.value.command == Command.READ
+
+
+def test_a_broken_link_fails_every_request_in_flight():
+    drop = {"on": False}
+
+    def tamper(frame):
+        return b"" if drop["on"] else frame
+
+    device, _, _ = make_device(tamper=tamper, auto_timeout=False)
+    device.info()
+    drop["on"] = True
+    pending = [device.submit(Command.PING, bytes([n])) for n in range(3)]
+    with pytest.raises(DeviceTimeoutError):
+        pending[1].result()
+    with pytest.raises(DeviceTimeoutError):
+        pending[0].result()
+    with pytest.raises(DriverError, match="the link broke on an earlier reply"):
+        pending[2].result()
+    drop["on"] = False
+    device.resync()
+    device.ping(b"again")
+
+
+def test_resync_abandons_requests_in_flight():
+    device, _, _ = make_device()
+    device.info()
+    pending = device.submit(Command.PING, b"late")
+    device.resync()
+    with pytest.raises(DriverError, match="abandoned by resync"):
+        pending.result()
+
+
+def test_write8_zero_extends_into_ints():
+    device, transport, model = make_device(SMALL)
+    values = list(range(256)) + [255, 0, 128]
+    device.write8(5, values)
+    assert model.memories[Memory.INTS][5:5 + len(values)] == values
+    assert device.read_words(Memory.INTS, 5, len(values)) == values
+    frames = parse_requests(transport.written)
+    writes = [payload for command, payload in frames if command == Command.WRITE8]
+    # One byte per element: 59 elements per 64-byte frame after the 5-byte header.
+    assert [len(p) - protocol.WRITE_HEADER.size for p in writes] == [59] * 4 + [23]
+    device.write8(0, b"\x01\x02")
+    assert model.memories[Memory.INTS][:2] == [1, 2]
+    for bad in ([256], [-1]):
+        with pytest.raises(ValueError, match="0 .. 255"):
+            device.write8(0, bad)
+    with pytest.raises(ValueError, match="within the memory"):
+        device.write8(SMALL.int_depth - 1, [1, 2])
+
+
+@pytest.mark.parametrize("command,memory,status", [
+    (Command.WRITE, Memory.COUNTERS, Status.READ_ONLY),
+    (Command.WRITE8, Memory.COUNTERS, Status.READ_ONLY),
+    (Command.WRITE8, Memory.WEIGHTS, Status.BAD_ARGUMENT),
+    (Command.WRITE8, 9, Status.BAD_ADDRESS),
+])
+def test_write_errors_of_version_4(command, memory, status):
+    device, _, model = make_device(SMALL)
+    payload = protocol.WRITE_HEADER.pack(memory=memory, address=0) + bytes(4)
+    with pytest.raises(DeviceError) as info:
+        device.request(command, payload, expected=0)
+    assert info.value.status == status and info.value.command == command
+    if memory == Memory.COUNTERS:
+        assert model.memories[Memory.COUNTERS][0] == 0
+        assert "read-only (COUNTERS)" in str(info.value)
+
+
+def test_driver_refuses_to_write_counters():
+    device, transport, _ = make_device(SMALL)
+    device.info()
+    sent = len(transport.written)
+    with pytest.raises(ValueError, match="COUNTERS is read-only"):
+        device.write_words(Memory.COUNTERS, 0, [1])
+    assert len(transport.written) == sent
+
+
+def test_pipelined_replies_due_stay_within_the_reply_budget():
+    # 64-word READs of a 2,048-deep memory: 262-byte replies; at most REPLY_BUDGET bytes due.
+    config = DeviceConfig(rows=2, cols=2, lane=16, max_depth=256, weight_depth=2048,
+                          max_payload=256, rx_buffer=4096)
+    device, transport, _ = make_checked_device(config)
+    device.info()
+    due = []
+    original = device._send
+
+    def send(command, payload):
+        due.append(sum(r.reply_size for r in device._in_flight))
+        return original(command, payload)
+
+    device._send = send
+    pending = [device.read(Memory.WEIGHTS, first, 64, wait=False) for first in range(0, 2048, 64)]
+    assert [p.result() for p in pending] == [bytes(256)] * 32
+    reply = 64 * 4 + 6
+    assert max(due) + reply <= sw.driver.REPLY_BUDGET < max(due) + 2 * reply
+    assert transport.most_in_flight == sw.driver.REPLY_BUDGET // reply

@@ -13,6 +13,7 @@ and its simulator are killed at teardown whatever happened. The first run builds
 Verilator (about half a minute on two cores); later runs reuse the build.
 """
 
+import random
 import re
 import socket
 import time
@@ -23,8 +24,9 @@ import torch
 import sw
 from hw.config import DeviceConfig
 from sim.board import BoardProcess
+from sim.model import DeviceModel
 from sw import protocol
-from sw.driver import gemm_cycles_estimate
+from sw.driver import DeviceError, gemm_cycles_estimate
 from sw.packing import gemm_tiling
 from tests import boards
 
@@ -46,6 +48,10 @@ SHAPES = [
     (1, 1, 1),
     (5, 3, 256),      # K = max_depth
 ]
+
+
+def request(command, payload=b""):
+    return protocol.encode_frame(protocol.REQUEST_SYNC, command, payload)
 
 
 def random_signs(shape, generator):
@@ -124,6 +130,82 @@ class TestServingBoard:
             device.ping(b"fresh")       # a stale TIMEOUT reply here would fail the echo check
             assert device.skipped_bytes == 0
         assert "discarded 7 reply bytes of the last client" in board.output()
+
+    def test_back_to_back_infos_are_all_answered(self, board):
+        # 20 INFO requests in one write, as a pipelining host sends them: each is answered,
+        # in order (protocol version 3 answered 12, one TIMEOUT and lost 7).
+        with open_device(board) as device:
+            device.send_raw(protocol.encode_frame(protocol.REQUEST_SYNC,
+                                                  protocol.Command.INFO) * 20)
+            replies = [device.receive_reply(REPLY_TIMEOUT) for _ in range(20)]
+            assert replies == [(protocol.Status.OK, CONFIG.info())] * 20
+            device.ping(b"after")
+            assert device.skipped_bytes == 0
+
+    @pytest.mark.parametrize("seed", [1, 2])
+    def test_pipelined_burst_with_a_corrupt_frame(self, board, seed):
+        # Seeded random frames in one write, up to the receive buffer: writes, reads of what
+        # was written (replies of up to max_payload bytes, so requests arrive mid-reply),
+        # PINGs, an unknown command, an oversize length and a corrupt CRC in the middle.
+        # Every frame gets its reply, in order, as the model answers the same bytes.
+        rng = random.Random(seed)
+        header, read = protocol.WRITE_HEADER.pack, protocol.READ_REQUEST.pack
+        word = CONFIG.word_bytes(protocol.Memory.ACTIVATIONS)
+        frames = []
+        for _ in range(12):
+            kind = rng.choice(["write", "read", "ping", "write8"])
+            address = rng.randrange(CONFIG.activation_depth - 15)
+            count = rng.randrange(1, 15)
+            if kind in ("write", "read"):
+                frames.append(request(protocol.Command.WRITE, header(
+                    memory=protocol.Memory.ACTIVATIONS, address=address)
+                    + rng.randbytes(count * word)))
+                if kind == "read":
+                    frames.append(request(protocol.Command.READ, read(
+                        memory=protocol.Memory.ACTIVATIONS, address=address, count=count)))
+            elif kind == "write8":
+                frames.append(request(protocol.Command.WRITE8, header(
+                    memory=protocol.Memory.INTS, address=address) + rng.randbytes(count)))
+                frames.append(request(protocol.Command.READ, read(
+                    memory=protocol.Memory.INTS, address=address, count=count)))
+            else:
+                frames.append(request(protocol.Command.PING,
+                                      rng.randbytes(rng.randrange(CONFIG.max_payload + 1))))
+        corrupt = bytearray(request(protocol.Command.PING, b"corrupt"))
+        corrupt[-1] ^= 0x10
+        middle = len(frames) // 2
+        frames[middle:middle] = [bytes(corrupt), request(0x7E, b"?"),
+                                 bytes([protocol.REQUEST_SYNC, protocol.Command.PING, 0xFF,
+                                        0x00])]
+        burst = b"".join(frames)
+        assert len(burst) - len(frames[0]) <= CONFIG.rx_buffer
+        expected = DeviceModel(CONFIG).feed(burst)
+        with open_device(board) as device:
+            device.send_raw(burst)
+            got = b""
+            for _ in frames:
+                status, payload = device.receive_reply(REPLY_TIMEOUT)
+                got += protocol.encode_frame(protocol.REPLY_SYNC, status, payload)
+            assert got == expected
+            device.ping(b"after the burst")
+
+    def test_driver_pipelines_and_counters_are_read_only(self, board):
+        with open_device(board) as device:
+            device.info()
+            words = list(range(1, CONFIG.activation_depth + 1))
+            device.write_words(protocol.Memory.ACTIVATIONS, 0, words)   # 5 frames, pipelined
+            pending = [device.read_words(protocol.Memory.ACTIVATIONS, first, 16, wait=False)
+                       for first in range(0, 64, 16)]
+            device.write8(10, bytes([0, 1, 254, 255]))
+            assert [p.result() for p in pending] == [words[f:f + 16] for f in range(0, 64, 16)]
+            assert device.read_words(protocol.Memory.INTS, 10, 4) == [0, 1, 254, 255]
+            before = device.read_words(protocol.Memory.COUNTERS, 0, 1)
+            with pytest.raises(DeviceError) as info:
+                device.request(protocol.Command.WRITE, protocol.WRITE_HEADER.pack(
+                    memory=protocol.Memory.COUNTERS, address=0) + b"\x01\x02\x03\x04",
+                    expected=0)
+            assert info.value.status == protocol.Status.READ_ONLY
+            assert device.read_words(protocol.Memory.COUNTERS, 0, 1) == before
 
     def test_speed_is_reported(self, board):
         with open_device(board) as device:

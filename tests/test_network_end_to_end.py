@@ -230,3 +230,36 @@ def test_gemm_and_networks_share_the_array(board):
         assert error.value.status == Status.ABORTED
         check_gemm(device, 8, 4, 100)
         assert np.array_equal(accelerator.infer(images[1]).logits, expected[1])
+
+
+def test_images_travel_as_bytes_and_requests_are_pipelined(board):
+    """An image whose pixels fit 0 .. 255 is written with WRITE8 (one byte per pixel instead
+    of ``element_width / 8``), one with a larger pixel with WRITE; both bit-exact. A batch is
+    pipelined within the device's receive buffer and gives each image's own answer."""
+    _, artifact = compile_net("melius", 0, config=CONFIG)
+    images = raw_images(3000, 2, 8).numpy()
+    wide = images[:1].copy()
+    wide[0, 0, 0, 0] = 300                  # beyond a byte: the 24-bit WRITE path
+    expected = golden.run(artifact.program, torch.as_tensor(np.concatenate([images, wide])))
+    with open_device(board) as device:
+        accelerator = Accelerator(device, artifact.program)
+        pixels = images[0].size
+
+        def one(image):
+            sent, received = device.bytes_sent, device.bytes_received
+            result = accelerator.infer(image)
+            return result, device.bytes_sent - sent, device.bytes_received - received
+
+        narrow, narrow_sent, narrow_received = one(images[0])
+        wide_result, wide_sent, wide_received = one(wide[0])
+        assert np.array_equal(narrow.logits, expected[0].numpy())
+        assert np.array_equal(wide_result.logits, expected[2].numpy())
+        element = CONFIG.word_bytes(Memory.INTS)
+        assert wide_sent - narrow_sent == (element - 1) * pixels   # one frame each (64 B)
+        assert wide_received == narrow_received
+        print(f"link bytes per {images[0].shape} image: WRITE8 {narrow_sent} sent + "
+              f"{narrow_received} received, 24-bit WRITE {wide_sent} + {wide_received}")
+        results = accelerator.infer_batch(images)
+        for index, result in enumerate(results):
+            assert np.array_equal(result.logits, expected[index].numpy())
+            assert result.op_cycles == narrow.op_cycles

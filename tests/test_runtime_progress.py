@@ -13,34 +13,55 @@ from tests.compile_nets import compile_net, raw_images
 from tests.test_network_end_to_end import CONFIG
 
 
+class Done:
+    """What a stub request sent without waiting returns: its result, at once."""
+
+    def __init__(self, value):
+        self.value = value
+
+    def result(self):
+        return self.value
+
+
 class StubDevice:
     """Takes the calls :class:`Accelerator` makes of a :class:`sw.driver.Device` and answers
-    them with zeros (runs take their estimated cycles)."""
+    them with zeros (runs take their estimated cycles); ``wait=False`` gives a :class:`Done`
+    as the driver gives a :class:`sw.driver.Pending`."""
 
     def __init__(self, config):
         self.parameters = protocol.INFO.unpack(config.info())
         self.writes = dict.fromkeys(Memory, 0)
 
+    @staticmethod
+    def _reply(value, wait):
+        return value if wait else Done(value)
+
     def word_width(self, memory):
         return protocol.memory_word_widths(self.parameters)[memory]
 
-    def write_words(self, memory, address, words):
+    def write_words(self, memory, address, words, *, wait=True):
         self.writes[memory] += 1
+        return self._reply(None, wait)
 
-    def write(self, memory, address, data):
+    def write(self, memory, address, data, *, wait=True):
         self.writes[memory] += 1
+        return self._reply(None, wait)
 
-    def read_words(self, memory, address, count):
-        return [0] * count
+    def write8(self, address, values, *, wait=True):
+        self.writes[Memory.INTS] += 1
+        return self._reply(None, wait)
 
-    def read(self, memory, address, count):
-        return [0] * count
+    def read_words(self, memory, address, count, *, wait=True):
+        return self._reply([0] * count, wait)
 
-    def run_ops(self, first, count, *, estimated_cycles, max_cycles):
-        return estimated_cycles
+    def read(self, memory, address, count, *, wait=True):
+        return self._reply(bytes(count), wait)
 
-    def op_cycles(self, first, count):
-        return [0] * count
+    def run_ops(self, first, count, *, estimated_cycles, max_cycles, wait=True):
+        return self._reply(estimated_cycles, wait)
+
+    def op_cycles(self, first, count, *, wait=True):
+        return self._reply([0] * count, wait)
 
 
 @pytest.fixture(scope="module")
