@@ -8,7 +8,7 @@ and the engine writes (or adds) them as runs of ``cols`` pixels into INTS memory
 (:class:`hw.int_memory.IntMemory`), channel planes as :mod:`sw.isa` describes.
 """
 
-from amaranth import Cat, Module, Mux, Signal, signed
+from amaranth import Module, Mux, Signal, signed
 from amaranth.lib import data, wiring
 from amaranth.lib.wiring import In, Out
 
@@ -88,17 +88,15 @@ class BconvEngine(wiring.Component):
     The array takes one word per cycle, tiles back to back; tiles shorter than ``rows`` words
     are throttled to ``rows`` cycles by the array's result path; a row tile's pass starts three
     cycles after the previous one's last word. With ``k = k_words``, ``R = rows``, ``C = cols``,
-    ``M = m_tiles``, ``N = ceil(out_plane / C)``, ``P = max(k, R)``, ``Q = max(k + 2, R)``,
-    ``S = sw.isa.window_setup_cycles(C)`` and ``L = sw.isa.INT_READ_LATENCY``, an op takes
-    exactly::
+    ``M = m_tiles``, ``N = ceil(out_plane / C)``, ``P = max(k, R)``, ``Q = max(k + 2, R)`` and
+    ``S = sw.isa.window_setup_cycles(C)``, an op takes exactly::
 
-        cycles = S + M * (N - 1) * P + (M - 1) * Q + k + 2 * R + C + 4 + L
+        cycles = S + M * (N - 1) * P + (M - 1) * Q + k + 2 * R + C + 5
 
     cycles from the cycle ``start`` is seen (cycle 0) to the first cycle with ``busy`` low:
     ``S`` for the window's geometry pipeline to settle on the config, ``k + 1`` until the
     first tile's last word enters the array, ``R + C + 2`` more until its first result row,
-    one cycle per row, ``L + 1`` for the read-modify-write stages and one for ``busy`` to
-    fall. The
+    one cycle per row, two for the read-modify-write stages and one for ``busy`` to fall. The
     array does ``M * N * P`` cycles of work, so the overhead is ``(M - 1) * (Q - P) <= 2 *
     (M - 1)`` cycles between row tiles plus a constant.
     """
@@ -288,36 +286,41 @@ class BconvEngine(wiring.Component):
             self.int_rd_en.eq(res.valid & cfg.add),
         ]
 
-        # Stages 1 .. R (R = the INTS read latency): the beat travels while the old values are
-        # read (for add); in stage R they arrive and the sums are registered; stage R + 1
-        # writes them. The sum is registered so that no path runs from the INTS block RAMs
-        # through the read rotation, the adder and the write rotation back into them in one
-        # cycle (the critical path of the routed ULX3S build, docs/builds.md). An op writes
-        # each element (o, pixel) exactly once, so a read never needs a write still in the
-        # pipeline.
-        latency = isa.INT_READ_LATENCY
-        beat = Cat(res.valid, res.valid & final, row_addr, mask)
-        stages = [beat]
-        for stage in range(1, latency + 2):
-            registered = Signal(len(beat), name=f"beat{stage}")
-            m.d.sync += registered.eq(stages[-1])
-            stages.append(registered)
-        counts = res.payload.counts
-        for stage in range(1, latency + 1):
-            registered = Signal.like(res.payload.counts, name=f"counts{stage}")
-            m.d.sync += registered.eq(counts)
-            counts = registered
+        # Stage 1: the old values arrive (for add) and the sums are registered; stage 2 writes
+        # them. The sum is registered so that no path runs from the INTS block RAMs through
+        # the read rotation, the adder and the write rotation back into them in one cycle (the
+        # critical path of the routed ULX3S build, docs/builds.md). An op writes each element
+        # (o, pixel) exactly once, so a read never needs a write still in the pipeline.
+        valid1 = Signal()
+        final1 = Signal()
+        addr1 = Signal(aw)
+        mask1 = Signal(cols)
+        counts1 = Signal.like(res.payload.counts)
+        m.d.sync += [
+            valid1.eq(res.valid),
+            final1.eq(res.valid & final),
+            addr1.eq(row_addr),
+            mask1.eq(mask),
+            counts1.eq(res.payload.counts),
+        ]
+        valid2 = Signal()
+        final2 = Signal()
+        addr2 = Signal(aw)
+        mask2 = Signal(cols)
+        m.d.sync += [
+            valid2.eq(valid1),
+            final2.eq(valid1 & final1),
+            addr2.eq(addr1),
+            mask2.eq(mask1),
+        ]
         for i in range(cols):
             m.d.sync += self.int_wr_data[i].eq(
-                counts[i] + Mux(cfg.add, self.int_rd_data[i], 0))
-        write = stages[latency + 1]
-        valid_w, final_w = write[0], write[1]
-        addr_w, mask_w = write[2:2 + aw], write[2 + aw:]
+                counts1[i] + Mux(cfg.add, self.int_rd_data[i], 0))
         m.d.comb += [
-            self.int_wr_addr.eq(addr_w),
-            self.int_wr_en.eq(valid_w & (mask_w != 0)),
-            self.int_wr_mask.eq(mask_w),
+            self.int_wr_addr.eq(addr2),
+            self.int_wr_en.eq(valid2 & (mask2 != 0)),
+            self.int_wr_mask.eq(mask2),
         ]
-        with m.If(valid_w & final_w):
+        with m.If(valid2 & final2):
             m.d.sync += self.busy.eq(0)
         return m

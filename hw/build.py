@@ -634,12 +634,17 @@ def make_parser():
             ("baud", "B", "UART baud rate")):
         config.add_argument(f"--{name}", metavar=metavar, type=_positive,
                             help=f"{what} (default: the board's)")
+    default_clocks = ", ".join(
+        f"{get_board('ulx3s', size).default_config.clock_hz / 1e6:g} on the ULX3S-{size}"
+        for size in ULX3S_SIZES
+        if get_board("ulx3s", size).default_config.clock_hz != get_board("ulx3s", size)
+        .oscillator_hz)
     config.add_argument("--clock-mhz", metavar="MHZ", type=_megahertz, dest="clock_hz",
-                        help="core clock in MHz, made by the FPGA's PLL from the board's "
-                             "oscillator, which must make it exactly (an error names the "
-                             "nearest frequencies it makes); the oscillator's own frequency "
-                             "needs no PLL (default: the board's: 43.75 on the ULX3S-85F, the "
-                             "oscillator's elsewhere)")
+                        help=f"core clock in MHz, made by the FPGA's PLL from the board's "
+                             f"oscillator, which must make it exactly (an error names the "
+                             f"nearest frequencies it makes); the oscillator's own frequency "
+                             f"needs no PLL (default: the board's: {default_clocks}, the "
+                             f"oscillator's elsewhere)")
     config.add_argument("--no-layer-program", dest="layer_program", action="store_const",
                         const=False, default=None,
                         help="build the GEMM-only device, without the sequencer, the binary "

@@ -157,9 +157,8 @@ class FixedUnit(wiring.Component):
         low).
     int_rd_addr, int_rd_en : ``Out(int_addr_width)``, ``Out(1)``; int_rd_data : ``In(
     data.ArrayLayout(signed(element_width), lanes))``
-        INTS run read port: ``int_rd_data[i]`` is ``INTS[int_rd_addr + i]`` of the request
-        :data:`sw.isa.INT_READ_LATENCY` cycles before (as IntMemory's); read only while
-        ``int_rd_en``.
+        INTS run read port: ``int_rd_data[i]`` is ``INTS[int_rd_addr + i]`` of the previous
+        cycle's request (latency exactly 1, as IntMemory's); read only while ``int_rd_en``.
     int_wr_addr, int_wr_en, int_wr_mask, int_wr_data : ``Out(int_addr_width)``, ``Out(1)``,
     ``Out(lanes)``, ``Out(data.ArrayLayout(signed(element_width), lanes))``
         INTS run write port (outputs of posts NONE and REQUANT), driven from registers:
@@ -182,8 +181,7 @@ class FixedUnit(wiring.Component):
     REQUANT) spends one extra cycle per group and channel reading the residual run through the
     same INTS port. With ``E = terms_c * kernel_h * kernel_w + (1 if post == REQUANT and
     residual else 0)``, ``L`` as above and ``T = out_h * ceil(out_w / L) * out_channels * E``,
-    ``busy`` is high for exactly ``T + LATENCY`` cycles (``LATENCY = 13``:
-    :data:`sw.isa.FIXED_LATENCY`), plus, for
+    ``busy`` is high for exactly ``T + LATENCY`` cycles (``LATENCY = 12``), plus, for
     THRESHOLD, ``(out_w - 1) % L`` cycles in which the last group's queued words are written
     (:func:`sw.isa.fixed_cycles`): the write of the group whose last term (or residual slot)
     is issued at cycle ``c`` is issued at cycle ``c + LATENCY``. A new op can start in the
@@ -197,23 +195,18 @@ class FixedUnit(wiring.Component):
        ``pix * out_words`` (one registered multiply, for the BITS address) registered;
     2. INTS address ``P.in_offset + relative`` (or the residual's) and COEFS address issued;
        the BITS address registered;
-    3. COEFS data valid; the INTS banks' outputs registered (IntMemory's
-       ``READ_LATENCY = 2``: a block RAM's slow output gets a cycle of its own);
-    4. INTS run valid, rotated into lane order; the coefficient waits a cycle;
-    5. the lanes' ``x`` and the coefficient registered (the rotator gets no multiplier
+    3. INTS run and COEFS data valid; the run rotated into lane order;
+    4. the lanes' ``x`` and the coefficient registered (the rotator gets no multiplier
        behind it in the same cycle);
-    6. ``x * coef`` registered (per lane one ``element_width x 8`` multiplier);
-    7. accumulators (sum or max); in the residual slot, ``res * res_mul`` in registered
+    5. ``x * coef`` registered (per lane one ``element_width x 8`` multiplier);
+    6. accumulators (sum or max); in the residual slot, ``res * res_mul`` in registered
        partial products (as ``acc * mul`` below);
-    8. ``acc * mul`` in registered partial products (17-bit slices of ``acc``, each one
+    7. ``acc * mul`` in registered partial products (17-bit slices of ``acc``, each one
        18 x 18 DSP with no wide adder behind it in the same cycle), ``res * res_mul``
        combined, ``bias + half``, the threshold compares;
-    9. partial products combined; ``res * res_mul + bias + half``;
-    10. ``v``; 11. ``v >> shift`` (barrel shifter); 12. the saturation compares;
-    13. the saturation mux, BITS word assembly and queue, the write registers.
-
-    (In the code, signals from stage 4 on are named by their stage before the INTS read took
-    a second cycle: ``x4`` is stage 5, ``acc6`` stage 7, and so on.)
+    8. partial products combined; ``res * res_mul + bias + half``;
+    9. ``v``; 10. ``v >> shift`` (barrel shifter); 11. the saturation compares;
+    12. the saturation mux, BITS word assembly and queue, the write registers.
 
     Resources (Yosys ``synth_ecp5`` and nextpnr ``--85k --out-of-context``, seed 1, for
     ``lane=32, int_addr_width=16, bits_addr_width=14, coef_addr_width=16,
@@ -403,13 +396,10 @@ class FixedUnit(wiring.Component):
         ]
 
         # ---- Stage 1: PARAMS data valid; bounds and relative addresses registered ---------
-        # Stages from 4 on come E cycles later than their names say: the names number them as
-        # for an INTS read latency of 1 (the unit's first form); the read takes E more cycles.
-        E = isa.INT_READ_LATENCY - 1
         valid = _delay(m, running, self.LATENCY, "valid")
-        first = _delay(m, running & first0, 5 + E, "first")
-        end = _delay(m, running & elem_end, 11 + E, "end")
-        res = _delay(m, res_phase, 5 + E, "res")
+        first = _delay(m, running & first0, 5, "first")
+        end = _delay(m, running & elem_end, 11, "end")
+        res = _delay(m, res_phase, 5, "res")
         iy_inside = (iy >= 0) & (iy < cfg.in_h)
         real1 = Signal(lanes)       # per lane: a real term (not padding), or the residual slot
         live1 = Signal(lanes)       # per lane: a pixel of the group (the write mask)
@@ -442,7 +432,7 @@ class FixedUnit(wiring.Component):
             obit1.eq(obit),
             wlast1.eq((obit == lane - 1) | o_last),
         ]
-        real = _delay(m, real1, 4 + E, "real")      # real[k] is stage k + 1
+        real = _delay(m, real1, 4, "real")      # real[k] is stage k + 1
         p1 = self.param_rd_data
 
         # ---- Stage 2: memory addresses ----------------------------------------------------
@@ -462,49 +452,49 @@ class FixedUnit(wiring.Component):
             self.coef_rd_en.eq(valid[2] & any2 & ~res[2] & cfg.multiply),
         ]
 
-        # ---- Stage 3 (+ E) -> 4: the run back in lane order, registered ahead of the multiply
-        rot3 = _delay(m, rot2, 1 + E, "rot")[-1]
+        # ---- Stage 3 -> 4: the run back in lane order, registered ahead of the multiply ----
+        rot3 = Signal(rot_width)
+        m.d.sync += rot3.eq(rot2)
         run3 = [self.int_rd_data[i] for i in range(lanes)]
         x4 = [Signal(signed(ew), name=f"x4_{i}") for i in range(lanes)]
         c4 = Signal(signed(8))
         # Stride 2: lane i's term is element 2 * i of the rotated run (the residual run is
         # consecutive pixels, as for stride 1).
-        spread3 = _delay(m, spread & ~res[2], 1 + E, "spread")[-1]
+        spread3 = Signal()
+        m.d.sync += spread3.eq(spread & ~res[2])
         rotated = rotate_up(m, run3, rot3, "rot")
         for i, reg in enumerate(x4):
             if 2 * i < lanes:
                 m.d.sync += reg.eq(Mux(spread3, rotated[2 * i], rotated[i]))
             else:
                 m.d.sync += reg.eq(rotated[i])
-        # The coefficient (COEFS latency 1) waits the INTS read's extra cycles.
-        m.d.sync += c4.eq(_delay(m, self.coef_rd_data, E, "coef")[-1])
+        m.d.sync += c4.eq(self.coef_rd_data)
 
         # ---- Stage 4 -> 5: the terms (registered multiplies, one per lane) -----------------
         term5 = [Signal(signed(self.term_width), name=f"term5_{i}") for i in range(lanes)]
         for i in range(lanes):
-            m.d.sync += term5[i].eq(Mux(real[3 + E][i], Mux(cfg.multiply, x4[i] * c4, x4[i]),
-                                        0))
+            m.d.sync += term5[i].eq(Mux(real[3][i], Mux(cfg.multiply, x4[i] * c4, x4[i]), 0))
 
         # ---- Stage 6: accumulators ----------------------------------------------------------
         aw = self.acc_width
         acc6 = [Signal(signed(aw), name=f"acc6_{i}") for i in range(lanes)]
         most_negative = Const(-(1 << (aw - 1)), signed(aw))
-        with m.If(valid[5 + E] & ~res[5 + E]):
+        with m.If(valid[5] & ~res[5]):
             for i in range(lanes):
-                real5 = real[4 + E][i]
+                real5 = real[4][i]
                 with m.If(is_max):
-                    with m.If(first[5 + E]):
+                    with m.If(first[5]):
                         # Padding never wins: a padded first term starts from the most negative.
                         m.d.sync += acc6[i].eq(Mux(real5, term5[i], most_negative))
                     with m.Elif(real5 & (term5[i] > acc6[i])):
                         m.d.sync += acc6[i].eq(term5[i])
                 with m.Else():
                     # Padding terms are 0 here (stage 5).
-                    m.d.sync += acc6[i].eq(Mux(first[5 + E], term5[i], acc6[i] + term5[i]))
+                    m.d.sync += acc6[i].eq(Mux(first[5], term5[i], acc6[i] + term5[i]))
         # The parameters of the element at stage 1 travel with it to stage 6.
-        param_line = _delay(m, p1.as_value(), 5 + E, "param")
-        p5 = data.View(self.param_layout, param_line[4 + E])
-        p6 = data.View(self.param_layout, param_line[5 + E])
+        param_line = _delay(m, p1.as_value(), 5, "param")
+        p5 = data.View(self.param_layout, param_line[4])
+        p6 = data.View(self.param_layout, param_line[5])
 
         # res * res_mul in partial products like acc * mul (below): the residual slot is the
         # element's last, so they are ready when the accumulator is. x4 of the residual slot
@@ -513,7 +503,7 @@ class FixedUnit(wiring.Component):
         m.d.sync += [reg.eq(x) for reg, x in zip(resv5, x4)]
         res_parts6 = [_partial_products(resv5[i], p5.res_mul, f"res_mul6_{i}")
                       for i in range(lanes)]
-        with m.If(valid[5 + E] & res[5 + E]):
+        with m.If(valid[5] & res[5]):
             m.d.sync += [reg.eq(product) for parts in res_parts6 for _, reg, product in parts]
 
         # ---- Stage 7: products, bias + half, threshold compare -----------------------------
@@ -530,11 +520,11 @@ class FixedUnit(wiring.Component):
         bit = _delay(m, bit7, 4, "bit")           # bit[k] is stage k + 7
         prod_width = aw + mul_width + 1
         v_width = max(prod_width, ew + len(p6.res_mul) + 1, len(bh7)) + 2
-        outa11 = _delay(m, outa1, 10 + E, "outa")[-1]
-        bitsa11 = _delay(m, bitsa2, 9 + E, "bitsa")[-1]
-        obit11 = _delay(m, obit1, 10 + E, "obit")[-1]
-        wlast11 = _delay(m, wlast1, 10 + E, "wlast")[-1]
-        live11 = _delay(m, live1, 10 + E, "live")[-1]
+        outa11 = _delay(m, outa1, 10, "outa")[-1]
+        bitsa11 = _delay(m, bitsa2, 9, "bitsa")[-1]
+        obit11 = _delay(m, obit1, 10, "obit")[-1]
+        wlast11 = _delay(m, wlast1, 10, "wlast")[-1]
+        live11 = _delay(m, live1, 10, "live")[-1]
         for i in range(lanes):
             # ---- Stage 7, 8, 9: v = acc * mul + res * res_mul + bias + half ---------------
             mul_parts7 = _partial_products(acc6[i], p6.mul, f"mul7_{i}")
@@ -579,14 +569,14 @@ class FixedUnit(wiring.Component):
         live_count = Signal(range(lanes + 1))   # pixels of the group (its lanes are 0, 1, ...)
         m.d.comb += live_count.eq(sum(live11[i] for i in range(lanes)))
         m.d.sync += [
-            self.int_wr_en.eq(end[11 + E] & ~post_threshold),
+            self.int_wr_en.eq(end[11] & ~post_threshold),
             self.int_wr_addr.eq(outa11),
             self.int_wr_mask.eq(live11),
             self.bits_wr_en.eq(0),
         ]
-        with m.If(end[11 + E] & post_threshold):
+        with m.If(end[11] & post_threshold):
             m.d.sync += [word.eq(nxt) for word, nxt in zip(words, word_next)]
-        with m.If(end[11 + E] & wlast11 & post_threshold):
+        with m.If(end[11] & wlast11 & post_threshold):
             m.d.sync += [
                 self.bits_wr_en.eq(1),
                 self.bits_wr_addr.eq(bitsa11),

@@ -12,8 +12,6 @@ from amaranth import Cat, Const, Module, Mux, Signal, signed
 from amaranth.lib import data, memory, wiring
 from amaranth.lib.wiring import In, Out
 
-from sw import isa
-
 from .rotate import rotate_down, rotate_up
 
 __all__ = ["IntMemory"]
@@ -42,10 +40,9 @@ class IntMemory(wiring.Component):
     rd_en : ``In(1)``
         Read enable. While low, ``rd_data`` holds its value.
     rd_data : ``Out(data.ArrayLayout(signed(width), banks))``
-        ``rd_data[i] = mem[rd_addr + i]`` for the ``rd_addr`` of the cycle :attr:`READ_LATENCY`
-        (2) cycles before, or of the last cycle before that whose ``rd_en`` was high: the data
-        hold while ``rd_en`` is low. Not transparent: a write in the same cycle as the read, or
-        in the cycle after it, is not seen by it (the old value is read).
+        ``rd_data[i] = mem[rd_addr + i]`` for the ``rd_addr`` of the last cycle whose ``rd_en``
+        was high (:attr:`READ_LATENCY` = 1). Not transparent: a write in the same cycle as the
+        read is not seen by it (the old value is read).
     wr_addr : ``In(addr_width)``
     wr_en : ``In(1)``
     wr_mask : ``In(banks)``
@@ -56,10 +53,7 @@ class IntMemory(wiring.Component):
     Elements at addresses ``>= depth`` do not exist (no wrap-around): writes to them are
     dropped and reads of them give 0. ``addr_width = ceil(log2(depth))`` (at least 1).
 
-    Throughput: one run read and one run written every cycle, at any alignment. The banks'
-    outputs are registered before the rotation into run order: a block RAM's output takes
-    5.8 ns to appear on the ECP5, and with the rotation (and the consumer's own) behind it in
-    the same cycle it was the critical path of the routed ULX3S build (docs/builds.md).
+    Throughput: one run read and one run written every cycle, at any alignment.
 
     Attributes
     ----------
@@ -68,9 +62,8 @@ class IntMemory(wiring.Component):
         simulations to inspect; :meth:`element` names the cell of an element.
     """
 
-    #: Cycles from a read request to its data (:data:`sw.isa.INT_READ_LATENCY`, from which the
-    #: timing model derives the units' latencies).
-    READ_LATENCY = isa.INT_READ_LATENCY
+    #: Cycles from a read request to its data.
+    READ_LATENCY = 1
 
     def __init__(self, depth, width, banks, init=()):
         for name, value in (("depth", depth), ("width", width), ("banks", banks)):
@@ -129,12 +122,10 @@ class IntMemory(wiring.Component):
                 exists.append(row < self.bank_depth)
             return low, rows, exists
 
-        # Read: each bank reads its row; its output is registered (then 0 for a row that does
-        # not exist), and the data are rotated back into run order with the alignment
-        # registered alongside (both hold, as the data, while rd_en is low).
+        # Read: each bank reads its row; the data are rotated back into run order with the
+        # alignment registered alongside the read (it holds, as the data, while rd_en is low).
         rd_low, rd_rows, rd_exists = bank_rows(self.rd_addr, "rd")
         rd_low_q = Signal(len(rd_low), name="rd_low_q")
-        rd_low_qq = Signal(len(rd_low), name="rd_low_qq")
         bank_out = []
         for b in range(banks):
             m.submodules[f"bank{b}"] = mem = memory.Memory(data=self.bank_data[b])
@@ -144,12 +135,11 @@ class IntMemory(wiring.Component):
             with m.If(self.rd_en):
                 m.d.sync += exists_q.eq(rd_exists[b])
             value = Signal(signed(self.width), name=f"rd_bank{b}")
-            m.d.sync += value.eq(Mux(exists_q, rd.data, 0))
+            m.d.comb += value.eq(Mux(exists_q, rd.data, 0))
             bank_out.append(value)
         with m.If(self.rd_en):
             m.d.sync += rd_low_q.eq(rd_low)
-        m.d.sync += rd_low_qq.eq(rd_low_q)
-        for i, value in enumerate(rotate_down(m, bank_out, rd_low_qq, "rd_rot")):
+        for i, value in enumerate(rotate_down(m, bank_out, rd_low_q, "rd_rot")):
             m.d.comb += self.rd_data[i].eq(value)
 
         # Write: the run's elements and mask bits are rotated into bank order.

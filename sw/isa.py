@@ -28,8 +28,7 @@ Execution model (details in ``docs/accelerator.md``)
 import enum
 
 __all__ = [
-    "BCONV_FIELDS", "DESCRIPTOR", "FIXED_FIELDS", "FIXED_LATENCY", "INT_READ_LATENCY", "PARAM",
-    "SEQUENCER_CYCLES",
+    "BCONV_FIELDS", "DESCRIPTOR", "FIXED_FIELDS", "FIXED_LATENCY", "PARAM", "SEQUENCER_CYCLES",
     "BitRecord", "Opcode", "Post", "Reduce", "bconv_cycles", "fixed_cycles", "fixed_lanes",
     "int_banks",
     "op_cycles", "window_setup_cycles",
@@ -199,12 +198,8 @@ DESCRIPTOR = BitRecord(
 # The hardware's cycle counts, exactly (the unit tests and the device tests check them against
 # the hardware; code generation uses them for its per-op figures).
 
-#: Cycles from an INTS read request to its data (:class:`hw.int_memory.IntMemory`: the block
-#: RAM, then a register before the rotation into run order).
-INT_READ_LATENCY = 2
-#: Pipeline latency of :class:`hw.fixed_unit.FixedUnit`: its stages but the INTS read's
-#: (``hw.fixed_unit``'s docstring lists them), and the read.
-FIXED_LATENCY = 11 + INT_READ_LATENCY
+#: Pipeline latency of :class:`hw.fixed_unit.FixedUnit`.
+FIXED_LATENCY = 12
 #: Cycles the sequencer adds to an op's unit time in its counter: fetch, decode, dispatch,
 #: the cycle that sees the unit idle again and the record cycle.
 SEQUENCER_CYCLES = 5
@@ -229,7 +224,7 @@ def bconv_cycles(rows, cols, k_words, m_tiles, out_plane):
     n_tiles = -(-out_plane // cols)
     p, q = max(k_words, rows), max(k_words + 2, rows)
     return (window_setup_cycles(cols) + m_tiles * (n_tiles - 1) * p + (m_tiles - 1) * q
-            + k_words + 2 * rows + cols + 4 + INT_READ_LATENCY)
+            + k_words + 2 * rows + cols + 5)
 
 
 def fixed_lanes(lanes, lane, fields):

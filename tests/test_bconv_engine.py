@@ -230,8 +230,7 @@ def test_cycle_formula_is_near_the_array_bound():
         work = m_tiles * n_tiles * max(k_words, rows)
         overhead = expected_cycles(k_words, rows, cols, m_tiles, out_plane) - work
         setup = isa.window_setup_cycles(cols)
-        assert 0 < overhead <= (setup + 2 * (m_tiles - 1) + 2 * rows + cols + 4
-                                + isa.INT_READ_LATENCY)
+        assert 0 < overhead <= setup + 2 * (m_tiles - 1) + 2 * rows + cols + 5
 
 
 def test_config_layout_follows_the_isa():

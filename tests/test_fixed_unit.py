@@ -11,7 +11,7 @@ import types
 import numpy as np
 import pytest
 import torch
-from amaranth import Elaboratable, Module, Signal, signed, unsigned
+from amaranth import Elaboratable, Module, signed, unsigned
 from amaranth.lib import data, memory
 from amaranth.sim import Simulator
 
@@ -31,9 +31,8 @@ def wrap(value, width):
 
 
 class Harness(Elaboratable):
-    """The unit with INTS, COEFS and PARAMS read ports on memories (as the core's: COEFS and
-    PARAMS latency 1, INTS :data:`sw.isa.INT_READ_LATENCY`). Writes are recorded by the
-    testbench.
+    """The unit with INTS, COEFS and PARAMS read ports on memories (latency 1, as the core's).
+    Writes are recorded by the testbench.
 
     INTS is the core's banked :class:`hw.int_memory.IntMemory` (``ints="banked"``, runs do not
     wrap around its end), or (``ints="wrap"``) one memory with a read and a write port per
@@ -88,15 +87,9 @@ class Harness(Elaboratable):
             for i in range(self.lanes):
                 rd = self.ints.read_port(transparent_for=())
                 wr = self.ints.write_port()
-                # The port's latency is 1; IntMemory registers its output once more.
-                read = rd.data
-                for stage in range(isa.INT_READ_LATENCY - 1):
-                    registered = Signal.like(rd.data, name=f"int_rd{i}_q{stage}")
-                    m.d.sync += registered.eq(read)
-                    read = registered
                 m.d.comb += [
                     rd.addr.eq(dut.int_rd_addr + i), rd.en.eq(dut.int_rd_en),
-                    dut.int_rd_data[i].eq(read),
+                    dut.int_rd_data[i].eq(rd.data),
                     wr.addr.eq(dut.int_wr_addr + i), wr.data.eq(dut.int_wr_data[i]),
                     wr.en.eq(dut.int_wr_en & dut.int_wr_mask[i]),
                 ]
