@@ -16,7 +16,9 @@ Execution model (details in ``docs/accelerator.md``)
   ``base + (c * H + y) * W + x`` (channel planes).
 * **BITS** memory: words of ``lane`` bits. A bit tensor at word address ``base`` holds channel
   ``c`` of pixel ``(y, x)`` in bit ``c % lane`` of word ``base + (y * W + x) * cw + c // lane``,
-  ``cw = ceil(C / lane)`` (the layout :class:`hw.conv_window.ConvWindow` reads).
+  ``cw = ceil(C / lane)`` (the layout :class:`hw.conv_window.ConvWindow` reads). An 8-bit
+  image for a BCONV with ``planes`` is stored as bit-planes instead, ``lane / 8`` channels per
+  word (:func:`sw.packing.pack_bitplanes`).
 * **WEIGHTS** memory: the binary weights of a ``bconv``, ``rows * lane`` bits per word; row tile
   ``t`` (output channels ``t * rows + r``), K word ``kw`` at ``weight_base + t * k_words + kw``,
   in ConvWindow's K order (:func:`sw.packing.conv_window_weight_bits`).
