@@ -13,8 +13,8 @@ groups of ``g = lane / 8`` bits, group ``b`` being bit-plane ``b`` of ``g`` 8-bi
 PE adds the *weighted* count ``sum_b 2**b * popcount(xnor(w, a)`` restricted to group ``b``)``
 per word. With bit ``i`` of every group of ``w`` the same (the +1/-1 weight of value ``i``)
 and ``a`` the planes of unsigned 8-bit values ``x``, a value adds ``x`` where its weight is +1
-and ``255 - x`` where it is -1: a dot product counts ``dot(w, x) + 255 * n_neg(w)``. This runs layers
-with 8-bit inputs and binary weights (the first layer of CNV-W1A1) on the array
+and ``255 - x`` where it is -1: a dot product counts ``dot(w, x) + 255 * n_neg(w)``. This runs
+layers with 8-bit inputs and binary weights (the first layer of CNV-W1A1) on the array
 (:mod:`sw.compile.codegen`, docs/accelerator.md).
 """
 

@@ -58,8 +58,10 @@ says what the values mean, so an all-ones array is never ambiguous:
 import numpy as np
 
 __all__ = [
-    "ENCODINGS", "PLANES", "bitplane_channel_words", "bitplane_weight_bits", "bytes_to_words", "conv_window_weight_bits", "gemm_tiling", "pack_activations",
-    "pack_bitplanes", "pack_weights", "reference_counts", "to_bits", "unpack_results", "word_bytes", "words_to_bytes",
+    "ENCODINGS", "PLANES", "bitplane_channel_words", "bitplane_weight_bits", "bytes_to_words",
+    "conv_window_weight_bits", "gemm_tiling", "pack_activations", "pack_bitplanes",
+    "pack_weights", "reference_counts", "to_bits", "unpack_results", "word_bytes",
+    "words_to_bytes",
 ]
 
 #: The accepted values of the ``encoding`` arguments.

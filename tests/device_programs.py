@@ -158,9 +158,9 @@ def cnv_like_program(seed, *, channels=3, pad=0, stride=1, shift=0, zero=False, 
     ``conv1.act`` threshold (all three directions) -> ``conv2`` bconv 3x3 -> 2x2 max pool ->
     threshold -> ``conv3`` bconv 3x3 to one pixel -> threshold -> ``fc`` bconv 1x1 = the
     logits (10 counts). ``consumer="maxpool"`` pools conv1's output (3x3, stride 1, padding
-    1) before its threshold (then conv1 cannot run as bit-planes). The map size ``S`` is chosen so that conv1 makes
-    8x8 (5x5 before the pool with stride 2). The images are random with one all-0 and one
-    all-255 image.
+    1) before its threshold (then conv1 cannot run as bit-planes). The image size ``S`` is
+    chosen so that conv1 makes 8x8. The images are random, with one all-0 and one all-255
+    (the largest pixel) image.
     """
     b = _Builder(seed)
     rng = b.rng
