@@ -210,8 +210,6 @@ class DeviceProgram:
                              f"{image.shape}")
         if image.dtype.kind == "f" and not np.array_equal(image, np.round(image)):
             raise ValueError("image must hold raw integer pixels, not normalized values")
-        if image.dtype.kind not in "iuf":
-            raise ValueError(f"image must hold integer pixels, not {image.dtype}")
         flat = image.astype(np.int64)
         if self.input_memory == "BITS":
             if flat.size and (flat.min() < 0 or flat.max() > 255):
