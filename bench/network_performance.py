@@ -71,8 +71,9 @@ def op_figures(program, dp, config):
         elif op.kind == "conv":
             w = op.params["weight"]
             fixed = w.size // w.shape[0] * op.output.channels * pixels
-        figures.append({"name": op.name, "kind": op.kind, "binary_macs": int(binary),
-                        "fixed_macs": int(fixed), "peak": peak})
+        # The unit that ran it: a conv with ``opcode`` BCONV ran on the array as bit-planes.
+        figures.append({"name": op.name, "kind": op.kind, "opcode": info.opcode.name,
+                        "binary_macs": int(binary), "fixed_macs": int(fixed), "peak": peak})
     return figures
 
 
@@ -268,7 +269,8 @@ def main(argv=None):
               f"{record['images_per_s_at_clock']} images/s at the board clock", flush=True)
         for lay in record["layers"]:
             util = f"{100 * lay['utilization']:5.1f}%" if "utilization" in lay else "      "
-            print(f"  {lay['name']:28s} {lay['kind']:9s} {lay['cycles']:9,d} {util}")
+            print(f"  {lay['name']:28s} {lay['kind']:9s} {lay['opcode']:6s} "
+                  f"{lay['cycles']:9,d} {util}")
     # The Fmax is read after the (long) simulations, so a build that finished meanwhile counts.
     fmax = args.fmax_mhz or committed_fmax_mhz(board, config, layer_program=True)
     for record in records:

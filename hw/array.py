@@ -7,13 +7,25 @@ accumulates ``popcount(xnor(w, a))`` over the lane-words of K, which is the xnor
 weights flow left to right, activations top to bottom, each skewed by one cycle per row/column,
 so the array reads ``(rows + cols) * lane`` bits per cycle and performs ``rows * cols * lane``
 bit-MACs per cycle.
+
+**Bit-plane mode** (``planes`` set on the beats; needs ``lane % 8 == 0``): the lane is eight
+groups of ``g = lane / 8`` bits, group ``b`` being bit-plane ``b`` of ``g`` 8-bit values, and a
+PE adds the *weighted* count ``sum_b 2**b * popcount(xnor(w, a)`` restricted to group ``b``)``
+per word. With bit ``i`` of every group of ``w`` the same (the +1/-1 weight of value ``i``)
+and ``a`` the planes of unsigned 8-bit values ``x``, a value adds ``x`` where its weight is +1
+and ``255 - x`` where it is -1: a dot product counts ``dot(w, x) + 255 * n_neg(w)``. This runs
+layers with 8-bit inputs and binary weights (the first layer of CNV-W1A1) on the array
+(:mod:`sw.compile.codegen`, docs/accelerator.md).
 """
 
 from amaranth import Module, Mux, Signal, unsigned
 from amaranth.lib import data, stream, wiring
 from amaranth.lib.wiring import In, Out
 
-__all__ = ["XnorArray", "popcount", "share_array"]
+__all__ = ["PLANES", "XnorArray", "plane_popcount", "popcount", "share_array"]
+
+#: Bit-planes of the bit-plane mode (8-bit values).
+PLANES = 8
 
 
 def popcount(value):
@@ -29,6 +41,28 @@ def popcount(value):
     return terms[0]
 
 
+def plane_popcount(value, planes):
+    """Return an expression for the count of ``value`` (a lane of ``PLANES * g`` bits): its
+    popcount, or with ``planes`` high the weighted count ``sum_b 2**b * popcount(value[b*g :
+    (b+1)*g])``.
+
+    The group popcounts are the lower levels of :func:`popcount`'s tree; the three levels
+    above them add pairs of partial sums, the upper one shifted by 1, 2 and 4 groups' weight
+    when ``planes`` is high (a multiplexer per level).
+    """
+    lane = len(value)
+    if lane % PLANES:
+        raise ValueError(f"a lane of {lane} bits is not {PLANES} bit-plane groups")
+    g = lane // PLANES
+    terms = [popcount(value[b * g:(b + 1) * g]) for b in range(PLANES)]
+    span = 1
+    while len(terms) > 1:
+        terms = [terms[i] + Mux(planes, terms[i + 1] << span, terms[i + 1])
+                 for i in range(0, len(terms), 2)]
+        span *= 2
+    return terms[0]
+
+
 class XnorArray(wiring.Component):
     """Output-stationary XNOR-popcount systolic array.
 
@@ -40,7 +74,8 @@ class XnorArray(wiring.Component):
         Bits of K consumed per processing element per cycle.
     max_depth : int
         Largest K in bits of one dot product. Counts are ``acc_width = max_depth.bit_length()``
-        bits wide; a longer tile wraps around.
+        bits wide; a longer tile wraps around (as does a bit-plane count above
+        ``2**acc_width - 1``: the compiler checks that its counts fit).
 
     Members
     -------
@@ -50,6 +85,11 @@ class XnorArray(wiring.Component):
         ``[c*lane, (c+1)*lane)``). ``first`` marks the first word of a tile (the accumulators
         restart), ``last`` its final word. A tile is the beats from ``first`` to ``last``;
         a one-word tile has both set. Gaps (``valid`` low) are allowed anywhere.
+        ``planes`` selects the bit-plane mode (see the module documentation; ignored unless
+        ``lane % 8 == 0``, :attr:`supports_planes`). The array takes it from each accepted
+        beat and applies it to every PE at once, so all tiles in the array at the same time
+        must carry the same value: change it only once the previous tile's results have left
+        (the device runs one op at a time; a unit stays busy until its last result is out).
         ``ready`` is low only while a ``last`` beat is offered less than ``rows`` cycles after
         the previous accepted ``last`` beat: the result path drains one row per cycle, so tiles
         shorter than ``rows`` words are throttled to ``rows`` cycles each.
@@ -80,6 +120,7 @@ class XnorArray(wiring.Component):
             "activations": cols * lane,
             "first": 1,
             "last": 1,
+            "planes": 1,
         })
         self.o_layout = data.StructLayout({
             "counts": data.ArrayLayout(self.acc_width, cols),
@@ -89,6 +130,11 @@ class XnorArray(wiring.Component):
             "i": In(stream.Signature(self.i_layout)),
             "o": Out(stream.Signature(self.o_layout, always_ready=True)),
         })
+
+    @property
+    def supports_planes(self):
+        """Whether the bit-plane mode exists (``lane % 8 == 0``)."""
+        return self.lane % PLANES == 0
 
     @property
     def port_signature(self):
@@ -115,6 +161,11 @@ class XnorArray(wiring.Component):
         in_valid = Signal()
         in_beat = Signal(self.i_layout)
         m.d.sync += [in_valid.eq(accepted), in_beat.eq(self.i.payload)]
+        # The mode of the tiles in flight (one op's tiles at a time): one register for all PEs.
+        planes = Signal()
+        if self.supports_planes:
+            with m.If(accepted):
+                m.d.sync += planes.eq(self.i.payload.planes)
 
         def delayed(value, cycles, name):
             for stage in range(cycles):
@@ -158,9 +209,16 @@ class XnorArray(wiring.Component):
                 m.d.sync += [w_out.eq(w), a_out.eq(a), ctl_out.eq(ctl)]
                 weights_in[r], activations_in[c], control_in[r] = w_out, a_out, ctl_out
 
-                ones = Signal(range(lane + 1), name=f"{pe}_ones")
+                agree = ~(w ^ a)
+                if self.supports_planes:
+                    most = (2 ** PLANES - 1) * (lane // PLANES)
+                    ones = Signal(range(most + 1), name=f"{pe}_ones")
+                    count = plane_popcount(agree, planes)
+                else:
+                    ones = Signal(range(lane + 1), name=f"{pe}_ones")
+                    count = popcount(agree)
                 ones_ctl = Signal(control_layout, name=f"{pe}_ones_control")
-                m.d.sync += [ones.eq(popcount(~(w ^ a))), ones_ctl.eq(ctl)]
+                m.d.sync += [ones.eq(count), ones_ctl.eq(ctl)]
 
                 acc = Signal(width, name=f"{pe}_acc")
                 hold[r][c] = Signal(width, name=f"{pe}_hold")

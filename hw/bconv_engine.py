@@ -232,6 +232,7 @@ class BconvEngine(wiring.Component):
             array.i.payload.activations.eq(window.o.payload.activations),
             array.i.payload.first.eq(window.o.payload.first),
             array.i.payload.last.eq(window.o.payload.last),
+            array.i.payload.planes.eq(cfg.planes),
             window.o.ready.eq(array.i.ready),
         ]
 

@@ -155,7 +155,7 @@ def _ulx3s(size):
     # and 11 EBR; 25F 15.2K and 20; 45F 15.2K and 37; 85F 15.2K and 71). Each default is
     # checked against check_fits in the tests.
     config = {
-        # The layer program's memories (INTS banks, a BITS copy per column, 455-bit
+        # The layer program's memories (INTS banks, a BITS copy per column, 456-bit
         # descriptors) do not fit the 12F's and 25F's block RAMs: GEMM-only builds there.
         "12F": DeviceConfig(rows=4, cols=4, lane=32, weight_depth=512, activation_depth=512,
                             result_depth=512, layer_program=False),

@@ -28,14 +28,18 @@ BCONV: counts of xnor-popcount over ConvWindow's K order (:mod:`hw.conv_window`)
 channels ``>= channels`` are forced to 1; the weights of row tile ``t`` are WEIGHTS words
 ``weight_base + t * k_words + kw`` (row ``r`` in bits ``[r * lane, (r + 1) * lane)``); count
 ``o`` of pixel ``n`` goes to (or, with ``add``, is added to) ``INTS[out_base + o * out_plane +
-n]``.
+n]``. With ``planes`` set (lane a multiple of 8) an agreeing bit ``i`` of a word counts
+``2 ** (i // (lane / 8))`` instead of 1 (bit-plane mode, :mod:`hw.array`).
+
+A program whose ``input_memory`` is ``"BITS"`` gets the raw image as bit-planes
+(:func:`sw.packing.pack_bitplanes`) at BITS ``input_base``.
 """
 
 import numpy as np
 
-from sw import isa
+from sw import isa, packing
 
-__all__ = ["Machine", "run"]
+__all__ = ["Machine", "execute", "run"]
 
 _INT64_MIN = np.iinfo(np.int64).min
 #: Products and sums in the model are int64; refuse operands that could come near 2**63.
@@ -105,6 +109,16 @@ class Machine:
                 self.params[a] = word
             else:
                 self.program[a] = word
+
+    def write_bits(self, address, words):
+        """Write ``lane``-bit words into BITS (the host's image write)."""
+        g = self.geo
+        if address < 0 or address + len(words) > g.bits_depth:
+            raise ValueError(f"BITS: {len(words)} words at {address} overflow {g.bits_depth}")
+        for i, word in enumerate(words):
+            if not 0 <= int(word) < (1 << g.lane):
+                raise ValueError(f"BITS: word {word:#x} is not a {g.lane}-bit word")
+            self.bits[address + i] = _word_bits(word, g.lane)
 
     def _check_ints(self, addresses, what):
         if addresses.size and (addresses.min() < 0 or addresses.max() >= self.geo.int_depth):
@@ -288,9 +302,18 @@ class Machine:
             raise ValueError(f"{where}: WEIGHTS address {int(waddr.max())} outside the memory")
         wt = self.weights[waddr]                          # (mt, kw, rows, lane)
         wt = wt.transpose(0, 2, 1, 3).reshape(m_tiles * g.rows, k_words * g.lane)[:out_c]
-        # xnor-popcount in float64 (exact: every count is far below 2**53).
+        # xnor-popcount in float64 (exact: every count is far below 2**53), each agreeing bit
+        # weighted 1, or 2**plane in bit-plane mode.
+        if f["planes"] and g.lane % 8:
+            raise ValueError(f"{where}: bit-planes on a lane of {g.lane} bits are not modeled")
+        group = g.lane // 8 if f["planes"] else g.lane
+        weight = 2.0 ** (np.arange(k_words * g.lane) % g.lane // group)
         wf, af = wt.astype(np.float64), act.astype(np.float64)
-        counts = (wf @ af.T + (1 - wf) @ (1 - af).T).astype(np.int64)   # (O, P)
+        counts = ((wf * weight) @ af.T + ((1 - wf) * weight) @ (1 - af).T).astype(np.int64)
+        acc_width = g.max_depth.bit_length()
+        if counts.size and counts.max() >= 1 << acc_width:
+            raise ValueError(f"{where}: a count of {int(counts.max())} overflows the array's "
+                             f"{acc_width}-bit accumulators")
         out_addr = f["out_base"] + np.arange(out_c)[:, None] * f["out_plane"] + \
             np.arange(n_pix)[None]
         self._store(out_addr, counts, where, add=bool(f["add"]))
@@ -325,6 +348,19 @@ def run(device_program, image, *, fill=None):
 
 
 def _run_one(dp, image, fill):
+    machine = execute(dp, image, fill=fill)
+    addr = dp.logits_base + np.arange(dp.logits_count)
+    machine._check_ints(addr, "logits")
+    return machine.ints[addr].copy()
+
+
+def execute(dp, image, *, fill=None, after_op=None):
+    """Execute ``dp`` on one raw image ``input_shape``; return the :class:`Machine` with its
+    memories as the program left them. ``after_op(index, machine)``, if given, is called
+    after each op (a tensor is at its ``dp.allocation`` until its memory is reused)."""
+    image = np.asarray(image)
+    if image.shape != tuple(dp.input_shape):
+        raise ValueError(f"image must be {tuple(dp.input_shape)}, not {image.shape}")
     if image.dtype.kind == "f":
         if not np.array_equal(image, np.round(image)):
             raise ValueError("image must hold raw integer pixels")
@@ -335,8 +371,13 @@ def _run_one(dp, image, fill):
     if len(dp.descriptors) > dp.geometry.program_depth:
         raise ValueError("more descriptors than PROGRAM words")
     machine.write("PROGRAM", 0, dp.descriptors)
-    flat = image.reshape(-1)
-    machine._store(dp.input_base + np.arange(flat.size), flat, "input image")
+    if getattr(dp, "input_memory", "INTS") == "BITS":
+        if image.min(initial=0) < 0 or image.max(initial=0) > 255:
+            raise ValueError("a bit-plane image must hold pixels in 0 .. 255")
+        machine.write_bits(dp.input_base, packing.pack_bitplanes(image, dp.geometry.lane))
+    else:
+        flat = image.reshape(-1)
+        machine._store(dp.input_base + np.arange(flat.size), flat, "input image")
     expected = 0
     for number, segment in enumerate(dp.segments):
         first, count, writes = segment
@@ -351,9 +392,9 @@ def _run_one(dp, image, fill):
                 raise ValueError(f"segment {number} runs op {index}, which does not exist")
             name = dp.ops[index].name if index < len(dp.ops) else f"op {index}"
             machine.execute(machine.program[index], name)
+            if after_op is not None:
+                after_op(index, machine)
         expected = first + count
     if expected != len(dp.descriptors):
         raise ValueError(f"the segments run {expected} of {len(dp.descriptors)} ops")
-    addr = dp.logits_base + np.arange(dp.logits_count)
-    machine._check_ints(addr, "logits")
-    return machine.ints[addr].copy()
+    return machine

@@ -16,7 +16,9 @@ Execution model (details in ``docs/accelerator.md``)
   ``base + (c * H + y) * W + x`` (channel planes).
 * **BITS** memory: words of ``lane`` bits. A bit tensor at word address ``base`` holds channel
   ``c`` of pixel ``(y, x)`` in bit ``c % lane`` of word ``base + (y * W + x) * cw + c // lane``,
-  ``cw = ceil(C / lane)`` (the layout :class:`hw.conv_window.ConvWindow` reads).
+  ``cw = ceil(C / lane)`` (the layout :class:`hw.conv_window.ConvWindow` reads). An 8-bit
+  image for a BCONV with ``planes`` is stored as bit-planes instead, ``lane / 8`` channels per
+  word (:func:`sw.packing.pack_bitplanes`).
 * **WEIGHTS** memory: the binary weights of a ``bconv``, ``rows * lane`` bits per word; row tile
   ``t`` (output channels ``t * rows + r``), K word ``kw`` at ``weight_base + t * k_words + kw``,
   in ConvWindow's K order (:func:`sw.packing.conv_window_weight_bits`).
@@ -170,10 +172,10 @@ FIXED_FIELDS = (
 
 #: Settings of a binary conv (:class:`hw.bconv_engine.BconvEngine`'s ``config``).
 BCONV_FIELDS = (
-    ("in_base", 20, False),      # BITS word address of the input map
+    ("in_base", 20, False),      # BITS word address of the input map (bit-planes: see planes)
     ("in_h", 12, False),
     ("in_w", 12, False),
-    ("channels", 16, False),     # input channels C
+    ("channels", 16, False),     # input channels C (planes: channel_words * lane)
     ("channel_words", 8, False),  # ceil(C / lane)
     ("kernel", 2, False),        # 1 or 3
     ("stride", 2, False),        # 1 or 2
@@ -185,6 +187,10 @@ BCONV_FIELDS = (
     ("out_base", 24, False),     # INTS element address of output channel 0
     ("out_plane", 24, False),    # OH * OW
     ("add", 1, False),           # 1: add the counts into INTS (ImprovementBlock), 0: write
+    # 1: bit-plane mode (lane % 8 == 0): the map holds 8-bit values as bit-planes, a word of
+    # lane / 8 channels (sw.packing.pack_bitplanes); the array adds each word's weighted count
+    # sum_b 2**b * popcount(xnor) of plane group b (hw.array). Same timing as a plain BCONV.
+    ("planes", 1, False),
 )
 
 #: One op of the layer program (one PROGRAM word).

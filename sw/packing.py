@@ -35,6 +35,16 @@ Layouts
   ``[c * acc_width, (c + 1) * acc_width)``) is ``count[mt * rows + r, nt * cols + c]``.
   Fields outside M x N are garbage and are discarded by :func:`unpack_results`.
 
+Bit-planes
+----------
+An 8-bit input layer with binary weights runs on the array as bit-planes (BCONV ``planes``,
+:mod:`sw.isa`): a lane of ``lane`` bits (``lane % 8 == 0``) holds ``g = lane / 8`` channels of
+one pixel, bit ``b * g + i`` being bit ``b`` of channel ``j * g + i`` in the pixel's word ``j``
+(``cw = ceil(C / g)`` words per pixel, pixel major like every BITS tensor, unused bits 0):
+:func:`pack_bitplanes`. The weights repeat each channel's sign in all eight groups, with
++1 in the unused positions (:func:`bitplane_weight_bits`), so the array's weighted count of a
+window is ``dot(w, x) + 255 * n_neg`` (``n_neg``: the -1 weights of the output channel).
+
 Inputs
 ------
 Matrices may be numpy arrays, anything :func:`numpy.asarray` accepts, or PyTorch tensors (read
@@ -48,12 +58,16 @@ says what the values mean, so an all-ones array is never ambiguous:
 import numpy as np
 
 __all__ = [
-    "ENCODINGS", "bytes_to_words", "conv_window_weight_bits", "gemm_tiling", "pack_activations",
-    "pack_weights", "reference_counts", "to_bits", "unpack_results", "word_bytes", "words_to_bytes",
+    "ENCODINGS", "PLANES", "bitplane_channel_words", "bitplane_weight_bits", "bytes_to_words",
+    "conv_window_weight_bits", "gemm_tiling", "pack_activations", "pack_bitplanes",
+    "pack_weights", "reference_counts", "to_bits", "unpack_results", "word_bytes",
+    "words_to_bytes",
 ]
 
 #: The accepted values of the ``encoding`` arguments.
 ENCODINGS = ("sign", "bit")
+#: Bit-planes of a bit-plane tensor (8-bit unsigned values).
+PLANES = 8
 
 
 def _ceil_div(a, b):
@@ -377,3 +391,86 @@ def reference_counts(W, A, *, encoding="sign"):
     # Float64 products and sums of +-1 are exact integers well below 2**53, and use BLAS.
     dot = np.where(w, 1.0, -1.0) @ np.where(a, 1.0, -1.0)
     return ((np.rint(dot).astype(np.int64) + K) // 2)
+
+
+def _plane_group(lane):
+    lane = _check_positive("lane", lane)
+    if lane % PLANES:
+        raise ValueError(f"bit-planes need a lane that is a multiple of {PLANES}, not {lane}")
+    return lane // PLANES
+
+
+def bitplane_channel_words(channels, lane):
+    """Words per pixel of a bit-plane tensor of ``channels`` channels: ``ceil(C / (lane/8))``."""
+    return _ceil_div(_check_positive("channels", channels), _plane_group(lane))
+
+
+def pack_bitplanes(image, lane):
+    """Pack an 8-bit image into BITS words as bit-planes (the module's "Bit-planes").
+
+    Parameters
+    ----------
+    image : array_like of int, shape (C, H, W)
+        Unsigned 8-bit values (``0 .. 255``).
+    lane : int
+        Bits of a BITS word, a multiple of 8.
+
+    Returns
+    -------
+    list of int
+        ``H * W * cw`` words of ``lane`` bits: word ``(y * W + x) * cw + j`` holds channels
+        ``j * g .. j * g + g - 1`` of pixel ``(y, x)``, bit ``b * g + i`` = bit ``b`` of
+        channel ``j * g + i``; bits of channels ``>= C`` are 0.
+
+    Raises
+    ------
+    ValueError
+        If ``image`` is not 3-D integers in ``0 .. 255`` or ``lane`` is not a multiple of 8.
+    """
+    g = _plane_group(lane)
+    array = _as_numpy(image)
+    if array.ndim != 3:
+        raise ValueError(f"image must be (C, H, W), not an array of shape {array.shape}")
+    if array.dtype.kind not in "iu" or (array.size and (array.min() < 0 or array.max() > 255)):
+        raise ValueError("image must hold integers in 0 .. 255")
+    c, h, w = array.shape
+    cw = bitplane_channel_words(c, lane)
+    values = np.zeros((h * w, cw * g), dtype=np.int64)
+    values[:, :c] = array.reshape(c, h * w).T
+    # (pixel, j, i) values -> bits (pixel, j, b, i): bit b * g + i of word (pixel, j).
+    planes = (values.reshape(h * w, cw, 1, g) >> np.arange(PLANES).reshape(1, 1, PLANES, 1)) & 1
+    return _rows_to_words(planes.astype(bool).reshape(h * w * cw, lane))
+
+
+def bitplane_weight_bits(weight, lane):
+    """The weights of an 8-bit input conv in the bit-plane K order of the conv window.
+
+    Parameters
+    ----------
+    weight : array_like, shape (O, C, k, k)
+        +1/-1 weights.
+    lane : int
+        A multiple of 8.
+
+    Returns
+    -------
+    numpy.ndarray of bool, shape (O, k * k * cw * lane)
+        Column ``((ky * k + kx) * cw + j) * lane + b * g + i`` holds the bit of channel
+        ``j * g + i`` at kernel position ``(ky, kx)`` (the same in every plane ``b``), and 1
+        for channels ``>= C``; ``cw = ceil(C / g)``. Pack it with :func:`pack_weights`
+        (``encoding="bit"``); a BCONV with ``channels = cw * lane`` (no forced bits) and
+        ``planes`` set then counts ``dot(w, x) + 255 * n_neg`` per output channel.
+    """
+    g = _plane_group(lane)
+    array = _as_numpy(weight)
+    if array.ndim != 4 or array.shape[2] != array.shape[3]:
+        raise ValueError(f"weight must be (O, C, k, k), not an array of shape {array.shape}")
+    bits = to_bits(array, "sign", name="weight")
+    out_channels, channels, k, _ = bits.shape
+    cw = bitplane_channel_words(channels, lane)
+    padded = np.ones((out_channels, k * k, cw * g), dtype=bool)
+    padded[:, :, :channels] = bits.reshape(out_channels, channels, k * k).transpose(0, 2, 1)
+    # (O, pos, j, i) -> (O, pos, j, b, i), the same bit in every plane.
+    planes = np.broadcast_to(padded.reshape(out_channels, k * k, cw, 1, g),
+                             (out_channels, k * k, cw, PLANES, g))
+    return np.ascontiguousarray(planes).reshape(out_channels, k * k * cw * lane)

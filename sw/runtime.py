@@ -40,11 +40,6 @@ class InferenceResult:
     op_cycles: list
 
 
-def _to_unsigned(values, width):
-    mask = (1 << width) - 1
-    return [int(v) & mask for v in values]
-
-
 def _to_signed(words, width):
     return [w - (1 << width) if w >> (width - 1) else w for w in words]
 
@@ -109,7 +104,7 @@ class Accelerator:
         #: Per segment: the blocks ``(memory, base, words)`` of the tensors that its ops and
         #: the later ones need from before it (live across its start; disjoint, being live at
         #: the same time). :meth:`infer_batch` keeps them on the host between segments.
-        spans = lifetimes(self.program)
+        spans = dp.lifetimes if dp.lifetimes is not None else lifetimes(self.program)
         self.carried = [
             [(Memory[memory], base, size)
              for name, (memory, base, size) in sorted(dp.allocation.items(),
@@ -167,27 +162,23 @@ class Accelerator:
         self._loaded_writes = self._kept_writes()
 
     def _raw(self, image):
-        """``image`` checked against the program's input: the INTS words to write."""
-        dp = self.device_program
-        image = np.asarray(image)
-        if image.shape != tuple(dp.input_shape):
-            raise ValueError(f"image must have shape {tuple(dp.input_shape)}, not {image.shape}")
-        if image.dtype.kind == "f" and not np.array_equal(image, np.round(image)):
-            raise ValueError("image must hold raw integer pixels, not normalized values")
-        flat = image.astype(np.int64).reshape(-1)
-        low, high = -(1 << (self.element_width - 1)), (1 << (self.element_width - 1)) - 1
-        if flat.size and (flat.min() < low or flat.max() > high):
-            raise ValueError(f"image pixels must lie in [{low}, {high}]")
-        return _to_unsigned(flat, self.element_width)
+        """``image`` checked against the program's input: the words to write at the device
+        program's ``input_base`` in its ``input_memory`` (INTS elements, or the bit-planes of
+        an 8-bit image in BITS when the first layer runs as bit-planes:
+        :meth:`sw.compile.codegen.DeviceProgram.input_words`)."""
+        return self.device_program.input_words(image)
 
     def _write_image(self, raw):
-        """Send the image's INTS words without waiting (a :class:`sw.driver.Pending`): as
-        WRITE8, one byte per pixel, when every pixel lies in 0 .. 255 (``raw`` holds the
-        two's complement words, so a negative pixel is a large word), else as WRITE."""
-        base = self.device_program.input_base
-        if all(word <= 0xFF for word in raw):
-            return self.device.write8(base, raw, wait=False)
-        return self.device.write_words(Memory.INTS, base, raw, wait=False)
+        """Send the image's words (:meth:`_raw`) without waiting (a
+        :class:`sw.driver.Pending`). INTS elements go as WRITE8, one byte per pixel, when every
+        pixel lies in 0 .. 255 (``raw`` holds the two's complement words, so a negative pixel
+        is a large word), else as WRITE; bit-planes in BITS are already a byte per pixel and
+        channel (a ``lane``-bit word holds ``lane / 8`` channels' 8 planes) and go as WRITE."""
+        dp = self.device_program
+        memory = Memory[dp.input_memory]
+        if memory == Memory.INTS and all(word <= 0xFF for word in raw):
+            return self.device.write8(dp.input_base, raw, wait=False)
+        return self.device.write_words(memory, dp.input_base, raw, wait=False)
 
     def _run_segment(self, segment):
         """Send the RUN of the segment's ops and the read of their counters without waiting;
@@ -208,7 +199,8 @@ class Accelerator:
         Raises
         ------
         ValueError
-            If the image has the wrong shape or values that do not fit an INTS element.
+            If the image has the wrong shape or values that do not fit an INTS element (or,
+            when the first layer runs as bit-planes, pixels outside ``0 .. 255``).
         """
         return self.infer_batch([image], progress=progress)[0]
 

@@ -6,7 +6,7 @@ import numpy as np
 
 from sw.compile.ir import Op, Program, Slice, TensorSpec
 
-__all__ = ["KINDS", "single_op_program"]
+__all__ = ["KINDS", "cnv_like_program", "single_op_program"]
 
 KINDS = ("conv", "requant", "threshold-bconv", "maxpool", "gap", "shuffle", "combine",
          "bconv-add")
@@ -144,4 +144,76 @@ def single_op_program(kind, seed):
         raise ValueError(f"unknown kind {kind!r}")
     program = Program(b.tensors, b.ops, "image", "logits")
     images = rng.integers(0, 256, (2, c, h, w))
+    return program, images
+
+
+def cnv_like_program(seed, *, channels=3, pad=0, stride=1, shift=0, zero=False, out1=8,
+                     weights="sign", consumer="threshold", image_bits=8, groups=1):
+    """``(program, raw images (4, C, S, S))``: CNV-W1A1 in miniature, its first layer
+    possibly running on the array as bit-planes (sw.compile.codegen).
+
+    ``image`` (8-bit, ``channels``) -> ``input`` (``shift``, zero 0 unless ``zero``) ->
+    ``conv1`` (3x3, ``out1`` channels, +-1 weights unless ``weights="int8"``, ``pad``,
+    ``stride``, ``groups``, random requantization: negative multipliers, saturation, ReLU) ->
+    ``conv1.act`` threshold (all three directions) -> ``conv2`` bconv 3x3 -> 2x2 max pool ->
+    threshold -> ``conv3`` bconv 3x3 to one pixel -> threshold -> ``fc`` bconv 1x1 = the
+    logits (10 counts). ``consumer="maxpool"`` pools conv1's output (3x3, stride 1, padding
+    1) before its threshold (then conv1 cannot run as bit-planes). The image size ``S`` is
+    chosen so that conv1 makes 8x8. The images are random, with one all-0 and one all-255
+    (the largest pixel) image.
+    """
+    b = _Builder(seed)
+    rng = b.rng
+    size = 8 - 2 * pad + 2 if stride == 1 else 2 * 8 - 2 * pad + 1
+    image = b.tensor("image", (channels, size, size), bits=image_bits, signed=False)
+    x = b.tensor("input", (channels, size, size), bits=image_bits + shift + 1)
+    b.op("input", "input", [image], x, attrs={"shift": shift},
+         params={"zero": rng.integers(1, 60, channels) if zero else np.zeros(channels,
+                                                                              np.int64)})
+    if weights == "sign":
+        weight = rng.choice([-1, 1], (out1, channels // groups, 3, 3))
+    else:
+        weight = rng.integers(-127, 128, (out1, channels // groups, 3, 3))
+    relu = int(rng.integers(0, 2))
+    c1 = b.tensor("conv1", (out1, 8, 8), bits=8, signed=not relu)
+    p = {"mul": rng.integers(-300, 300, out1), "bias": rng.integers(-20000, 20000, out1),
+         "shift": rng.integers(0, 8, out1)}
+    b.op("conv", "conv1", [x], c1,
+         attrs={"kernel": 3, "stride": stride, "padding": pad, "groups": groups,
+                "relu": relu, "bits": 8}, params={"weight": weight, **p})
+    low, high = (0, 255) if relu else (-128, 127)
+    side = 8
+    if consumer == "maxpool":
+        pooled = b.tensor("conv1.pool", (out1, side, side), bits=8, signed=not relu)
+        b.op("maxpool", "conv1.pool", [c1], pooled,
+             attrs={"kernel": 3, "stride": 1, "padding": 1})
+        c1 = pooled
+    bits = b.tensor("conv1.act", (out1, side, side), kind="bits", bits=1, signed=False)
+    b.op("threshold", "conv1.act", [c1], bits, params=b.thresholds(out1, low, high))
+    channels_in, layers = out1, [("conv2", 16, 3), ("conv3", 12, 3), ("fc", 10, 1)]
+    for name, out_c, k in layers:
+        side -= k - 1
+        last = name == "fc"
+        counts = b.tensor("logits" if last else name, (out_c, side, side), bits=12)
+        b.op("bconv", name, [bits], counts, attrs={"kernel": k, "stride": 1, "padding": 0},
+             params={"weight_bits": rng.integers(0, 2, (out_c, channels_in * k * k))
+                     .astype(bool)})
+        if name == "conv2":
+            side //= 2
+            pooled = b.tensor("conv2.pool", (out_c, side, side), bits=12)
+            b.op("maxpool", "conv2.pool", [counts], pooled,
+                 attrs={"kernel": 2, "stride": 2, "padding": 0})
+            counts = pooled
+        if not last:
+            fan_in = channels_in * k * k
+            bits = b.tensor(f"{name}.act", (out_c, side, side), kind="bits", bits=1,
+                            signed=False)
+            b.op("threshold", f"{name}.act", [counts], bits,
+                 params={"threshold": rng.integers(fan_in // 3, 2 * fan_in // 3 + 1, out_c),
+                         "direction": np.ones(out_c, np.int64)})
+        channels_in = out_c
+    program = Program(b.tensors, b.ops, "image", "logits")
+    top = (1 << image_bits) - 1
+    images = rng.integers(0, top + 1, (4, channels, size, size))
+    images[2], images[3] = 0, top
     return program, images

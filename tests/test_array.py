@@ -2,16 +2,27 @@
 
 import random
 
+import numpy as np
 import pytest
 from amaranth.sim import Simulator
 
-from hw.array import XnorArray, popcount
+from hw.array import XnorArray, plane_popcount, popcount
+from sw import packing
 
 
-def reference_tile(weights, activations, lane):
+def word_count(w, a, lane, planes=False):
+    """One word's count: the popcount of xnor(w, a), or in bit-plane mode the sum over the
+    eight groups of lane / 8 bits of 2**group times the group's popcount."""
+    agree = ~(w ^ a) & ((1 << lane) - 1)
+    if not planes:
+        return agree.bit_count()
+    g = lane // 8
+    return sum(((agree >> (b * g)) & ((1 << g) - 1)).bit_count() << b for b in range(8))
+
+
+def reference_tile(weights, activations, lane, planes=False):
     """Counts of one tile: weights[r][k], activations[c][k] are lists of lane-words (ints)."""
-    mask = (1 << lane) - 1
-    return [[sum((~(w ^ a) & mask).bit_count() for w, a in zip(weights[r], activations[c]))
+    return [[sum(word_count(w, a, lane, planes) for w, a in zip(weights[r], activations[c]))
              for c in range(len(activations))] for r in range(len(weights))]
 
 
@@ -25,16 +36,25 @@ def random_tiles(rng, rows, cols, lane, count, max_words):
     return tiles
 
 
-def run_array(rows, cols, lane, tiles, gap_probability=0.0, seed=0, max_depth=None):
-    """Stream ``tiles`` through an array and return (results per tile, cycles, stalls)."""
+def run_array(rows, cols, lane, tiles, gap_probability=0.0, seed=0, max_depth=None,
+              planes=None):
+    """Stream ``tiles`` through an array and return (results per tile, cycles, stalls).
+
+    ``planes``: one bit-plane mode flag per tile (default all 0). The producer waits for a
+    tile's results before it sends a tile of another mode (the array's contract)."""
     max_depth = max_depth or lane * max(len(t[0][0]) for t in tiles)
+    planes = planes or [False] * len(tiles)
     dut = XnorArray(rows, cols, lane, max_depth)
     rng = random.Random(seed)
     results = []
     stats = {"cycles": 0, "stalls": 0}
 
     async def producer(ctx):
-        for weights, activations in tiles:
+        for index, (weights, activations) in enumerate(tiles):
+            if index and planes[index] != planes[index - 1]:
+                while len(results) < index:
+                    await ctx.tick()
+            ctx.set(dut.i.payload.planes, planes[index])
             words = len(weights[0])
             for k in range(words):
                 while rng.random() < gap_probability:
@@ -77,10 +97,11 @@ def run_array(rows, cols, lane, tiles, gap_probability=0.0, seed=0, max_depth=No
     return results, stats
 
 
-def check(rows, cols, lane, tiles, results):
+def check(rows, cols, lane, tiles, results, planes=None):
     assert len(results) == len(tiles)
+    planes = planes or [False] * len(tiles)
     for t, ((weights, activations), got) in enumerate(zip(tiles, results)):
-        expected = reference_tile(weights, activations, lane)
+        expected = reference_tile(weights, activations, lane, planes[t])
         for r in range(rows):
             for c in range(cols):
                 assert got[r][c] == expected[r][c], (
@@ -151,6 +172,98 @@ def test_popcount_expression():
 
     sim.add_testbench(tb)
     sim.run()
+
+
+@pytest.mark.parametrize("rows,cols,lane", [(2, 3, 8), (3, 2, 16), (4, 4, 32)])
+def test_bitplane_random_tiles(rows, cols, lane):
+    """Bit-plane mode: each word adds sum_b 2**b * popcount of its group b (seeded random)."""
+    rng = random.Random(100 + lane)
+    tiles = random_tiles(rng, rows, cols, lane, count=8, max_words=rows + 3)
+    max_depth = 255 * (lane // 8) * (rows + 3)          # the largest count fits
+    results, _ = run_array(rows, cols, lane, tiles, gap_probability=0.2, seed=lane,
+                           max_depth=max_depth, planes=[True] * len(tiles))
+    check(rows, cols, lane, tiles, results, planes=[True] * len(tiles))
+
+
+def test_bitplane_edges_and_mode_changes():
+    """All-agree and all-disagree words, one group at a time, and tiles alternating between
+    the modes (each after the previous tile's results: the array's contract)."""
+    rows, cols, lane = 2, 2, 16
+    ones = (1 << lane) - 1
+    group = [0x3 << (2 * b) for b in range(8)]                # each plane group of g = 2 bits
+    tiles = [
+        ([[ones] * 3] * rows, [[ones] * 3] * cols),           # everything agrees: 3 * 255 * 2
+        ([[0] * 3] * rows, [[ones] * 3] * cols),              # nothing agrees: 0
+        ([[0] * 2] * rows, [[0] * 2] * cols),                 # -1 * -1 agrees: 2 * 510
+        ([group[:2]] * rows, [[ones, ones]] * cols),          # planes 0 and 1: 2 + 4
+        ([[group[7]]] * rows, [[ones]] * cols),               # plane 7 alone: 2 * 128
+        ([[0x5A5A]] * rows, [[0xA5A5]] * cols),               # single word, nothing agrees
+    ]
+    modes = [True, True, False, True, True, False]
+    results, _ = run_array(rows, cols, lane, tiles, max_depth=255 * 2 * 3, planes=modes)
+    check(rows, cols, lane, tiles, results, planes=modes)
+    assert [results[t][0][0] for t in range(len(tiles))] == [1530, 0, 32, 6, 256, 0]
+
+
+@pytest.mark.parametrize("lane", [8, 16, 32])
+def test_bitplane_counts_are_dot_products_plus_255_negatives(lane):
+    """Pixels packed by sw.packing.pack_bitplanes against +-1 weights packed by
+    bitplane_weight_bits: every count is dot(w, x) + 255 * n_neg(w), for channel counts 1..g,
+    g + 1 and several words, with the extreme pixels 0 and 255 among random ones."""
+    g = lane // 8
+    rows, cols = 2, 3
+    rng = np.random.default_rng(lane)
+    tiles, expected = [], []
+    for channels in sorted({1, g // 2 + 1, g, g + 1, 3 * g - 1}):
+        x = rng.integers(0, 256, (cols, channels))
+        x[0, :] = 255
+        x[1, 0] = 0
+        w = rng.choice([-1, 1], (rows, channels))
+        w[0, :] = -1
+        activations = [packing.pack_bitplanes(x[c].reshape(channels, 1, 1), lane)
+                       for c in range(cols)]
+        bits = packing.bitplane_weight_bits(w.reshape(rows, channels, 1, 1), lane)
+        words = bits.shape[1] // lane
+        weights = [[int(sum(int(bits[r, k * lane + i]) << i for i in range(lane)))
+                    for k in range(words)] for r in range(rows)]
+        tiles.append((weights, activations))
+        expected.append((w @ x.T + 255 * (w < 0).sum(axis=1)[:, None]).tolist())
+    results, _ = run_array(rows, cols, lane, tiles, max_depth=255 * 3 * g,
+                           planes=[True] * len(tiles))
+    assert results == expected
+
+
+def test_planes_are_ignored_without_whole_plane_groups():
+    """A lane that is not a multiple of 8 has no bit-plane mode: the counts stay popcounts."""
+    rng = random.Random(5)
+    tiles = random_tiles(rng, 2, 2, 5, count=4, max_words=3)
+    results, _ = run_array(2, 2, 5, tiles, planes=[True] * len(tiles))
+    check(2, 2, 5, tiles, results)
+    assert not XnorArray(2, 2, 5, 15).supports_planes and XnorArray(2, 2, 16, 32).supports_planes
+
+
+def test_plane_popcount_expression():
+    from amaranth import Module, Signal
+    m = Module()
+    value, mode = Signal(24), Signal()
+    count = Signal(16)
+    m.d.comb += count.eq(plane_popcount(value, mode))
+    sim = Simulator(m)
+    rng = random.Random(2)
+
+    async def tb(ctx):
+        for x in [0, 0xFFFFFF, 0x800000, 0x000007, 0xE00000, 0x555555] + \
+                [rng.getrandbits(24) for _ in range(20)]:
+            for planes in (0, 1):
+                ctx.set(value, x)
+                ctx.set(mode, planes)
+                # word_count counts the agreements of xnor(w, a): w = x, a = all ones.
+                assert ctx.get(count) == word_count(x, 0xFFFFFF, 24, planes), (x, planes)
+
+    sim.add_testbench(tb)
+    sim.run()
+    with pytest.raises(ValueError, match="not 8 bit-plane groups"):
+        plane_popcount(Signal(12), mode)
 
 
 @pytest.mark.filterwarnings("ignore::amaranth.hdl.UnusedElaboratable")

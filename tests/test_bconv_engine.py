@@ -222,6 +222,59 @@ def test_random_layers():
                     padding, rng.randint(1, 2 * rows + 1), modes=(rng.choice(["write", "add"]),))
 
 
+@pytest.mark.parametrize("lane, channels, padding, stride", [(16, 3, 1, 1), (8, 2, 0, 2),
+                                                            (32, 5, 1, 2)])
+def test_bitplane_op_then_a_binary_op(lane, channels, padding, stride):
+    """A BCONV with ``planes`` on an 8-bit image (sw.packing's bit-planes) counts
+    ``dot(w, x) + 255 * n_neg(o)`` with zero padding; the same engine then runs an ordinary
+    binary conv back to back (the array's mode changes between ops). Both exact, both in
+    the documented cycles."""
+    import numpy as np
+    rng = random.Random(lane * 100 + channels)
+    nrng = np.random.default_rng(lane + channels)
+    rows, cols, h, w, out_c = 2, 4, 5, 4, 3
+    image = nrng.integers(0, 256, (channels, h, w))
+    image[:, 0, 0] = 255
+    weight = nrng.choice([-1, 1], (out_c, channels, 3, 3))
+    padded = np.pad(image, ((0, 0), (padding, padding), (padding, padding)))
+    oh, ow = (h + 2 * padding - 3) // stride + 1, (w + 2 * padding - 3) // stride + 1
+    counts = np.zeros((out_c, oh * ow), np.int64)
+    for oy in range(oh):
+        for ox in range(ow):
+            window = padded[:, oy * stride:oy * stride + 3, ox * stride:ox * stride + 3]
+            counts[:, oy * ow + ox] = (weight * window).sum(axis=(1, 2, 3)) \
+                + 255 * (weight < 0).sum(axis=(1, 2, 3))
+    cw = packing.bitplane_channel_words(channels, lane)
+    plane_words = packing.pack_bitplanes(image, lane)
+    plane_weights = packing.pack_weights(packing.bitplane_weight_bits(weight, lane), rows,
+                                         lane, encoding="bit")
+    m_tiles = -(-out_c // rows)
+    plane_op = {"channels": cw * lane, "in_h": h, "in_w": w, "channel_words": cw, "kernel": 3,
+                "stride": stride, "pad": padding, "k_words": 9 * cw, "m_tiles": m_tiles,
+                "out_channels": out_c, "out_plane": oh * ow, "planes": 1, "in_base": 3,
+                "weight_base": 2, "out_base": 5}
+    binary, bits_words, weight_words, settings = make_layer(rng, rows, cols, lane, 9, 3, 5, 3,
+                                                            1, 1, 4)
+    binary_op = dict(settings, in_base=3 + len(plane_words),
+                     weight_base=2 + len(plane_weights), out_base=5 + out_c * oh * ow)
+    bits_init = [0] * BITS_DEPTH
+    bits_init[3:3 + len(plane_words) + len(bits_words)] = plane_words + bits_words
+    weights_init = [0] * 128
+    weights_init[2:2 + len(plane_weights) + len(weight_words)] = plane_weights + weight_words
+    config = DeviceConfig(rows=rows, cols=cols, lane=lane, max_depth=8192, weight_depth=128)
+    dut = BconvEngine(config, element_width=ELEMENT_WIDTH, int_depth=INT_DEPTH,
+                      bits_depth=BITS_DEPTH)
+    result = run_ops(dut, bits_init, weights_init, [0] * INT_DEPTH, [plane_op, binary_op])
+    got = result["ints"][5:5 + out_c * oh * ow]
+    assert got == counts.reshape(-1).tolist()
+    start = binary_op["out_base"]
+    assert result["ints"][start:start + 4 * settings["out_plane"]] == \
+        [v for row in binary for v in row]
+    assert result["cycles"] == [
+        expected_cycles(op["k_words"], rows, cols, op["m_tiles"], op["out_plane"])
+        for op in (plane_op, binary_op)]
+
+
 def test_cycle_formula_is_near_the_array_bound():
     """The formula's overhead over the array's work is a constant plus <= 2 per row tile."""
     for k_words, rows, cols, m_tiles, out_plane in [(9, 4, 4, 3, 49), (1, 4, 4, 2, 16),

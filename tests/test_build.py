@@ -155,7 +155,7 @@ def test_estimate_block_rams_tile_the_memories():
     assert estimate_resources(config.replace(rx_buffer=64), "ecp5")["brams"] == 29 + 29 + 12 + 1
     # With the layer program: INTS as 8 banks of 1024 x 24 (2 EBR each: 1024x18 + 1024x...),
     # BITS 1024 x 32 once per column (2 each), COEFS 4096 x 8 (2), PARAMS 512 x 148 (5 of
-    # 512x36), PROGRAM 256 x 455 (13), COUNTERS 256 x 32 (1).
+    # 512x36), PROGRAM 256 x 456 (13), COUNTERS 256 x 32 (1).
     full = config.replace(layer_program=True, int_depth=8192, bits_depth=1024,
                           coef_depth=4096, param_depth=512, program_depth=256)
     assert estimate_resources(full, "ecp5")["brams"] == (29 + 29 + 12 + 1 + 1 + 8 * 2 + 8 * 2

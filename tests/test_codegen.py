@@ -4,17 +4,20 @@ model of the instruction set (sim.isa_model), on the seeded random networks of c
 import copy
 import dataclasses
 import functools
+import re
 import types
 
 import numpy as np
 import pytest
 import torch
 from compile_nets import CONFIG, NETS, compile_net, raw_images
+from device_programs import cnv_like_program, single_op_program
 
 from sim import isa_model
 from sw import isa
 from sw.compile import CompileError, golden
 from sw.compile.codegen import Geometry, encode_threshold, fit_requant, generate
+from sw.compile.ir import Op, Program, Slice, TensorSpec
 
 SEEDS = (0, 1)
 
@@ -441,3 +444,183 @@ def test_fixed_lanes_change_only_the_cycles():
     assert all(b <= a for a, b in fixed) and any(b < a for a, b in fixed)
     assert [a.cycles for a in narrow.ops if a.opcode != isa.Opcode.FIXED] == \
         [b.cycles for b in wide.ops if b.opcode != isa.Opcode.FIXED]
+
+
+# -- the first layer as bit-planes ---------------------------------------------------------------
+
+def bits_tensor(machine, dp, program, name):
+    """A bits tensor ``(C, H, W)`` read back from the isa model's BITS memory."""
+    c, h, w = program.tensors[name].shape
+    _, base, size = dp.allocation[name]
+    words = machine.bits[base:base + size].reshape(h * w, -1)[:, :c]
+    return words.T.reshape(c, h, w).astype(np.int64)
+
+
+def check_every_tensor(program, dp, images, fill=None):
+    """Logits and every bits tensor of the isa model (read right after the op that writes
+    it) equal golden's, image by image."""
+    logits, steps = golden.run(program, torch.as_tensor(images), return_intermediates=True)
+    writes_bits = {i: op.name for i, op in enumerate(program.ops)
+                   if program.tensors[op.output.tensor].kind == "bits"}
+    assert writes_bits
+    for index, image in enumerate(images):
+        compared = []
+
+        def compare(i, machine, index=index, compared=compared):
+            if i in writes_bits:
+                name = writes_bits[i]
+                np.testing.assert_array_equal(
+                    bits_tensor(machine, dp, program, program.ops[i].output.tensor),
+                    steps[name][index].numpy(), err_msg=name)
+                compared.append(name)
+
+        machine = isa_model.execute(dp, image, fill=fill, after_op=compare)
+        assert len(compared) == len(writes_bits)
+        got = machine.ints[dp.logits_base + np.arange(dp.logits_count)]
+        np.testing.assert_array_equal(got, logits[index].numpy())
+    return steps
+
+
+PLANE_VARIANTS = {
+    "valid": {},
+    "padded": {"pad": 1},
+    "strided": {"stride": 2},
+    "padded-strided": {"pad": 1, "stride": 2},
+    "normalized": {"shift": 3, "zero": True},     # x = (raw << 3) - zero, no padding
+}
+
+
+@pytest.mark.parametrize("variant", list(PLANE_VARIANTS))
+@pytest.mark.parametrize("lane, channels", [(8, 1), (8, 2), (16, 2), (16, 3), (32, 1),
+                                            (32, 3), (32, 4), (32, 5), (64, 8), (64, 9)])
+def test_bitplane_first_layer_is_exact(lane, channels, variant):
+    """An 8-bit input conv with +-1 weights followed by thresholds runs on the array as
+    bit-planes: the input op is a NOP, the conv a BCONV with ``planes``, the raw image goes
+    to BITS; the logits and every binary tensor equal golden's (channel counts 1 .. g, g + 1
+    and several words per pixel; padding, stride 2, a normalizing input op)."""
+    program, images = cnv_like_program(lane * 10 + channels, channels=channels,
+                                       **PLANE_VARIANTS[variant])
+    dp = generate(program, config(lane=lane, max_depth=16384))
+    assert dp.bitplanes == "conv1" and dp.bitplane_fallback is None
+    assert dp.input_memory == "BITS" and dp.allocation["image"][0] == "BITS"
+    assert "input" not in dp.allocation                     # the input op stores nothing
+    ops = {op.name: op for op in dp.ops}
+    assert ops["input"].opcode == isa.Opcode.NOP
+    assert ops["input"].cycles == isa.op_cycles(1, 1, lane, {"opcode": isa.Opcode.NOP})
+    conv = ops["conv1"]
+    g = lane // 8
+    assert conv.opcode == isa.Opcode.BCONV and conv.fields["bconv_planes"] == 1
+    assert conv.fields["bconv_channel_words"] == -(-channels // g)
+    assert conv.fields["bconv_k_words"] == 9 * -(-channels // g)
+    assert conv.cycles == isa.op_cycles(CONFIG.rows, CONFIG.cols, lane, conv.fields,
+                                        CONFIG.fixed_lanes)
+    assert all(op.fields.get("bconv_planes", 0) == 0 for op in dp.ops if op is not conv)
+    steps = check_every_tensor(program, dp, images, fill=lane)
+    act = steps["conv1.act"]
+    assert 0 < int(act.sum()) < act.numel()        # the thresholds do split the pixels
+
+
+def test_bitplane_thresholds_are_exact_for_every_count():
+    """A 1x1 conv of one channel counts ``x`` (weight +1) or ``255 - x`` (-1): an image of
+    every pixel value reaches every count, so the rewritten thresholds are checked against
+    golden at every count, for requantizations with negative, zero and positive
+    multipliers, rounding shifts, saturation, ReLU, and thresholds inside and beyond the
+    range, in all three directions."""
+    rng = np.random.default_rng(11)
+    checked = 0
+    for relu, bits in [(0, 4), (1, 4), (0, 12), (1, 9), (0, 6), (1, 2)]:
+        out = 24
+        tensors = {
+            "image": TensorSpec("image", (1, 16, 16), "int", 8, None, False),
+            "x": TensorSpec("x", (1, 16, 16), "int", 9, None, False),
+            "y": TensorSpec("y", (out, 16, 16), "int", bits, None, not relu),
+            "act": TensorSpec("act", (out, 16, 16), "bits", 1, None, False),
+            "logits": TensorSpec("logits", (2, 16, 16), "int", 12, None, False),
+        }
+        high = (1 << bits) - 1 if relu else (1 << (bits - 1)) - 1
+        low = 0 if relu else -(1 << (bits - 1))
+        direction = rng.choice([-1, 1, 0], out)
+        threshold = np.where(direction == 0, rng.integers(0, 2, out),
+                             rng.integers(low - 3, high + 4, out))
+        ops = [
+            Op("input", "input", [Slice("image", 0, 1)], Slice("x", 0, 1),
+               attrs={"shift": 0}, params={"zero": np.zeros(1, np.int64)}),
+            Op("conv", "conv", [Slice("x", 0, 1)], Slice("y", 0, out),
+               attrs={"kernel": 1, "stride": 1, "padding": 0, "groups": 1, "relu": relu,
+                      "bits": bits},
+               params={"weight": rng.choice([-1, 1], (out, 1, 1, 1)),
+                       "mul": rng.integers(-40, 41, out), "bias": rng.integers(-4000, 4000, out),
+                       "shift": rng.integers(0, 6, out)}),
+            Op("threshold", "act", [Slice("y", 0, out)], Slice("act", 0, out),
+               params={"threshold": threshold, "direction": direction}),
+            Op("bconv", "logits", [Slice("act", 0, out)], Slice("logits", 0, 2),
+               attrs={"kernel": 1, "stride": 1, "padding": 0},
+               params={"weight_bits": rng.integers(0, 2, (2, out)).astype(bool)}),
+        ]
+        program = Program(tensors, ops, "image", "logits")
+        dp = generate(program, config(max_depth=4096))
+        assert dp.bitplanes == "conv"
+        image = np.arange(256).reshape(1, 1, 16, 16)
+        steps = check_every_tensor(program, dp, image)
+        checked += int(steps["act"].sum())
+    assert checked > 0
+
+
+FALLBACKS = {
+    "int8 weights": ({"weights": "int8"}, {}, "not all \\+1 or -1"),
+    "a pool reads the conv": ({"consumer": "maxpool"}, {}, "read by ops other than thresholds"),
+    "padding a nonzero mean": ({"pad": 1, "zero": True}, {}, "pads with zero"),
+    "groups": ({"groups": 3, "out1": 9}, {}, "3 groups"),
+    "a 9-bit image": ({"image_bits": 9}, {}, "not unsigned 8-bit"),
+    "a lane of 12 bits": ({}, {"lane": 12}, "not a multiple of 8"),
+    "counts overflow": ({}, {"max_depth": 1024}, "reach 6885, more than the array's 11-bit"),
+}
+
+
+@pytest.mark.parametrize("name", list(FALLBACKS))
+def test_bitplane_fallbacks_stay_on_the_fixed_point_unit(name):
+    """Where the pattern does not hold, the first layer stays a fixed-point conv (the raw
+    image in INTS), the device program says why, and it is exact."""
+    variant, geometry, reason = FALLBACKS[name]
+    program, images = cnv_like_program(5, **variant)
+    dp = generate(program, config(**{"max_depth": 8192, **geometry}))
+    assert dp.bitplanes is None and dp.input_memory == "INTS"
+    assert re.search(reason, dp.bitplane_fallback), dp.bitplane_fallback
+    ops = {op.name: op for op in dp.ops}
+    assert ops["input"].opcode == ops["conv1"].opcode == isa.Opcode.FIXED
+    check_every_tensor(program, dp, images[:2])
+
+
+def test_no_bitplane_fallback_without_an_input_conv():
+    dp = generate(compiled("plain", 0), CONFIG)
+    assert dp.bitplanes is None and dp.input_memory == "INTS"
+    assert dp.bitplane_fallback is not None        # its stem conv has int8 weights
+    program, _ = single_op_program("maxpool", 0)
+    dp = generate(program, CONFIG)
+    assert dp.bitplanes is None and dp.bitplane_fallback is None
+
+
+def test_bitplane_images_must_be_8_bit():
+    program, images = cnv_like_program(1)
+    dp = generate(program, CONFIG)
+    assert dp.input_memory == "BITS"
+    assert len(dp.input_words(images[0])) == dp.allocation["image"][2]
+    for bad in (-1, 256):
+        image = images[0].copy()
+        image[0, 0, 0] = bad
+        with pytest.raises(ValueError, match=r"\[0, 255\]"):
+            dp.input_words(image)
+    with pytest.raises(ValueError, match="shape"):
+        dp.input_words(images[0][:, :3])
+
+
+def test_bitplane_program_streams_its_weights():
+    """With WEIGHTS too small for all the weights the bit-plane program is split into
+    segments and stays exact; the raw image lives (for allocation and for a batch's carried
+    tensors) until the bit-plane conv reads it, not only until the input op."""
+    program, images = cnv_like_program(2)
+    dp = generate(program, config(weight_depth=40))
+    assert dp.bitplanes == "conv1" and len(dp.segments) > 2
+    conv = [op.name for op in dp.ops].index("conv1")
+    assert dp.lifetimes["image"] == (-1, conv)
+    check_exact(program, dp, torch.as_tensor(images[:2]))

@@ -29,13 +29,15 @@ from sw.protocol import Memory
 from sw.runtime import Accelerator
 from tests import boards
 from tests.compile_nets import compile_net, raw_images
-from tests.device_programs import KINDS, single_op_program
+from tests.device_programs import KINDS, cnv_like_program, single_op_program
 
 #: A 4x4x32 array with eight fixed-point lanes (INTS banks: twice the columns, as in the
 #: ULX3S-85F default), memories that hold the test networks, 4 clock cycles per UART bit (the
-#: fastest the UART allows: loading weights costs fewer simulated cycles).
+#: fastest the UART allows: loading weights costs fewer simulated cycles). ``max_depth`` 4096
+#: gives the ULX3S default's 13-bit counts, which a 3-channel 3x3 bit-plane conv needs (up to
+#: 255 * 27 = 6,885).
 #: A short byte timeout (2 ms, 48,000 cycles) answers truncated frames quickly (the fuzz test).
-CONFIG = DeviceConfig(rows=4, cols=4, lane=32, max_depth=1024, weight_depth=640,
+CONFIG = DeviceConfig(rows=4, cols=4, lane=32, max_depth=4096, weight_depth=640,
                       activation_depth=16, result_depth=16, max_payload=256,
                       clock_hz=24_000_000, baud=6_000_000, byte_timeout_us=2000,
                       int_depth=12288, bits_depth=512, coef_depth=6144, param_depth=1024,
@@ -132,6 +134,35 @@ def test_weight_streaming_is_bit_exact(board):
         assert accelerator.infer_batch([]) == []
         with pytest.raises(ValueError, match="shape"):
             accelerator.infer_batch([images[0], images[0][:, :4]])
+
+
+def test_cnv_shaped_network_with_a_bit_plane_first_layer(board):
+    """CNV-W1A1 in miniature (tests/device_programs.cnv_like_program, here with padding and
+    stride 2): 8-bit pixels, a 3x3 conv with +-1 weights as bit-planes on the array,
+    thresholds, binary convs, a max pool and a fully connected layer. The image goes to BITS
+    as bit-planes; every image's logits and the first layer's bits (read back after running
+    only the first three ops) equal golden's, and every counter equals the timing model."""
+    program, images = cnv_like_program(21, pad=1, stride=2)
+    expected, steps = golden.run(program, torch.as_tensor(images), return_intermediates=True)
+    with open_device(board) as device:
+        accelerator = Accelerator(device, program)
+        dp = accelerator.device_program
+        assert dp.bitplanes == "conv1" and dp.input_memory == "BITS"
+        for index, image in enumerate(images):
+            result = accelerator.infer(image)
+            assert np.array_equal(result.logits, expected[index].numpy())
+            assert result.op_cycles == [op.cycles for op in dp.ops]
+        first = [op.name for op in dp.ops].index("conv1.act") + 1
+        c, h, w = program.tensors["conv1.act"].shape
+        _, base, size = dp.allocation["conv1.act"]
+        estimate = sum(op.cycles for op in dp.ops[:first])
+        for index in (0, 3):        # random pixels; all 255
+            device.write_words(Memory.BITS, dp.input_base, dp.input_words(images[index]))
+            assert device.run_ops(0, first, estimated_cycles=estimate,
+                                  max_cycles=2 * estimate) == estimate
+            words = device.read_words(Memory.BITS, base, size)
+            bits = np.array([[(word >> i) & 1 for i in range(c)] for word in words])
+            assert np.array_equal(bits.T.reshape(c, h, w), steps["conv1.act"][index].numpy())
 
 
 @pytest.fixture(scope="module")

@@ -272,3 +272,55 @@ class TestReferenceCounts:
 def test_all():
     for name in packing.__all__:
         assert hasattr(packing, name), name
+
+
+@pytest.mark.parametrize("lane, channels", [(8, 1), (8, 3), (16, 2), (16, 3), (32, 3), (32, 5),
+                                            (64, 9)])
+def test_bitplanes_bit_by_bit(lane, channels):
+    """pack_bitplanes and bitplane_weight_bits against the layout's definition, bit by bit:
+    word (y * W + x) * cw + j, bit b * g + i = bit b of channel j * g + i (0 past C); the
+    weights repeat a channel's sign in every plane group, 1 past C."""
+    g = lane // 8
+    cw = -(-channels // g)
+    rng = np.random.default_rng(lane + channels)
+    image = rng.integers(0, 256, (channels, 3, 2))
+    image[0, 0, 0], image[-1, -1, -1] = 255, 0
+    words = packing.pack_bitplanes(image, lane)
+    assert len(words) == 3 * 2 * cw == packing.bitplane_channel_words(channels, lane) * 6
+    for y in range(3):
+        for x in range(2):
+            for j in range(cw):
+                word = words[(y * 2 + x) * cw + j]
+                for b in range(8):
+                    for i in range(g):
+                        c = j * g + i
+                        want = (int(image[c, y, x]) >> b) & 1 if c < channels else 0
+                        assert (word >> (b * g + i)) & 1 == want, (y, x, j, b, i)
+    weight = rng.choice([-1, 1], (2, channels, 3, 3))
+    bits = packing.bitplane_weight_bits(weight, lane)
+    assert bits.shape == (2, 9 * cw * lane)
+    for o in range(2):
+        for ky in range(3):
+            for kx in range(3):
+                for j in range(cw):
+                    for b in range(8):
+                        for i in range(g):
+                            c = j * g + i
+                            want = weight[o, c, ky, kx] > 0 if c < channels else True
+                            column = ((ky * 3 + kx) * cw + j) * lane + b * g + i
+                            assert bits[o, column] == want
+
+
+def test_bitplane_packing_refuses_what_it_cannot_hold():
+    with pytest.raises(ValueError, match="multiple of 8"):
+        packing.pack_bitplanes(np.zeros((1, 1, 1), int), 12)
+    with pytest.raises(ValueError, match="0 .. 255"):
+        packing.pack_bitplanes(np.full((1, 1, 1), 256), 8)
+    with pytest.raises(ValueError, match="0 .. 255"):
+        packing.pack_bitplanes(np.full((1, 1, 1), 0.5), 8)
+    with pytest.raises(ValueError, match=r"\(C, H, W\)"):
+        packing.pack_bitplanes(np.zeros((1, 1)), 8)
+    with pytest.raises(ValueError, match=r"\+1 and -1"):
+        packing.bitplane_weight_bits(np.zeros((1, 1, 3, 3)), 8)
+    with pytest.raises(ValueError, match=r"\(O, C, k, k\)"):
+        packing.bitplane_weight_bits(np.ones((1, 1, 3, 1)), 8)

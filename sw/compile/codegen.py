@@ -155,7 +155,9 @@ class DeviceProgram:
     segments : list of Segment
         In execution order, covering every op once.
     input_base : int
-        INTS address of the raw image, ``input_shape = (C, H, W)`` in channel planes.
+        Address of the raw image, ``input_shape = (C, H, W)``: in INTS as channel planes, or
+        with ``input_memory`` ``"BITS"`` a BITS word address of the image as bit-planes
+        (:func:`sw.packing.pack_bitplanes`; :meth:`input_words` makes either).
     input_shape : tuple
     logits_base, logits_count : int
         INTS addresses of the logits.
@@ -163,6 +165,18 @@ class DeviceProgram:
         ``{tensor: (memory name, base, size)}`` (INTS elements or BITS words).
     ints_used, bits_used : int
         Peak addresses used in INTS and BITS.
+    input_memory : str
+        ``"INTS"``, or ``"BITS"`` when the first layer runs as bit-planes (``bitplanes``).
+    bitplanes : str or None
+        The ``conv`` op that runs on the array as bit-planes (its ``input`` op is a NOP and
+        the raw image goes to BITS), or None.
+    bitplane_fallback : str or None
+        Why no ``conv`` runs as bit-planes, where the program has an ``input`` op followed by
+        a conv (None when one does or there is none).
+    lifetimes : dict
+        ``{tensor: (first op, last op)}`` as allocated (:func:`.plan.lifetimes`, the raw image
+        living until the bit-plane conv reads it): the tensors live across a segment start
+        are those a batch carries (:class:`sw.runtime.Accelerator`).
     """
     geometry: Geometry
     descriptors: list
@@ -175,6 +189,38 @@ class DeviceProgram:
     allocation: dict
     ints_used: int
     bits_used: int
+    input_memory: str = "INTS"
+    bitplanes: str = None
+    bitplane_fallback: str = None
+    lifetimes: dict = None
+
+    def input_words(self, image):
+        """The words of one raw image ``(C, H, W)`` for ``input_memory`` at ``input_base``:
+        bit-plane BITS words, or INTS elements as unsigned ``element_width``-bit words.
+
+        Raises
+        ------
+        ValueError
+            If the image has the wrong shape or pixels the memory cannot hold (bit-planes:
+            outside ``0 .. 255``; INTS: outside the signed element range).
+        """
+        image = np.asarray(image)
+        if image.shape != tuple(self.input_shape):
+            raise ValueError(f"image must have shape {tuple(self.input_shape)}, not "
+                             f"{image.shape}")
+        if image.dtype.kind == "f" and not np.array_equal(image, np.round(image)):
+            raise ValueError("image must hold raw integer pixels, not normalized values")
+        flat = image.astype(np.int64)
+        if self.input_memory == "BITS":
+            if flat.size and (flat.min() < 0 or flat.max() > 255):
+                raise ValueError(f"image pixels must lie in [0, 255] (the first layer, "
+                                 f"{self.bitplanes}, runs as bit-planes)")
+            return packing.pack_bitplanes(flat, self.geometry.lane)
+        width = self.geometry.element_width
+        low, high = -(1 << (width - 1)), (1 << (width - 1)) - 1
+        if flat.size and (flat.min() < low or flat.max() > high):
+            raise ValueError(f"image pixels must lie in [{low}, {high}]")
+        return [int(v) & ((1 << width) - 1) for v in flat.reshape(-1)]
 
     def summary(self):
         """A per-op table (index, name, kind, opcode, segment, data words, cycles)."""
@@ -243,19 +289,180 @@ def fit_requant(mul, bias, shift, res_mul=0):
     return mul >> j, bias >> j, shift - j, res_mul >> j
 
 
+# -- bit-plane first layer ---------------------------------------------------------------------
+
+@dataclasses.dataclass
+class _BitPlanes:
+    """An ``input`` op and the ``conv`` reading it that run as one bit-plane BCONV.
+
+    The array counts ``a = dot(w, raw) + 255 * n_neg[o]`` (``raw``: the 8-bit image, padding
+    0); ``thresholds[op name]`` are the ``(threshold, direction)`` per channel of each
+    ``threshold`` op reading the conv's output, rewritten to compare ``a`` instead of the
+    golden conv's requantized output (exact: see :func:`_plan_bitplanes`)."""
+    input_op: str
+    conv: str
+    image: str              # the raw image tensor (in BITS as bit-planes)
+    x: str                  # the input op's output (not stored)
+    y: str                  # the conv's output (the counts in INTS)
+    conv_index: int
+    count_max: int
+    thresholds: dict
+
+
+def _step(bits):
+    """``(threshold, direction)`` of a monotone step ``bits[a]`` over ``a = 0, 1, ...``, or
+    None when ``bits`` is not a step."""
+    if bits.all() or not bits.any():
+        return int(bits[0]), 0
+    rising = np.flatnonzero(bits)
+    if (np.diff(bits.astype(np.int8)) >= 0).all():
+        return int(rising[0]), 1
+    if (np.diff(bits.astype(np.int8)) <= 0).all():
+        return int(rising[-1]), -1
+    return None
+
+
+def _plan_bitplanes(program, geo):
+    """``(plan, reason)``: a :class:`_BitPlanes` when the program's first layer can run on the
+    array as bit-planes, else None and why not (None when there is no ``input`` op followed
+    by a ``conv``).
+
+    The pattern: the ``input`` op (``x = (raw << shift) - zero``) is the only reader of the
+    raw image, an unsigned int tensor of at most 8 bits; its output is read only by one
+    ``conv`` with +-1 weights, one group, kernel 1 or 3, stride 1 or 2, padding 0 or 1 (zero
+    padding only with ``zero == 0``, since the array pads the raw image with 0), writing a
+    whole tensor that no other op writes, that is not the logits and that only ``threshold``
+    ops read. The lane must be a multiple of 8, and the largest count ``255 * C * k * k``
+    must fit the array's ``max_depth.bit_length()``-bit accumulators.
+
+    The golden conv computes ``acc = 2**shift * (a - 255 * n_neg[o]) - sum(w[o] * zero)``
+    (the sum over the kernel, constant without padding), then ``y = rq(acc * mul + bias)``;
+    a threshold of ``y`` is a monotone function of ``a`` (``rq`` is monotone and the map
+    affine), evaluated at every ``a`` in ``0 .. 255 * C * k * k`` with
+    :func:`sw.compile.golden.requantize` itself and rewritten as a compare of ``a`` (or a
+    constant bit).
+    """
+    import torch
+
+    from .golden import requantize
+
+    inputs = [op for op in program.ops if op.kind == "input"]
+    if len(inputs) != 1:
+        return None, None
+    inp = inputs[0]
+    index = program.ops.index(inp)
+    readers = {}
+    writers = {}
+    for i, op in enumerate(program.ops):
+        for sl in op.inputs:
+            readers.setdefault(sl.tensor, []).append(i)
+        writers.setdefault(op.output.tensor, []).append(i)
+    x = inp.output.tensor
+    convs = [i for i in readers.get(x, []) if program.ops[i].kind == "conv"]
+    if not convs:
+        return None, None
+    conv_index = convs[0]
+    conv = program.ops[conv_index]
+
+    def no(reason):
+        return None, f"{conv.name} runs on the fixed-point unit: {reason}"
+
+    image = program.tensors[program.input]
+    if inp.inputs[0].tensor != program.input or readers.get(program.input) != [index]:
+        return no("the raw image is read by other ops than the input op")
+    if image.kind != "int" or image.signed or image.bits > 8:
+        return no(f"the raw image is not unsigned 8-bit ({image.bits} bits"
+                  f"{', signed' if image.signed else ''})")
+    if geo.lane % packing.PLANES:
+        return no(f"the lane ({geo.lane} bits) is not a multiple of {packing.PLANES}")
+    if readers[x] != [conv_index] or writers.get(x) != [index]:
+        return no(f"the input op's output {x!r} has other readers or writers")
+    c = image.shape[0]
+    if any(sl.start != 0 or sl.stop != program.tensors[sl.tensor].shape[0]
+           for sl in (inp.inputs[0], inp.output, conv.inputs[0])):
+        return no("the input op or the conv uses a channel slice")
+    a = conv.attrs
+    weight = np.asarray(conv.params["weight"]).astype(np.int64)
+    k, stride, pad = int(a["kernel"]), int(a["stride"]), int(a["padding"])
+    if int(a["groups"]) != 1:
+        return no(f"{a['groups']} groups")
+    if k not in (1, 3) or stride not in (1, 2) or pad not in (0, 1):
+        return no(f"kernel {k}, stride {stride}, padding {pad} (the array's binary conv: "
+                  f"kernel 1 or 3, stride 1 or 2, padding 0 or 1)")
+    if weight.shape != (conv.output.channels, c, k, k) or not np.isin(weight, (-1, 1)).all():
+        return no("its weights are not all +1 or -1")
+    zero = np.asarray(inp.params["zero"]).astype(np.int64).reshape(-1)
+    shift = int(inp.attrs["shift"])
+    if pad and zero.any():
+        return no("it pads with zero while the input op subtracts a nonzero mean")
+    y = conv.output.tensor
+    spec = program.tensors[y]
+    if conv.mode != "write" or conv.output.start != 0 or conv.output.stop != spec.shape[0] \
+            or writers[y] != [conv_index] or y == program.logits:
+        return no(f"its output {y!r} is a slice, added to, written by another op or the logits")
+    consumers = readers.get(y, [])
+    if not consumers or any(program.ops[i].kind != "threshold" for i in consumers):
+        return no(f"its output {y!r} is read by ops other than thresholds")
+    count_max = 255 * c * k * k
+    acc_width = geo.max_depth.bit_length()
+    if count_max >= 1 << acc_width:
+        return no(f"its bit-plane counts reach {count_max}, more than the array's {acc_width}-"
+                  f"bit accumulators hold (max_depth {geo.max_depth})")
+
+    out_c = weight.shape[0]
+    counts = torch.arange(count_max + 1, dtype=torch.int64).view(1, 1, -1, 1)
+    n_neg = torch.as_tensor((weight < 0).reshape(out_c, -1).sum(axis=1)).view(1, -1, 1, 1)
+    offset = torch.as_tensor((weight * zero.reshape(1, c, 1, 1)).reshape(out_c, -1)
+                             .sum(axis=1)).view(1, -1, 1, 1)
+    acc = ((counts - 255 * n_neg) << shift) - offset
+    p = conv.params
+    mul = torch.as_tensor(np.asarray(p["mul"], np.int64)).view(1, -1, 1, 1)
+    bias = torch.as_tensor(np.asarray(p["bias"], np.int64)).view(1, -1, 1, 1)
+    y_of = requantize(acc * mul + bias, p["shift"], a["relu"], a["bits"])[0, :, :, 0].numpy()
+    thresholds = {}
+    for i in consumers:
+        op = program.ops[i]
+        sl = op.inputs[0]
+        thr = np.asarray(op.params["threshold"]).reshape(-1)
+        direction = np.asarray(op.params["direction"]).reshape(-1)
+        rewritten = []
+        for ch in range(sl.channels):
+            t, d = int(thr[ch]), int(direction[ch])
+            if d == 0:
+                rewritten.append((t, 0))
+                continue
+            values = y_of[sl.start + ch]
+            step = _step(values >= t if d > 0 else values <= t)
+            if step is None:
+                return no(f"{op.name}: channel {ch} is not a step of the counts")
+            rewritten.append(step)
+        thresholds[op.name] = rewritten
+    plan = _BitPlanes(inp.name, conv.name, program.input, x, y, conv_index, count_max,
+                      thresholds)
+    return plan, None
+
+
 # -- allocation --------------------------------------------------------------------------------
 
-def _allocate(program, geo):
-    """``{tensor: (memory, base, size)}`` and the peak of each memory."""
-    spans = lifetimes(program)
+def _allocate(program, geo, spans, planes=None):
+    """``{tensor: (memory, base, size)}`` and the peak of each memory. With a bit-plane plan
+    the raw image is a bit-plane tensor in BITS, the input op's output is not stored and the
+    conv's output holds the array's counts."""
     writer = {}
     for op in program.ops:
         writer.setdefault(op.output.tensor, op.name)
     writer.setdefault(program.input, "input")
+    skip = {planes.x} if planes else set()
     for name, spec in program.tensors.items():
-        if name not in spans:
+        if name not in spans or name in skip:
             continue
-        if spec.kind == "int":
+        if planes and name == planes.y:
+            need = planes.count_max.bit_length() + 1
+            if need > geo.element_width:
+                raise CompileError(f"{planes.conv}: bit-plane counts up to {planes.count_max} "
+                                   f"need {need} signed bits, more than the INTS element_width "
+                                   f"of {geo.element_width}")
+        elif spec.kind == "int":
             need = spec.bits + (0 if spec.signed else 1)
             if need > geo.element_width:
                 raise CompileError(
@@ -268,10 +475,14 @@ def _allocate(program, geo):
     depth = {"INTS": geo.int_depth, "BITS": geo.bits_depth}
     allocation = {}
     for name in sorted(spans, key=lambda n: (spans[n][0], n)):
+        if name in skip:
+            continue
         spec = program.tensors[name]
         start, end = spans[name]
         c, h, w = spec.shape
-        if spec.kind == "int":
+        if planes and name == program.input:
+            memory, size = "BITS", h * w * packing.bitplane_channel_words(c, geo.lane)
+        elif spec.kind == "int":
             memory, size = "INTS", c * h * w
         else:
             memory, size = "BITS", h * w * _ceil_div(c, geo.lane)
@@ -306,10 +517,11 @@ _FIELD_LIMIT = 1 << min(width for name, width, _ in isa.FIXED_FIELDS
 
 
 class _Mapper:
-    def __init__(self, program, geo, allocation):
+    def __init__(self, program, geo, allocation, planes=None):
         self.program = program
         self.geo = geo
         self.allocation = allocation
+        self.planes = planes
 
     def spec(self, s):
         return self.program.tensors[s.tensor]
@@ -385,6 +597,12 @@ class _Mapper:
         if op.mode != "write" and not (kind == "bconv" and op.mode == "add"):
             raise CompileError(f"{op.name}: mode {op.mode!r} is not supported for a {kind} "
                                f"(only a bconv may add into its output)")
+        if self.planes is not None:
+            if op.name == self.planes.input_op:
+                # The host writes the raw image as bit-planes; nothing to compute.
+                return _Lowered(isa.Opcode.NOP, {}, cycles=isa.SEQUENCER_CYCLES - 1)
+            if op.name == self.planes.conv:
+                return self._bitplane_conv(op)
         method = getattr(self, f"_{kind}", None)
         if method is None:
             raise CompileError(f"{op.name}: the device has no operation {kind!r}")
@@ -448,6 +666,9 @@ class _Mapper:
         low = self.fixed(op, post=isa.Post.THRESHOLD, in_offsets=self._elementwise_offsets(op))
         thr = np.asarray(op.params["threshold"]).reshape(-1)
         direction = np.asarray(op.params["direction"]).reshape(-1)
+        if self.planes is not None and op.name in self.planes.thresholds:
+            # It compares the bit-plane conv's counts (_plan_bitplanes).
+            thr, direction = np.array(self.planes.thresholds[op.name], np.int64).T
         low_t, high_t = isa.PARAM.range("threshold")
         for o, param in enumerate(low.params):
             t, d = encode_threshold(thr[o], direction[o], self.geo.element_width)
@@ -555,6 +776,39 @@ class _Mapper:
         return _Lowered(isa.Opcode.BCONV, fields, weights=(key, words), cycles=cycles)
 
 
+    def _bitplane_conv(self, op):
+        """The plan's conv as a bit-plane BCONV of the raw image in BITS (``channels`` is
+        ``channel_words * lane``: the unused bits are 0 in the image and +1 in the weights,
+        which the window must not force)."""
+        geo, a = self.geo, op.attrs
+        c, h, w = self.program.tensors[self.planes.image].shape
+        k, stride, pad = int(a["kernel"]), int(a["stride"]), int(a["padding"])
+        oh, ow = (h + 2 * pad - k) // stride + 1, (w + 2 * pad - k) // stride + 1
+        if oh < 1 or ow < 1:
+            raise CompileError(f"{op.name}: a {k}x{k} kernel does not fit a {h}x{w} map")
+        self.check_shape(op, op.output, oh, ow)
+        weight = np.asarray(op.params["weight"])
+        out_c = weight.shape[0]
+        cw = packing.bitplane_channel_words(c, geo.lane)
+        k_words = k * k * cw
+        if k_words > geo.max_depth // geo.lane:
+            raise CompileError(f"{op.name}: a dot product of {k_words} words of {geo.lane} bits "
+                               f"exceeds the array's max_depth of {geo.max_depth} bits")
+        m_tiles = _ceil_div(out_c, geo.rows)
+        words = packing.pack_weights(packing.bitplane_weight_bits(weight, geo.lane), geo.rows,
+                                     geo.lane, encoding="bit")
+        fields = {
+            "in_base": self.allocation[self.planes.image][1], "in_h": h, "in_w": w,
+            "channels": cw * geo.lane, "channel_words": cw, "kernel": k, "stride": stride,
+            "pad": pad, "k_words": k_words, "m_tiles": m_tiles, "out_channels": out_c,
+            "out_base": self.ints(op, op.output), "out_plane": oh * ow, "add": 0, "planes": 1,
+        }
+        cycles = isa.bconv_cycles(geo.rows, geo.cols, k_words, m_tiles, oh * ow) \
+            + isa.SEQUENCER_CYCLES - 1
+        key = ("planes", weight.shape, weight.tobytes())
+        return _Lowered(isa.Opcode.BCONV, fields, weights=(key, words), cycles=cycles)
+
+
 # -- segments and descriptors ------------------------------------------------------------------
 
 def _pack(op, record, what, **values):
@@ -583,8 +837,14 @@ def generate(program, config):
     if len(program.ops) > geo.program_depth:
         raise CompileError(f"program: {len(program.ops)} ops do not fit the PROGRAM memory "
                            f"({geo.program_depth} descriptors)")
-    allocation, peaks = _allocate(program, geo)
-    mapper = _Mapper(program, geo, allocation)
+    planes, fallback = _plan_bitplanes(program, geo)
+    spans = lifetimes(program)
+    if planes is not None:
+        # The BCONV reads the raw image where the golden conv read the input op's output.
+        spans[program.input] = (spans[program.input][0],
+                                max(spans[program.input][1], planes.conv_index))
+    allocation, peaks = _allocate(program, geo, spans, planes)
+    mapper = _Mapper(program, geo, allocation, planes)
     lowered = [mapper.lower(op) for op in program.ops]
 
     capacity = {"WEIGHTS": geo.weight_depth, "COEFS": geo.coef_depth,
@@ -638,6 +898,8 @@ def generate(program, config):
         if low.opcode == isa.Opcode.FIXED:
             fields = dict(low.fields, coef_base=bases["COEFS"], param_base=bases["PARAMS"])
             prefix = "fixed_"
+        elif low.opcode == isa.Opcode.NOP:
+            fields, prefix = {}, ""
         else:
             fields = dict(low.fields, weight_base=bases["WEIGHTS"])
             prefix = "bconv_"
@@ -654,10 +916,13 @@ def generate(program, config):
                 for s in segments]
     image = program.tensors[program.input]
     logits = program.tensors[program.logits]
-    if allocation[program.input][0] != "INTS" or allocation[program.logits][0] != "INTS":
+    input_memory = "BITS" if planes is not None else "INTS"
+    if allocation[program.input][0] != input_memory or allocation[program.logits][0] != "INTS":
         raise CompileError("program: the input and the logits must be int tensors")
     return DeviceProgram(
         geometry=geo, descriptors=descriptors, ops=infos, segments=segments,
         input_base=allocation[program.input][1], input_shape=tuple(image.shape),
         logits_base=allocation[program.logits][1], logits_count=logits.elements,
-        allocation=allocation, ints_used=peaks["INTS"], bits_used=peaks["BITS"])
+        allocation=allocation, ints_used=peaks["INTS"], bits_used=peaks["BITS"],
+        input_memory=input_memory, bitplanes=planes.conv if planes else None,
+        bitplane_fallback=fallback, lifetimes=spans)
