@@ -57,7 +57,8 @@ from .ir import Slice
 from .lower import CompileError, _Builder
 from .plan import check_hardware, layer_stats, plan_memory
 
-__all__ = ["PIXEL_MAX", "compile_onnx", "graph_input", "lower_onnx", "raw_to_input"]
+__all__ = ["PIXEL_MAX", "TIE_TOLERANCE", "compare_with_reference", "compile_onnx", "graph_input",
+           "lower_onnx", "raw_to_input"]
 
 #: The graph input is ``raw / PIXEL_MAX`` for raw pixels ``0 .. PIXEL_MAX`` unless told otherwise.
 PIXEL_MAX = 255
@@ -790,3 +791,73 @@ def compile_onnx(model, config, *, pixel_max=PIXEL_MAX, class_names=None):
         raise CompileError(f"{len(names)} class names for {classes} classes")
     return Artifact(program, hardware, pre, names,
                     {name: list(v) for name, v in offsets.items()})
+
+
+#: A threshold compare is a tie where ``|a x + b| <= TIE_TOLERANCE * (|a x| + |b|)``: the
+#: reference's float32 pre-activation sits on the threshold up to its rounding.
+TIE_TOLERANCE = 2.0 ** -20
+
+
+def compare_with_reference(artifact, model, raw, *, pixel_max=PIXEL_MAX):
+    """Run ``artifact`` (the golden model) and qonnx's ``execute_onnx`` on ``model`` (a path or
+    a ``ModelWrapper``) for raw images ``(N, C, H, W)``, one image at a time for qonnx.
+
+    Returns a dict: ``images``; ``top1_agreements`` (our argmax of the logits equal to the
+    reference's argmax of the graph output); ``predictions`` and ``reference_predictions``
+    (int arrays); ``activations``: per threshold op ``{op, onnx, elements, mismatches, ties,
+    mismatches_at_ties}`` comparing our bits with the reference's tensor (+1 where positive)
+    elementwise; a tie is a position whose exact pre-activation ``a x + b`` (``x`` our stored
+    integer) is 0 up to :data:`TIE_TOLERANCE`; and the totals ``bits_compared``,
+    ``bit_mismatches``, ``ties``, ``mismatches_at_ties``.
+    """
+    from qonnx.core.modelwrapper import ModelWrapper
+    from qonnx.core.onnx_exec import execute_onnx
+
+    from . import golden
+    wrapper = model if isinstance(model, ModelWrapper) else ModelWrapper(str(model))
+    program = artifact.program
+    qinfo = artifact.preprocessing["qonnx"]
+    raw = np.asarray(raw)
+    logits, steps = golden.run(program, torch.as_tensor(raw_to_input(artifact, raw)),
+                               return_intermediates=True)
+    ours = logits.numpy().argmax(axis=1)
+    by_name = {op.name: op for op in program.ops}
+    writer = {op.output.tensor: op.name for op in program.ops}
+    records = []
+    for act in qinfo["activations"]:
+        op = by_name[act["op"]]
+        x = None
+        if act["a"] is not None:
+            x = steps[writer[op.inputs[0].tensor]].numpy()
+            a = np.asarray(act["a"]).reshape(1, -1, 1, 1)
+            b = np.asarray(act["b"]).reshape(1, -1, 1, 1)
+            tie = np.abs(a * x + b) <= TIE_TOLERANCE * (np.abs(a * x) + np.abs(b))
+        else:
+            tie = np.zeros(steps[op.name].shape, bool)
+        records.append({"op": act["op"], "onnx": act["onnx"], "ours": steps[op.name].numpy(),
+                        "tie": tie, "elements": 0, "mismatches": 0, "ties": int(tie.sum()),
+                        "mismatches_at_ties": 0})
+    in_name = wrapper.graph.input[0].name
+    out_name = wrapper.graph.output[0].name
+    reference = np.zeros(len(raw), np.int64)
+    for i in range(len(raw)):
+        context = execute_onnx(wrapper, {in_name: graph_input(raw[i:i + 1], pixel_max)},
+                               return_full_exec_context=True)
+        reference[i] = int(np.argmax(context[out_name].reshape(-1)))
+        for rec in records:
+            ref = context[rec["onnx"]].reshape(-1) > 0
+            mine = rec["ours"][i].reshape(-1) == 1
+            wrong = ref != mine
+            rec["elements"] += ref.size
+            rec["mismatches"] += int(wrong.sum())
+            rec["mismatches_at_ties"] += int((wrong & rec["tie"][i].reshape(-1)).sum())
+    for rec in records:
+        del rec["ours"], rec["tie"]
+    return {
+        "images": len(raw), "top1_agreements": int((ours == reference).sum()),
+        "predictions": ours, "reference_predictions": reference, "activations": records,
+        "bits_compared": sum(r["elements"] for r in records),
+        "bit_mismatches": sum(r["mismatches"] for r in records),
+        "ties": sum(r["ties"] for r in records),
+        "mismatches_at_ties": sum(r["mismatches_at_ties"] for r in records),
+    }
