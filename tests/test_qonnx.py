@@ -122,6 +122,16 @@ def test_command_line_compiles_an_onnx_file(fc_model, tmp_path, capsys):
                        expected)
 
 
+def test_run_inference_takes_images_for_a_flattening_network(fc_model):
+    from sw.inference import run_inference
+    artifact = compile_onnx(fc_model, CONFIG)
+    raw = mnist_raw(3)
+    expected = golden.run(artifact, torch.as_tensor(raw_to_input(artifact, raw))).numpy()
+    predictions = run_inference(raw, artifact)
+    assert [p.index for p in predictions] == expected.argmax(axis=1).tolist()
+    assert np.array_equal(run_inference(raw[0, 0], artifact).logits, expected[0])
+
+
 def test_unmappable_nodes_are_named(tmp_path, cnv_model):
     padded = export(tiny_cnv(1, conv_padding=1), (1, 12, 12), tmp_path / "padded.onnx")
     with pytest.raises(CompileError, match=r"node '\w+' \(Conv\): an ONNX Conv pads with 0"):
