@@ -52,13 +52,15 @@ def randomize_norms(model, seed, negative_output=True):
     return model.eval()
 
 
-def tiny_fc(seed=0, widths=(32, 24), act_bit_width=1):
-    """BNN-PYNQ's FC with hidden ``widths`` (TFC-W1A1's quantizers), random norms, eval mode."""
+def tiny_fc(seed=0, widths=(32, 24), act_bit_width=1, size=28):
+    """BNN-PYNQ's FC with hidden ``widths`` (TFC-W1A1's quantizers) for ``size`` x ``size``
+    images, random norms, eval mode."""
     with quiet():
         from brevitas_examples.bnn_pynq.models.FC import FC
         torch.manual_seed(seed)
         model = FC(num_classes=10, weight_bit_width=1, act_bit_width=act_bit_width,
-                   in_bit_width=1, in_channels=1, out_features=list(widths))
+                   in_bit_width=1, in_channels=1, out_features=list(widths),
+                   in_features=(size, size))
     return randomize_norms(model, seed)
 
 
