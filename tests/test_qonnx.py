@@ -153,3 +153,27 @@ def test_a_program_too_large_for_the_board_is_refused(fc_model):
     small = CONFIG.replace(max_depth=512)
     with pytest.raises(CompileError, match="node_linear: a dot product of 784 bits"):
         compile_onnx(fc_model, small)
+
+
+@pytest.mark.parametrize("signed,narrow,bit_width,scale", [
+    (1, 0, 8, 2.0 ** -7), (1, 1, 8, 2.0 ** -7), (0, 0, 8, 1 / 255), (1, 0, 4, 0.13),
+    (0, 1, 6, 0.0171)])
+def test_input_quantizers_become_a_requantization(signed, narrow, bit_width, scale):
+    """Quantizers of the pixel values (``2 p / 255 - 1`` for signed ones, ``p / 255`` for
+    unsigned) map to an integer requantization of the raw pixel equal on every pixel value,
+    except a signed narrow-range one whose clip at -127 (pixels 0 and 1 both give -127) no
+    saturation of the device (at -128) reproduces: none is found, and the compiler refuses."""
+    from sw.compile.qonnx import _fit_codes, _int_quant
+    x = np.arange(256, dtype=np.float32) / np.float32(255)
+    if signed:
+        x = x * np.float32(2) - np.float32(1)
+    codes, _ = _int_quant(x, np.float32(scale), np.float32(0), bit_width, signed, narrow,
+                          "ROUND")
+    found = _fit_codes(codes.astype(np.int64), bit_width, int(not signed))
+    if signed and narrow:
+        assert found is None and codes[0] == codes[1] == -127
+        return
+    mul, bias, shift = found
+    v = torch.arange(256).view(1, -1, 1, 1) * mul + bias
+    y = golden.requantize(v, np.array([shift]), int(not signed), bit_width).view(-1)
+    assert y.tolist() == codes.astype(int).tolist()
