@@ -19,7 +19,7 @@ from sw.compile import CompileError, golden
 from sw.compile import __main__ as cli
 from sw.compile.artifact import from_bytes, load, to_bytes
 from sw.compile.qonnx import compare_with_reference, compile_onnx, raw_to_input
-from tests.qonnx_nets import export, tiny_cnv, tiny_fc
+from tests.qonnx_nets import export, quiet, tiny_cnv, tiny_fc
 
 CONFIG = get_board("ulx3s", None).default_config
 
@@ -120,6 +120,23 @@ def test_command_line_compiles_an_onnx_file(fc_model, tmp_path, capsys):
         raw_to_input(artifact, raw)))
     assert torch.equal(golden.run(artifact, torch.as_tensor(raw_to_input(artifact, raw))),
                        expected)
+
+
+def test_models_after_qonnx_cleanup_compile_alike(fc_model, cnv_model, tmp_path):
+    """qonnx's cleanup (constant folding, shape inference, renaming; what a FINN flow runs
+    first) gives a graph that compiles to the same integers."""
+    from qonnx.core.modelwrapper import ModelWrapper
+    from qonnx.util.cleanup import cleanup_model
+    for path, raw in ((fc_model, mnist_raw(16)),
+                      (cnv_model, np.random.default_rng(6).integers(0, 256, (16, 1, 12, 12)))):
+        with quiet():
+            cleaned = cleanup_model(ModelWrapper(str(path)))
+        cleaned.save(str(tmp_path / "clean.onnx"))
+        original = compile_onnx(path, CONFIG)
+        again = compile_onnx(tmp_path / "clean.onnx", CONFIG)
+        images = torch.as_tensor(raw_to_input(original, raw))
+        assert torch.equal(golden.run(again, images), golden.run(original, images))
+        check_agreement(compare_with_reference(again, tmp_path / "clean.onnx", raw[:4]), 4)
 
 
 def test_run_inference_takes_images_for_a_flattening_network(fc_model):
