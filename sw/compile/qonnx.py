@@ -183,16 +183,11 @@ class _Lowering:
         self.bld = _Builder({}, 8)
         self.values = {}
         self.consts = {}
-        self.uses = {}
         self.image = None
         self.input_quant = None
         self.activations = []
         for init in self.graph.initializer:
             self.consts[init.name] = onnx.numpy_helper.to_array(init)
-        for node in self.graph.node:
-            for name in node.input:
-                if name:
-                    self.uses[name] = self.uses.get(name, 0) + 1
         inputs = [i for i in self.graph.input if i.name not in self.consts]
         if len(inputs) != 1:
             raise CompileError(f"model: {len(inputs)} graph inputs besides the initializers "
