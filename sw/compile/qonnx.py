@@ -566,7 +566,7 @@ class _Lowering:
         s = np.abs(flat).max(axis=1)
         if np.any(s == 0) or np.any(np.abs(flat) != s[:, None]):
             self.fail(node, "weights that are not binary (+-s per output channel); quantize "
-                            "them with BipolarQuant or a 1-bit Quant")
+                            "them with BipolarQuant (Brevitas' 1-bit weight quantizers)")
         return flat > 0, s
 
     def _Conv(self, node):
