@@ -238,6 +238,9 @@ def run_inference(images, model, device=GOLDEN, *, port=None, baud=3_000_000, ti
     artifact = load_model(model)
     raw, single = prepare_images(images, artifact.preprocessing)
     program = artifact.program
+    # A network that flattens its image before the first layer (a QONNX MLP) takes it as
+    # (C*H*W, 1, 1): the same pixels in the same order.
+    raw = raw.reshape(len(raw), *program.tensors[program.input].shape)
     scale = program.tensors[program.logits].scale
     scale = np.ones(1) if scale is None else np.asarray(scale, dtype=np.float64)
     labels = list(artifact.class_names)

@@ -94,6 +94,24 @@ def test_random_networks_are_bit_exact(board, name, seed):
     check_network(board, artifact, raw_images(seed + 3000, 2, size).numpy())
 
 
+@pytest.mark.parametrize("name", ["fc", "cnv"])
+def test_qonnx_networks_are_bit_exact(board, tmp_path, name):
+    """Brevitas networks exported to QONNX (tests/qonnx_nets.py; checked against qonnx's
+    executor in tests/test_qonnx.py): BNN-PYNQ's FC with small widths at 12x12 (a 144-channel
+    binarized input; smaller than MNIST's 784 so that loading its parameters is quick), and
+    CNV-W1A1's blocks (8-bit input codes, a fixed-point conv, max pools of negated counts, -1
+    padding, a 3x3 kernel on a flattened map)."""
+    from sw.compile.qonnx import compile_onnx, raw_to_input
+    from tests.qonnx_nets import export, tiny_cnv, tiny_fc
+    if name == "fc":
+        path = export(tiny_fc(3, size=12), (1, 12, 12), tmp_path / "fc.onnx")
+    else:
+        path = export(tiny_cnv(3), (1, 12, 12), tmp_path / "cnv.onnx")
+    raw = np.random.default_rng(9).integers(0, 256, (2, 1, 12, 12))
+    artifact = compile_onnx(path, CONFIG)
+    check_network(board, artifact, raw_to_input(artifact, raw))
+
+
 def test_weight_streaming_is_bit_exact(board):
     # Small WEIGHTS/COEFS/PARAMS budgets in the generator split the program into segments
     # that the host loads one after the other (the device's memories are larger).

@@ -1,4 +1,8 @@
-"""``python -m sw.compile CHECKPOINT --board ulx3s -o MODEL``: compile and print a report."""
+"""``python -m sw.compile CHECKPOINT --board ulx3s -o MODEL``: compile and print a report.
+
+``CHECKPOINT`` is a checkpoint of :mod:`sw.train`, or a QONNX model (a file ending in ``.onnx``,
+e.g. from Brevitas' ``export_qonnx``), compiled by :mod:`sw.compile.qonnx`.
+"""
 
 import argparse
 import sys
@@ -57,7 +61,8 @@ def format_report(artifact, config):
 
 def main(argv=None):
     parser = argparse.ArgumentParser(prog="python -m sw.compile", description=__doc__)
-    parser.add_argument("checkpoint", metavar="CHECKPOINT", help="a checkpoint of sw.train")
+    parser.add_argument("checkpoint", metavar="CHECKPOINT",
+                        help="a checkpoint of sw.train, or a QONNX model (.onnx)")
     parser.add_argument("--board", metavar="BOARD", default="ulx3s", choices=board_names(),
                         help="target board; its default array (default: %(default)s)")
     parser.add_argument("--size", metavar="SIZE", default=None,
@@ -68,13 +73,20 @@ def main(argv=None):
                         help="training images for the fixed-point ranges (default: %(default)s)")
     parser.add_argument("--act-bits", metavar="BITS", type=int, default=8,
                         help="width of fixed-point feature maps (default: %(default)s)")
+    parser.add_argument("--pixel-max", metavar="N", type=int, default=255,
+                        help="QONNX models: the graph input is raw / N for raw pixels 0..N "
+                             "(default: %(default)s)")
     args = parser.parse_args(argv)
     board = get_board(args.board, args.size)
     config = board.default_config
     try:
-        artifact, _ = compile_checkpoint(args.checkpoint, config,
-                                         calibration_images=args.calibration,
-                                         act_bits=args.act_bits)
+        if str(args.checkpoint).lower().endswith(".onnx"):
+            from .qonnx import compile_onnx
+            artifact = compile_onnx(args.checkpoint, config, pixel_max=args.pixel_max)
+        else:
+            artifact, _ = compile_checkpoint(args.checkpoint, config,
+                                             calibration_images=args.calibration,
+                                             act_bits=args.act_bits)
     except (CompileError, FileNotFoundError, ValueError) as error:
         print(f"error: {error}", file=sys.stderr)
         return 1

