@@ -14,12 +14,16 @@ def committed_fmax_mhz(board, config, *, layer_program):
     """The Fmax in MHz of ``board``'s committed build if it has ``config``'s array shape (and,
     with ``layer_program`` set, runs the layer program with as many fixed-point lanes), else
     ``None``: another array's or a GEMM-only build's Fmax says nothing about the device
-    measured."""
+    measured. A build for another core clock (``report["clock_hz"]``, the oscillator's in
+    builds from before the PLL) is another build of the design, whose Fmax is not this
+    one's either."""
     path = ROOT / "bitstreams" / board.name / "report.json"
     if not path.exists():
         return None
     report = json.loads(path.read_text())
     built = report["config"]
+    if report.get("clock_hz") != config.clock_hz:
+        return None
     if (built["rows"], built["cols"], built["lane"]) != (config.rows, config.cols, config.lane):
         return None
     if layer_program and not built.get("layer_program", True):

@@ -599,13 +599,19 @@ def test_committed_fmax_needs_the_same_lanes(tmp_path, monkeypatch):
     report.parent.mkdir(parents=True)
     monkeypatch.setattr(committed, "ROOT", tmp_path)
     built = dataclasses.asdict(config)
-    report.write_text(json.dumps({"config": built, "fmax": {"clk": {"achieved_mhz": 44.5}}}))
+    clock = config.clock_hz
+    report.write_text(json.dumps({"config": built, "clock_hz": clock,
+                                  "fmax": {"clk": {"achieved_mhz": 44.5}}}))
     assert committed.committed_fmax_mhz(board, config, layer_program=True) == 44.5
+    # A build for another core clock (before the PLL: the oscillator's) is another build.
+    assert committed.committed_fmax_mhz(board, config.replace(clock_hz=25_000_000),
+                                        layer_program=True) is None
     assert committed.committed_fmax_mhz(board, config.replace(fixed_lanes=0),
                                         layer_program=True) is None
     # A report from before fixed_lanes existed had the columns' lanes.
     del built["fixed_lanes"]
-    report.write_text(json.dumps({"config": built, "fmax": {"clk": {"achieved_mhz": 51.0}}}))
+    report.write_text(json.dumps({"config": built, "clock_hz": clock,
+                                  "fmax": {"clk": {"achieved_mhz": 51.0}}}))
     assert committed.committed_fmax_mhz(board, config, layer_program=True) is None
     assert committed.committed_fmax_mhz(board, config.replace(fixed_lanes=0),
                                         layer_program=True) == 51.0
