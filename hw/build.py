@@ -654,8 +654,9 @@ def make_parser():
                         help="where <board>/ with the bitstream and report goes "
                              "(default: %(default)s)")
     parser.add_argument("--seed", metavar="N", type=int, default=None,
-                        help="nextpnr placement seed (default: the board's: 5 on the ULX3S, "
-                             "1 on the iCEBreaker)")
+                        help=f"nextpnr placement seed (default: the board's: "
+                             f"{get_board('ulx3s').seed} on the ULX3S, "
+                             f"{get_board('icebreaker').seed} on the iCEBreaker)")
     parser.add_argument("--nextpnr-opts", metavar="OPTS", default="",
                         help="more nextpnr options, appended to the build's own and the "
                              "board's (the ULX3S's: --placer static); write them after an "
