@@ -194,7 +194,8 @@ BCONV_FIELDS = (
     # it): the count of channel o is compared with PARAMS[param_base + o] (threshold,
     # direction, as a FIXED THRESHOLD) and the bit goes to BITS, out_base being a BITS word
     # address: bit o % lane of word out_base + pix * out_words + o // lane. Needs
-    # lane % rows == 0 and bconv_bits_words(cols, pool) <= rows; add must be 0.
+    # lane % rows == 0 and bconv_bits_words(cols, pool) <= max(k_words, rows);
+    # add must be 0.
     ("threshold", 1, False),
     # 1 (with threshold, cols % 4 == 0): a 2x2 stride-2 max pool (floor) between the counts
     # and the threshold. The window visits the conv's output pixels in pool-window order
