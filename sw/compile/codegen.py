@@ -173,6 +173,14 @@ class DeviceProgram:
     bitplane_fallback : str or None
         Why no ``conv`` runs as bit-planes, where the program has an ``input`` op followed by
         a conv (None when one does or there is none).
+    fused : dict
+        ``{conv: (threshold, maxpool or None)}``: the binary convs (a ``bconv`` or the
+        bit-plane conv) that write their threshold's bits themselves (BCONV ``threshold``,
+        and ``pool`` for a 2x2 max pool between them); the threshold and the pool are NOP
+        descriptors and their inputs are not stored.
+    fusion_fallback : dict
+        ``{conv: reason}``: why a binary conv whose counts reach a threshold or a max pool
+        still writes them to INTS.
     lifetimes : dict
         ``{tensor: (first op, last op)}`` as allocated (:func:`.plan.lifetimes`, the raw image
         living until the bit-plane conv reads it): the tensors live across a segment start
@@ -193,6 +201,8 @@ class DeviceProgram:
     bitplanes: str = None
     bitplane_fallback: str = None
     lifetimes: dict = None
+    fused: dict = None
+    fusion_fallback: dict = None
 
     def input_words(self, image):
         """The words of one raw image ``(C, H, W)`` for ``input_memory`` at ``input_base``:
@@ -442,6 +452,151 @@ def _plan_bitplanes(program, geo):
     return plan, None
 
 
+# -- binary conv straight to bits -------------------------------------------------------------
+
+@dataclasses.dataclass
+class _Fused:
+    """A ``bconv`` (or the bit-plane conv) whose counts only a threshold reads, directly or
+    through a 2x2 stride-2 max pool: one BCONV with ``threshold`` (and ``pool``) writes the
+    threshold's bits; the threshold and the pool become NOPs and the counts (and the pooled
+    counts) are never stored."""
+    conv: str
+    threshold: str
+    pool: str               # the maxpool op, or None
+    bits: str               # the threshold's output (written by the BCONV)
+    skipped: tuple          # tensors not stored: the counts, the pooled counts
+    conv_index: int
+
+
+def _plan_fusion(program, geo, planes):
+    """``(fused, fallback)``: ``{conv name: _Fused}`` for each binary conv the device can run
+    straight to bits, and ``{conv name: reason}`` for each one whose counts reach a
+    ``threshold`` or a ``maxpool`` but that keeps them in INTS.
+
+    The pattern: a ``bconv`` (or the bit-plane conv of ``planes``) writing (not adding) a
+    whole tensor that is not the logits and that no other op writes, read by exactly one op:
+    a ``threshold`` of the whole tensor, or a ``maxpool`` (kernel 2, stride 2, no padding) of
+    the whole tensor into a whole tensor that only one ``threshold`` reads (whole) and no
+    other op writes; the threshold writes a whole bits tensor that no other op writes. The
+    device's conditions (``sw.isa.BCONV_FIELDS``): ``rows`` divides ``lane``; with a pool
+    ``cols`` is a multiple of 4 and the pooled map at least 1 x 1; the BITS words of a tile
+    (:func:`sw.isa.bconv_bits_words`) at most ``max(k_words, rows)``; ``ceil(C / lane)``
+    words per pixel fit the 8-bit ``out_words``.
+    """
+    readers, writers = {}, {}
+    for i, op in enumerate(program.ops):
+        for sl in op.inputs:
+            readers.setdefault(sl.tensor, []).append(i)
+        writers.setdefault(op.output.tensor, []).append(i)
+
+    def whole(sl):
+        return sl.start == 0 and sl.stop == program.tensors[sl.tensor].shape[0]
+
+    index_of = {op.name: i for i, op in enumerate(program.ops)}
+    fused, fallback = {}, {}
+    for i, op in enumerate(program.ops):
+        bitplane = planes is not None and op.name == planes.conv
+        if op.kind != "bconv" and not bitplane:
+            continue
+        y = op.output.tensor
+        consumers = readers.get(y, [])
+        if not any(program.ops[j].kind in ("threshold", "maxpool") for j in consumers):
+            continue
+
+        def no(reason):
+            fallback[op.name] = f"{op.name} writes its counts to INTS: {reason}"
+
+        if op.mode != "write" or not whole(op.output) or writers.get(y) != [i] \
+                or y == program.logits:
+            no(f"its output {y!r} is added to, a slice, written by another op or the logits")
+            continue
+        if len(consumers) != 1:
+            no(f"its counts {y!r} are read by {len(consumers)} ops")
+            continue
+        j = consumers[0]
+        nxt, pool, skipped = program.ops[j], None, [y]
+        if not whole(nxt.inputs[0]) or len(nxt.inputs) != 1:
+            no(f"{nxt.name} reads a channel slice of {y!r}")
+            continue
+        if nxt.kind == "maxpool":
+            a = nxt.attrs
+            if (int(a["kernel"]), int(a["stride"]), int(a["padding"])) != (2, 2, 0):
+                no(f"{nxt.name} is not a 2x2 stride-2 max pool without padding (kernel "
+                   f"{a['kernel']}, stride {a['stride']}, padding {a['padding']})")
+                continue
+            pooled = nxt.output.tensor
+            if nxt.mode != "write" or not whole(nxt.output) or writers.get(pooled) != [j] \
+                    or pooled == program.logits or len(readers.get(pooled, [])) != 1:
+                no(f"the pooled counts {pooled!r} are a slice, written by another op, the "
+                   f"logits or read by several ops")
+                continue
+            pool, skipped = nxt, [y, pooled]
+            nxt = program.ops[readers[pooled][0]]
+            if nxt.kind != "threshold" or not whole(nxt.inputs[0]):
+                no(f"the pooled counts {pooled!r} are read by {nxt.name} ({nxt.kind}), not a "
+                   f"threshold of the whole tensor")
+                continue
+        if nxt.kind != "threshold":
+            no(f"its counts are read by {nxt.name} ({nxt.kind})")
+            continue
+        z = nxt.output.tensor
+        spec = program.tensors[z]
+        if spec.kind != "bits" or not whole(nxt.output) or writers.get(z) != [
+                index_of[nxt.name]]:
+            no(f"{nxt.name} writes a slice of {z!r}, or {z!r} has other writers")
+            continue
+        _, oh, ow = program.tensors[y].shape
+        if geo.lane % geo.rows:
+            no(f"the array's rows ({geo.rows}) do not divide the lane ({geo.lane})")
+            continue
+        if pool is not None and (geo.cols % 4 or oh < 2 or ow < 2):
+            no(f"{pool.name}: pooling inside a tile needs a multiple of 4 columns (not "
+               f"{geo.cols}) and a map of at least 2x2 (not {oh}x{ow})")
+            continue
+        if bitplane:
+            k_words = op.attrs["kernel"] ** 2 * packing.bitplane_channel_words(
+                program.tensors[planes.image].shape[0], geo.lane)
+        else:
+            c = program.tensors[op.inputs[0].tensor].shape[0]
+            k_words = op.attrs["kernel"] ** 2 * _ceil_div(c, geo.lane)
+        words = isa.bconv_bits_words(geo.cols, pool is not None)
+        if words > max(k_words, geo.rows):
+            no(f"a tile's {words} BITS words do not leave before the next tile's "
+               f"({max(k_words, geo.rows)} cycles)")
+            continue
+        out_words = _ceil_div(spec.shape[0], geo.lane)
+        if out_words >= 1 << dict((n, w) for n, w, _ in isa.BCONV_FIELDS)["out_words"]:
+            no(f"{out_words} BITS words per pixel exceed the out_words field")
+            continue
+        fused[op.name] = _Fused(op.name, nxt.name, pool.name if pool else None, z,
+                                tuple(skipped), i)
+    return fused, fallback
+
+
+def _allocate_fused(program, geo, spans, planes, fused, fallback):
+    """``(allocation, peaks, spans)`` with the ``fused`` convs' lifetimes: their bits live from
+    the conv on (the conv reads its input while it writes them, in every row tile's pass, so
+    the two never share addresses), their counts not at all. Where that overflows BITS (the
+    bits now live beside the conv's input), the first fused conv falls back to its INTS
+    counts, with the reason in ``fallback``, until it fits (``fused`` is updated)."""
+    while True:
+        adjusted = dict(spans)
+        for f in fused.values():
+            adjusted[f.bits] = (f.conv_index, adjusted[f.bits][1])
+            for name in f.skipped:
+                adjusted.pop(name, None)
+        try:
+            allocation, peaks = _allocate(program, geo, adjusted, planes)
+            return allocation, peaks, adjusted
+        except CompileError as error:
+            if not fused:
+                raise
+            first = min(fused.values(), key=lambda f: f.conv_index)
+            del fused[first.conv]
+            fallback[first.conv] = (f"{first.conv} writes its counts to INTS: straight to "
+                                    f"bits the memories overflow ({error})")
+
+
 # -- allocation --------------------------------------------------------------------------------
 
 def _allocate(program, geo, spans, planes=None):
@@ -517,11 +672,15 @@ _FIELD_LIMIT = 1 << min(width for name, width, _ in isa.FIXED_FIELDS
 
 
 class _Mapper:
-    def __init__(self, program, geo, allocation, planes=None):
+    def __init__(self, program, geo, allocation, planes=None, fused=None):
         self.program = program
         self.geo = geo
         self.allocation = allocation
         self.planes = planes
+        self.fused = fused or {}
+        self.nops = {name for f in self.fused.values() for name in (f.threshold, f.pool)
+                     if name}
+        self.ops = {op.name: op for op in program.ops}
 
     def spec(self, s):
         return self.program.tensors[s.tensor]
@@ -603,6 +762,9 @@ class _Mapper:
                 return _Lowered(isa.Opcode.NOP, {}, cycles=isa.SEQUENCER_CYCLES - 1)
             if op.name == self.planes.conv:
                 return self._bitplane_conv(op)
+        if op.name in self.nops:
+            # Fused into the binary conv before it, which writes the threshold's bits.
+            return _Lowered(isa.Opcode.NOP, {}, cycles=isa.SEQUENCER_CYCLES - 1)
         method = getattr(self, f"_{kind}", None)
         if method is None:
             raise CompileError(f"{op.name}: the device has no operation {kind!r}")
@@ -664,19 +826,48 @@ class _Mapper:
         if spec.kind != "bits" or op.output.start != 0 or op.output.stop != spec.shape[0]:
             raise CompileError(f"{op.name}: a threshold must write a whole bits tensor")
         low = self.fixed(op, post=isa.Post.THRESHOLD, in_offsets=self._elementwise_offsets(op))
+        self.threshold_params(op, low.params)
+        return low
+
+    def threshold_params(self, op, params):
+        """Set ``threshold`` and ``direction`` of the PARAM dicts ``params`` from threshold
+        op ``op``, encoded for ``element_width``-bit values (the counts of a fused BCONV are
+        below ``2**acc_width``, inside that range)."""
         thr = np.asarray(op.params["threshold"]).reshape(-1)
         direction = np.asarray(op.params["direction"]).reshape(-1)
         if self.planes is not None and op.name in self.planes.thresholds:
             # It compares the bit-plane conv's counts (_plan_bitplanes).
             thr, direction = np.array(self.planes.thresholds[op.name], np.int64).T
         low_t, high_t = isa.PARAM.range("threshold")
-        for o, param in enumerate(low.params):
+        for o, param in enumerate(params):
             t, d = encode_threshold(thr[o], direction[o], self.geo.element_width)
             if not low_t <= t <= high_t:
                 raise CompileError(f"{op.name}: channel {o}'s threshold {t} does not fit the "
                                    f"PARAM threshold field [{low_t}, {high_t}]")
             param.update(threshold=t, direction=d)
-        return low
+
+    def fuse(self, op, fields):
+        """The BCONV ``fields`` (and its PARAMS records and cycles) of a binary conv; for a
+        fused one (:func:`_plan_fusion`) straight to its threshold's bits."""
+        geo = self.geo
+        f = self.fused.get(op.name)
+        params, threshold, pool = [], 0, 0
+        if f is None:
+            fields["out_base"] = self.ints(op, op.output)
+        else:
+            out_c = fields["out_channels"]
+            _, oh, ow = self.spec(op.output).shape
+            pool = int(f.pool is not None)
+            params = [{} for _ in range(out_c)]
+            self.threshold_params(self.ops[f.threshold], params)
+            threshold = 1
+            fields.update(threshold=1, pool=pool, out_base=self.allocation[f.bits][1],
+                          out_words=_ceil_div(out_c, geo.lane),
+                          out_plane=4 * (oh // 2) * (ow // 2) if pool else oh * ow)
+        cycles = isa.bconv_cycles(geo.rows, geo.cols, fields["k_words"], fields["m_tiles"],
+                                  fields["out_plane"], threshold, pool) \
+            + isa.SEQUENCER_CYCLES - 1
+        return params, cycles
 
     def _maxpool(self, op):
         a = op.attrs
@@ -768,12 +959,12 @@ class _Mapper:
         fields = {
             "in_base": self.allocation[src.tensor][1], "in_h": h, "in_w": w, "channels": c,
             "channel_words": cw, "kernel": k, "stride": stride, "pad": pad, "k_words": k_words,
-            "m_tiles": m_tiles, "out_channels": out_c, "out_base": self.ints(op, op.output),
-            "out_plane": oh * ow, "add": int(op.mode == "add"),
+            "m_tiles": m_tiles, "out_channels": out_c, "out_plane": oh * ow,
+            "add": int(op.mode == "add"),
         }
-        cycles = isa.bconv_cycles(geo.rows, geo.cols, k_words, m_tiles, oh * ow) \
-            + isa.SEQUENCER_CYCLES - 1
-        return _Lowered(isa.Opcode.BCONV, fields, weights=(key, words), cycles=cycles)
+        params, cycles = self.fuse(op, fields)
+        return _Lowered(isa.Opcode.BCONV, fields, weights=(key, words), cycles=cycles,
+                        params=params)
 
 
     def _bitplane_conv(self, op):
@@ -801,12 +992,12 @@ class _Mapper:
             "in_base": self.allocation[self.planes.image][1], "in_h": h, "in_w": w,
             "channels": cw * geo.lane, "channel_words": cw, "kernel": k, "stride": stride,
             "pad": pad, "k_words": k_words, "m_tiles": m_tiles, "out_channels": out_c,
-            "out_base": self.ints(op, op.output), "out_plane": oh * ow, "add": 0, "planes": 1,
+            "out_plane": oh * ow, "add": 0, "planes": 1,
         }
-        cycles = isa.bconv_cycles(geo.rows, geo.cols, k_words, m_tiles, oh * ow) \
-            + isa.SEQUENCER_CYCLES - 1
+        params, cycles = self.fuse(op, fields)
         key = ("planes", weight.shape, weight.tobytes())
-        return _Lowered(isa.Opcode.BCONV, fields, weights=(key, words), cycles=cycles)
+        return _Lowered(isa.Opcode.BCONV, fields, weights=(key, words), cycles=cycles,
+                        params=params)
 
 
 # -- segments and descriptors ------------------------------------------------------------------
@@ -843,8 +1034,10 @@ def generate(program, config):
         # The BCONV reads the raw image where the golden conv read the input op's output.
         spans[program.input] = (spans[program.input][0],
                                 max(spans[program.input][1], planes.conv_index))
-    allocation, peaks = _allocate(program, geo, spans, planes)
-    mapper = _Mapper(program, geo, allocation, planes)
+    fused, fusion_fallback = _plan_fusion(program, geo, planes)
+    allocation, peaks, spans = _allocate_fused(program, geo, spans, planes, fused,
+                                               fusion_fallback)
+    mapper = _Mapper(program, geo, allocation, planes, fused)
     lowered = [mapper.lower(op) for op in program.ops]
 
     capacity = {"WEIGHTS": geo.weight_depth, "COEFS": geo.coef_depth,
@@ -902,6 +1095,8 @@ def generate(program, config):
             fields, prefix = {}, ""
         else:
             fields = dict(low.fields, weight_base=bases["WEIGHTS"])
+            if low.params:      # a BCONV straight to bits: its thresholds
+                fields["param_base"] = bases["PARAMS"]
             prefix = "bconv_"
         named = {"opcode": int(low.opcode)}
         named.update({prefix + name: int(value) for name, value in fields.items()})
@@ -925,4 +1120,6 @@ def generate(program, config):
         logits_base=allocation[program.logits][1], logits_count=logits.elements,
         allocation=allocation, ints_used=peaks["INTS"], bits_used=peaks["BITS"],
         input_memory=input_memory, bitplanes=planes.conv if planes else None,
-        bitplane_fallback=fallback, lifetimes=spans)
+        bitplane_fallback=fallback, lifetimes=spans,
+        fused={name: (f.threshold, f.pool) for name, f in fused.items()},
+        fusion_fallback=fusion_fallback)
