@@ -549,9 +549,12 @@ def _plan_fusion(program, geo, planes):
         if geo.lane % geo.rows:
             no(f"the array's rows ({geo.rows}) do not divide the lane ({geo.lane})")
             continue
-        if pool is not None and (geo.cols % 4 or oh < 2 or ow < 2):
-            no(f"{pool.name}: pooling inside a tile needs a multiple of 4 columns (not "
-               f"{geo.cols}) and a map of at least 2x2 (not {oh}x{ow})")
+        if pool is not None and geo.cols % 4:
+            no(f"{pool.name}: pooling inside a tile needs a multiple of 4 columns, not "
+               f"{geo.cols}")
+            continue
+        if pool is not None and (oh < 2 or ow < 2):
+            no(f"{pool.name}: a {oh}x{ow} map has no 2x2 pooling window")
             continue
         if bitplane:
             k_words = op.attrs["kernel"] ** 2 * packing.bitplane_channel_words(
