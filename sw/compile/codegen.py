@@ -506,9 +506,11 @@ def _plan_fusion(program, geo, planes):
         def no(reason):
             fallback[op.name] = f"{op.name} writes its counts to INTS: {reason}"
 
-        if op.mode != "write" or not whole(op.output) or writers.get(y) != [i] \
-                or y == program.logits:
-            no(f"its output {y!r} is added to, a slice, written by another op or the logits")
+        if op.mode != "write" or writers.get(y) != [i]:
+            no(f"its output {y!r} is added to or written by other ops too")
+            continue
+        if not whole(op.output) or y == program.logits:
+            no(f"it writes a channel slice of {y!r} or the logits")
             continue
         if len(consumers) != 1:
             no(f"its counts {y!r} are read by {len(consumers)} ops")
