@@ -7,7 +7,8 @@ reads the windows from BITS memory, the weights come from WEIGHTS memory in the 
 and the engine writes (or adds) them as runs of ``cols`` pixels into INTS memory
 (:class:`hw.int_memory.IntMemory`), channel planes as :mod:`sw.isa` describes.
 
-With the ``threshold`` setting the engine instead compares each count with its channel's
+With a THRESHOLD ``post`` (the descriptor's FIXED half, :data:`sw.isa.BCONV_POST`) the
+engine instead compares each count with its channel's
 threshold record (PARAMS, as the fixed-point unit's THRESHOLD post) and writes the bits into
 BITS memory: a binary conv followed by a threshold, and optionally a 2x2 max pool between
 them (``pool``), is one op whose counts never reach INTS.
@@ -21,7 +22,7 @@ from sw import isa
 
 from .array import XnorArray
 from .conv_window import ConvWindow
-from .isa import BCONV_LAYOUT, PARAM_LAYOUT
+from .isa import BCONV_LAYOUT, BCONV_POST_LAYOUT, PARAM_LAYOUT
 
 __all__ = ["BconvEngine"]
 
@@ -61,6 +62,11 @@ class BconvEngine(wiring.Component):
         ``m_tiles = ceil(out_channels / rows) >= 1``, ``out_plane = OH * OW >= 1`` with the
         golden geometry, ``in_h + 2 * pad >= kernel`` and ``in_w + 2 * pad >= kernel``, and
         every address in its memory.
+    post : ``In(hw.isa.BCONV_POST_LAYOUT)``
+        The FIXED fields of the descriptor that a BCONV reads (:data:`sw.isa.BCONV_POST`),
+        held like ``config``: ``post == Post.THRESHOLD`` selects the threshold mode below
+        (called *threshold*), ``reduce == Reduce.MAX`` with it the pool (*pool*), and
+        ``out_base`` (a BITS word address), ``out_words`` and ``param_base`` its output.
     start : ``In(1)``
         While ``busy`` is low, a high ``start`` begins the op (in that cycle; ``config`` must be
         valid then).
@@ -75,15 +81,15 @@ class BconvEngine(wiring.Component):
     int_rd_addr, int_rd_en, int_rd_data, int_wr_addr, int_wr_en, int_wr_mask, int_wr_data
         The engine's side of :class:`~hw.int_memory.IntMemory`'s ports (directions flipped),
         for a memory with ``banks = cols``. The read port is used only when ``add`` is set,
-        neither port with ``threshold``.
+        neither port with *threshold*.
     param_rd_addr, param_rd_en : ``Out``; param_rd_data : ``In(hw.isa.PARAM_LAYOUT)``
-        PARAMS read port (latency 1), used only with ``threshold``: ``threshold`` and
+        PARAMS read port (latency 1), used only with *threshold*: ``threshold`` and
         ``direction`` of each channel's record.
     bits_wr_addr : ``Out(bits_addr_width)``, bits_wr_en : ``Out(bits_groups)``, bits_wr_data :
     ``Out(lane)``
         BITS write port with one enable per group of ``rows`` bits (``bits_groups = lane //
-        rows``; 1 if ``rows`` does not divide ``lane``, where ``threshold`` is unsupported),
-        driven from registers; used only with ``threshold``.
+        rows``; 1 if ``rows`` does not divide ``lane``, where *threshold* is unsupported),
+        driven from registers; used only with *threshold*.
     array_port : ``Out(XnorArray.port_signature)``
         Only with ``own_array=False``: the array the engine shares with other units
         (:func:`hw.array.share_array`); it must own it from ``start`` until ``busy`` falls.
@@ -98,7 +104,7 @@ class BconvEngine(wiring.Component):
     out_channels)`` (nothing else is written). With ``add`` set, the value written is the old
     element plus the count (read-modify-write, modulo ``2**element_width``).
 
-    With ``threshold`` (requirements: ``add`` 0, ``lane % rows == 0``, ``W = bits_words``
+    With *threshold* (requirements: ``add`` 0, ``lane % rows == 0``, ``W = bits_words``
     (:func:`sw.isa.bconv_bits_words` ``(cols, pool)``) at most ``max(k_words, rows)``), nothing
     goes to INTS. Row ``r`` of a result beat (channel ``o``) is compared with ``P =
     PARAMS[param_base + o]`` like the fixed-point unit's THRESHOLD: ``count >= P.threshold``
@@ -110,7 +116,8 @@ class BconvEngine(wiring.Component):
     the four compares for direction +1 (``max >= t``), their AND for -1 (``max <= t``). The
     ``rows`` bits of a slot (pixel or window ``p``) are collected over the tile's rows and
     written as group ``g = (mt * rows) % lane / rows`` of BITS word ``out_base + p * out_words
-    + mt * rows // lane``: the enables of that group only, but all of them for ``g = 0`` (the
+    + mt * rows // lane`` (``out_base``, ``out_words``, ``param_base``: ``post``'s): the
+    enables of that group only, but all of them for ``g = 0`` (the
     word's first row tile, which comes first), with 0 bits above the group. So after the op
     every word of the output holds exactly a FIXED THRESHOLD's bits (0 for channels ``>=
     out_channels``) and nothing else in BITS has changed. Slot 0's word is written when the
@@ -127,7 +134,7 @@ class BconvEngine(wiring.Component):
 
         cycles = S + M * (N - 1) * P + (M - 1) * Q + k + 2 * R + C + 5
 
-    cycles (plus ``W - 1`` with ``threshold``, the last tile's queued words) from the cycle
+    cycles (plus ``W - 1`` with *threshold*, the last tile's queued words) from the cycle
     ``start`` is seen (cycle 0) to the first cycle with ``busy`` low:
     ``S`` for the window's geometry pipeline to settle on the config, ``k + 1`` until the
     first tile's last word enters the array, ``R + C + 2`` more until its first result row,
@@ -185,6 +192,7 @@ class BconvEngine(wiring.Component):
         super().__init__({
             **ports,
             "config": In(self.config_layout),
+            "post": In(BCONV_POST_LAYOUT),
             "start": In(1),
             "busy": Out(1),
             "rd": Out(self.read_signature).array(self.cols),
@@ -210,6 +218,9 @@ class BconvEngine(wiring.Component):
         m = Module()
         rows, cols, lane = self.rows, self.cols, self.lane
         cfg = self.config
+        post = self.post
+        threshold = Signal()
+        m.d.comb += threshold.eq(post.post == isa.Post.THRESHOLD)
         m.submodules.window = window = ConvWindow(
             cols, lane, max_width=self.max_width, max_height=self.max_height,
             max_channel_words=self.max_channel_words, addr_width=self.bits_addr_width)
@@ -227,7 +238,7 @@ class BconvEngine(wiring.Component):
             window.config.kernel.eq(cfg.kernel),
             window.config.stride.eq(cfg.stride),
             window.config.padding.eq(cfg.pad),
-            window.config.pool.eq(cfg.threshold & cfg.pool),
+            window.config.pool.eq(threshold & (post.reduce == isa.Reduce.MAX)),
         ]
         for c in range(cols):
             m.d.comb += [
@@ -335,7 +346,7 @@ class BconvEngine(wiring.Component):
             ]
         m.d.comb += [
             self.int_rd_addr.eq(row_addr),
-            self.int_rd_en.eq(res.valid & cfg.add & ~cfg.threshold),
+            self.int_rd_en.eq(res.valid & cfg.add & ~threshold),
         ]
 
         # Threshold mode, stage 0: the beat's channel record is read from PARAMS; the BITS
@@ -344,14 +355,14 @@ class BconvEngine(wiring.Component):
         bw = self.bits_addr_width
         groups = self.bits_groups
         words = self.bits_words
-        pool = cfg.pool & (self.cols % 4 == 0)
+        pool = threshold & (post.reduce == isa.Reduce.MAX) & (self.cols % 4 == 0)
         tile_words = Signal(bw)     # BITS distance between two tiles' first words
         bm_addr = Signal(bw)        # BITS address of (pixel 0, word of row tile mt)
         bt_addr = Signal(bw)        # ... of the tile's first pixel
         group = Signal(range(groups))
         m.d.comb += [
-            self.param_rd_addr.eq(cfg.param_base + o),
-            self.param_rd_en.eq(res.valid & cfg.threshold),
+            self.param_rd_addr.eq(post.param_base + o),
+            self.param_rd_en.eq(res.valid & threshold),
         ]
         with m.If(res.valid & last_row):
             with m.If(~last_tile):
@@ -362,9 +373,9 @@ class BconvEngine(wiring.Component):
                 m.d.sync += [group.eq(group + 1), bt_addr.eq(bm_addr)]
         with m.If(begin):
             m.d.sync += [
-                tile_words.eq(Mux(pool, cfg.out_words * (self.cols // 4),
-                                  cfg.out_words * self.cols)),
-                bm_addr.eq(cfg.out_base), bt_addr.eq(cfg.out_base), group.eq(0),
+                tile_words.eq(Mux(pool, post.out_words * (self.cols // 4),
+                                  post.out_words * self.cols)),
+                bm_addr.eq(post.out_base), bt_addr.eq(post.out_base), group.eq(0),
             ]
 
         # Stage 1: the old values arrive (for add) and the sums are registered; stage 2 writes
@@ -437,16 +448,16 @@ class BconvEngine(wiring.Component):
                     self.bits_wr_data.eq(vector << (grp * rows))]
 
         m.d.sync += self.bits_wr_en.eq(0)
-        with m.If(valid1 & cfg.threshold):
+        with m.If(valid1 & threshold):
             m.d.sync += [c.eq(w) for c, w in zip(collect, slot_words)]
-        with m.If(valid1 & cfg.threshold & (row1 == rows - 1)):
+        with m.If(valid1 & threshold & (row1 == rows - 1)):
             m.d.sync += bits_write(slot_live[0], baddr1, slot_words[0], group1)
             m.d.sync += [q.eq(w) for q, w in zip(queue, slot_words[1:])]
             m.d.sync += [
                 queue_live.eq(Cat(*slot_live[1:]) if words > 1 else 0),
                 queue_left.eq(Mux(pool, self.cols // 4 - 1 if self.cols >= 4 else 0,
                                   words - 1)),
-                queue_addr.eq(baddr1 + cfg.out_words),
+                queue_addr.eq(baddr1 + post.out_words),
                 queue_group.eq(group1),
                 draining.eq(final1),
             ]
@@ -457,7 +468,7 @@ class BconvEngine(wiring.Component):
                 m.d.sync += [
                     queue_live.eq(queue_live >> 1),
                     queue_left.eq(queue_left - 1),
-                    queue_addr.eq(queue_addr + cfg.out_words),
+                    queue_addr.eq(queue_addr + post.out_words),
                 ]
         with m.If(draining & (queue_left == 0)):
             m.d.sync += [self.busy.eq(0), draining.eq(0)]
@@ -479,9 +490,9 @@ class BconvEngine(wiring.Component):
                 counts1[i] + Mux(cfg.add, self.int_rd_data[i], 0))
         m.d.comb += [
             self.int_wr_addr.eq(addr2),
-            self.int_wr_en.eq(valid2 & (mask2 != 0) & ~cfg.threshold),
+            self.int_wr_en.eq(valid2 & (mask2 != 0) & ~threshold),
             self.int_wr_mask.eq(mask2),
         ]
-        with m.If(valid2 & final2 & ~cfg.threshold):
+        with m.If(valid2 & final2 & ~threshold):
             m.d.sync += self.busy.eq(0)
         return m

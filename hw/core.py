@@ -10,7 +10,7 @@ from amaranth.hdl import ResetInserter
 from amaranth.lib import fifo, memory, stream, wiring
 from amaranth.lib.wiring import In, Out
 
-from sw import protocol
+from sw import isa, protocol
 from sw.protocol import Command, Memory, Status
 
 from .array import XnorArray, share_array
@@ -140,6 +140,9 @@ class DeviceCore(wiring.Component):
                 fixed.start.eq(sequencer.fixed_start),
                 sequencer.fixed_busy.eq(fixed.busy),
                 bconv.config.eq(sequencer.bconv_config),
+                # A BCONV's threshold to bits (sw.isa.BCONV_POST) is in the FIXED half.
+                *(getattr(bconv.post, name).eq(getattr(sequencer.fixed_config, name))
+                  for name in isa.BCONV_POST),
                 bconv.start.eq(sequencer.bconv_start),
                 sequencer.bconv_busy.eq(bconv.busy),
             ]

@@ -31,7 +31,9 @@ channels ``>= channels`` are forced to 1; the weights of row tile ``t`` are WEIG
 n]``. With ``planes`` set (lane a multiple of 8) an agreeing bit ``i`` of a word counts
 ``2 ** (i // (lane / 8))`` instead of 1 (bit-plane mode, :mod:`hw.array`).
 
-With ``threshold`` set the counts are not stored: each is compared with PARAMS ``param_base +
+With a THRESHOLD ``post`` in the descriptor's FIXED half (``sw.isa.BCONV_POST``: ``out_base``,
+``out_words``, ``param_base`` from there; ``reduce`` MAX for ``pool``) the counts are not
+stored: each is compared with PARAMS ``param_base +
 o`` (as a FIXED THRESHOLD) and the bits written to BITS ``out_base + pix * out_words + o //
 lane`` (the whole words, channels ``>= out_channels`` 0); with ``pool`` as well, a 2x2
 stride-2 max pool (floor) of the counts comes first and ``out_plane`` is ``4 * (OH // 2) *
@@ -156,8 +158,14 @@ class Machine:
             return self._fixed({k[6:]: v for k, v in d.items() if k.startswith("fixed_")},
                                where)
         if opcode == isa.Opcode.BCONV:
-            return self._bconv({k[6:]: v for k, v in d.items() if k.startswith("bconv_")},
-                               where)
+            f = {k[6:]: v for k, v in d.items() if k.startswith("bconv_")}
+            post = {name: d[f"fixed_{name}"] for name in isa.BCONV_POST}
+            f["threshold"], f["pool"] = isa.bconv_post(d)
+            # With a THRESHOLD post its output is the FIXED half's (sw.isa.BCONV_POST).
+            f.update({name: post[name] for name in ("out_words", "param_base")})
+            if f["threshold"]:
+                f["out_base"] = post["out_base"]
+            return self._bconv(f, where)
         raise ValueError(f"{where}: unknown opcode {opcode}")
 
     def _params(self, base, count, where):

@@ -109,6 +109,13 @@ def run_ops(dut, bits_init, weights_init, ints_init, ops, idle=0, params_init=()
         for op in ops:
             for name in isa.BCONV_FIELDS:
                 ctx.set(getattr(dut.config, name[0]), op.get(name[0], 0))
+            # A threshold to bits: the FIXED half's settings (isa.BCONV_POST).
+            threshold, pool = op.get("threshold", 0), op.get("pool", 0)
+            ctx.set(dut.post.post, isa.Post.THRESHOLD if threshold else isa.Post.REQUANT)
+            ctx.set(dut.post.reduce, isa.Reduce.MAX if pool else isa.Reduce.SUM)
+            ctx.set(dut.post.out_base, op.get("bits_base", 0))
+            ctx.set(dut.post.out_words, op.get("out_words", 0))
+            ctx.set(dut.post.param_base, op.get("param_base", 0))
             for _ in range(idle):
                 await ctx.tick()
             ctx.set(dut.start, 1)
@@ -383,7 +390,7 @@ def check_threshold(rng, rows, cols, lane, c_total, h, w, kernel, stride, paddin
           "m_tiles": -(-out_channels // rows), "out_channels": out_channels,
           "out_plane": 4 * pixels if pool else pixels, "threshold": 1, "pool": int(pool),
           "out_words": out_words, "param_base": param_base, "in_base": in_base,
-          "weight_base": 3, "out_base": out_base}
+          "weight_base": 3, "bits_base": out_base, "out_base": rng.randint(0, 50)}
     config = DeviceConfig(rows=rows, cols=cols, lane=lane, max_depth=1024, weight_depth=128,
                           param_depth=64)
     dut = BconvEngine(config, element_width=ELEMENT_WIDTH, int_depth=INT_DEPTH,
@@ -396,7 +403,8 @@ def check_threshold(rng, rows, cols, lane, c_total, h, w, kernel, stride, paddin
     ops = [op]
     if then_ints:
         # A plain op on the same engine afterwards: its counts go to INTS as before.
-        ops.append(dict(op, threshold=0, pool=0, out_base=7, out_plane=oh * ow))
+        ops.append(dict(op, threshold=0, pool=0, out_base=7, out_plane=oh * ow,
+                        bits_base=rng.randint(0, 50)))
     result = run_ops(dut, bits_init, weights_init, ints_init, ops, idle=idle,
                      params_init=params)
     expected = list(bits_init)

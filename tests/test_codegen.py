@@ -648,9 +648,11 @@ def check_fused_descriptors(program, dp):
         index, op = ops[conv]
         f = dp.ops[index].fields
         assert dp.ops[index].opcode == isa.Opcode.BCONV
-        assert f["bconv_threshold"] == 1 and f["bconv_pool"] == int(pool is not None)
+        assert isa.bconv_post(f) == (1, int(pool is not None))
+        assert f["fixed_post"] == isa.Post.THRESHOLD
+        assert f["fixed_out_words"] == -(-op.output.channels // geo.lane)
         bits = ops[threshold][1].output.tensor
-        assert f["bconv_out_base"] == dp.allocation[bits][1]
+        assert f["fixed_out_base"] == dp.allocation[bits][1]
         assert op.output.tensor not in dp.allocation
         assert dp.lifetimes[bits][0] == index
         for name in (threshold, pool):
@@ -778,7 +780,7 @@ def test_fusion_fallbacks_keep_the_counts_in_ints(name):
     assert re.search(reason, dp.fusion_fallback["conv1"]), dp.fusion_fallback
     ops = {op.name: op for op in dp.ops}
     assert ops["act1.0"].opcode == isa.Opcode.FIXED
-    assert ops["conv1"].fields.get("bconv_threshold", 0) == 0
+    assert isa.bconv_post(ops["conv1"].fields) == (0, 0)
     check_exact(program, dp, torch.as_tensor(images), fill=3)
     # The same program without the obstacle fuses.
     if name in ("3 columns", "rows vs lane", "slow words", "BITS overflow"):

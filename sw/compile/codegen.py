@@ -570,7 +570,7 @@ def _plan_fusion(program, geo, planes):
                f"({max(k_words, geo.rows)} cycles)")
             continue
         out_words = _ceil_div(spec.shape[0], geo.lane)
-        if out_words >= 1 << dict((n, w) for n, w, _ in isa.BCONV_FIELDS)["out_words"]:
+        if out_words >= 1 << dict((n, w) for n, w, _ in isa.FIXED_FIELDS)["out_words"]:
             no(f"{out_words} BITS words per pixel exceed the out_words field")
             continue
         fused[op.name] = _Fused(op.name, nxt.name, pool.name if pool else None, z,
@@ -669,6 +669,7 @@ class _Lowered:
     params: list = dataclasses.field(default_factory=list)   # PARAM field dicts
     weights: tuple = None   # (key, words) of a bconv
     cycles: int = 0
+    post: dict = None       # a bconv straight to bits: its FIXED fields (isa.BCONV_POST)
 
 
 #: Largest value of the FIXED fields in_w and out_w, plus one.
@@ -851,12 +852,14 @@ class _Mapper:
                                    f"PARAM threshold field [{low_t}, {high_t}]")
             param.update(threshold=t, direction=d)
 
-    def fuse(self, op, fields):
-        """The BCONV ``fields`` (and its PARAMS records and cycles) of a binary conv; for a
-        fused one (:func:`_plan_fusion`) straight to its threshold's bits."""
+    def fuse(self, op, fields, weights):
+        """The BCONV of a binary conv (``fields``: its BCONV fields but ``out_base``); for a
+        fused one (:func:`_plan_fusion`) straight to its threshold's bits: the threshold's
+        settings in the descriptor's FIXED half (:data:`sw.isa.BCONV_POST`, ``param_base``
+        added by :func:`generate`) and one PARAMS record per channel."""
         geo = self.geo
         f = self.fused.get(op.name)
-        params, threshold, pool = [], 0, 0
+        params, post, threshold, pool = [], None, 0, 0
         if f is None:
             fields["out_base"] = self.ints(op, op.output)
         else:
@@ -866,13 +869,16 @@ class _Mapper:
             params = [{} for _ in range(out_c)]
             self.threshold_params(self.ops[f.threshold], params)
             threshold = 1
-            fields.update(threshold=1, pool=pool, out_base=self.allocation[f.bits][1],
-                          out_words=_ceil_div(out_c, geo.lane),
-                          out_plane=4 * (oh // 2) * (ow // 2) if pool else oh * ow)
+            fields.update(out_base=0, out_plane=4 * (oh // 2) * (ow // 2) if pool else oh * ow)
+            post = {"post": int(isa.Post.THRESHOLD),
+                    "reduce": int(isa.Reduce.MAX if pool else isa.Reduce.SUM),
+                    "out_base": self.allocation[f.bits][1],
+                    "out_words": _ceil_div(out_c, geo.lane)}
         cycles = isa.bconv_cycles(geo.rows, geo.cols, fields["k_words"], fields["m_tiles"],
                                   fields["out_plane"], threshold, pool) \
             + isa.SEQUENCER_CYCLES - 1
-        return params, cycles
+        return _Lowered(isa.Opcode.BCONV, fields, weights=weights, cycles=cycles,
+                        params=params, post=post)
 
     def _maxpool(self, op):
         a = op.attrs
@@ -967,9 +973,7 @@ class _Mapper:
             "m_tiles": m_tiles, "out_channels": out_c, "out_plane": oh * ow,
             "add": int(op.mode == "add"),
         }
-        params, cycles = self.fuse(op, fields)
-        return _Lowered(isa.Opcode.BCONV, fields, weights=(key, words), cycles=cycles,
-                        params=params)
+        return self.fuse(op, fields, (key, words))
 
 
     def _bitplane_conv(self, op):
@@ -999,10 +1003,8 @@ class _Mapper:
             "pad": pad, "k_words": k_words, "m_tiles": m_tiles, "out_channels": out_c,
             "out_plane": oh * ow, "add": 0, "planes": 1,
         }
-        params, cycles = self.fuse(op, fields)
         key = ("planes", weight.shape, weight.tobytes())
-        return _Lowered(isa.Opcode.BCONV, fields, weights=(key, words), cycles=cycles,
-                        params=params)
+        return self.fuse(op, fields, (key, words))
 
 
 # -- segments and descriptors ------------------------------------------------------------------
@@ -1100,11 +1102,13 @@ def generate(program, config):
             fields, prefix = {}, ""
         else:
             fields = dict(low.fields, weight_base=bases["WEIGHTS"])
-            if low.params:      # a BCONV straight to bits: its thresholds
-                fields["param_base"] = bases["PARAMS"]
             prefix = "bconv_"
         named = {"opcode": int(low.opcode)}
         named.update({prefix + name: int(value) for name, value in fields.items()})
+        if low.post is not None:
+            # A BCONV straight to bits: its threshold in the FIXED half (isa.BCONV_POST).
+            named.update({f"fixed_{name}": int(value) for name, value in
+                          dict(low.post, param_base=bases["PARAMS"]).items()})
         descriptors.append(_pack(op, isa.DESCRIPTOR, "the descriptor", **named))
         infos.append(OpInfo(op.name, op.kind, low.opcode, named, len(segments), weight_words,
                             len(low.coefs), len(low.params), low.cycles))
