@@ -591,6 +591,95 @@ def test_bitplane_fallbacks_stay_on_the_fixed_point_unit(name):
     check_every_tensor(program, dp, images[:2])
 
 
+CONV_TO_BITS_VARIANTS = {
+    "valid": {},
+    "padded": {"pad": 1},
+    "grouped": {"groups": 3, "out1": 9},
+    "normalized": {"shift": 2, "zero": True},
+}
+
+
+@pytest.mark.parametrize("variant", list(CONV_TO_BITS_VARIANTS))
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_a_fixed_point_conv_writes_its_thresholds_bits(variant, seed):
+    """A fixed-point conv (int8 weights) whose output only a threshold reads compares its
+    accumulator with rewritten thresholds and writes the bits itself: its output gets no
+    memory, the threshold op is a NOP, and every bits tensor and the logits equal golden's
+    (random requantizations with negative multipliers, saturation and ReLU; all three
+    threshold directions)."""
+    program, images = cnv_like_program(40 + seed, weights="int8",
+                                       **CONV_TO_BITS_VARIANTS[variant])
+    dp = generate(program, config(max_depth=8192))
+    assert dp.convs_to_bits == ("conv1",)
+    assert "conv1" not in dp.allocation
+    ops = {op.name: op for op in dp.ops}
+    assert ops["conv1"].opcode == isa.Opcode.FIXED
+    assert ops["conv1"].fields["fixed_post"] == isa.Post.THRESHOLD
+    assert ops["conv1.act"].opcode == isa.Opcode.NOP
+    steps = check_every_tensor(program, dp, images)
+    act = steps["conv1.act"]
+    assert 0 < int(act.sum()) < act.numel()
+
+
+def test_conv_to_bits_thresholds_are_exact_for_every_accumulator():
+    """A 1x1 conv of one channel with weight ``w`` accumulates ``w * x``; an image of every
+    pixel value (``x = raw - 128``) reaches every accumulator, so the rewritten compares are
+    checked against golden at each, for requantizations with negative, zero and positive
+    multipliers, rounding shifts, saturation, ReLU, zero weights, and thresholds inside and
+    beyond the range in all three directions."""
+    rng = np.random.default_rng(12)
+    checked = 0
+    for relu, bits in [(0, 4), (1, 4), (0, 12), (1, 9), (0, 6), (1, 2)]:
+        out = 24
+        tensors = {
+            "image": TensorSpec("image", (1, 16, 16), "int", 8, None, False),
+            "x": TensorSpec("x", (1, 16, 16), "int", 9, None, True),
+            "y": TensorSpec("y", (out, 16, 16), "int", bits, None, not relu),
+            "act": TensorSpec("act", (out, 16, 16), "bits", 1, None, False),
+            "logits": TensorSpec("logits", (2, 16, 16), "int", 12, None, False),
+        }
+        high = (1 << bits) - 1 if relu else (1 << (bits - 1)) - 1
+        low = 0 if relu else -(1 << (bits - 1))
+        direction = rng.choice([-1, 1, 0], out)
+        threshold = np.where(direction == 0, rng.integers(0, 2, out),
+                             rng.integers(low - 3, high + 4, out))
+        ops = [
+            Op("input", "input", [Slice("image", 0, 1)], Slice("x", 0, 1),
+               attrs={"shift": 0}, params={"zero": np.full(1, 128, np.int64)}),
+            Op("conv", "conv", [Slice("x", 0, 1)], Slice("y", 0, out),
+               attrs={"kernel": 1, "stride": 1, "padding": 0, "groups": 1, "relu": relu,
+                      "bits": bits},
+               params={"weight": rng.integers(-3, 4, (out, 1, 1, 1)),
+                       "mul": rng.integers(-40, 41, out), "bias": rng.integers(-4000, 4000, out),
+                       "shift": rng.integers(0, 6, out)}),
+            Op("threshold", "act", [Slice("y", 0, out)], Slice("act", 0, out),
+               params={"threshold": threshold, "direction": direction}),
+            Op("bconv", "logits", [Slice("act", 0, out)], Slice("logits", 0, 2),
+               attrs={"kernel": 1, "stride": 1, "padding": 0},
+               params={"weight_bits": rng.integers(0, 2, (2, out)).astype(bool)}),
+        ]
+        program = Program(tensors, ops, "image", "logits")
+        dp = generate(program, config())
+        assert dp.convs_to_bits == ("conv",) and dp.bitplanes is None
+        image = np.arange(256).reshape(1, 1, 16, 16)
+        steps = check_every_tensor(program, dp, image)
+        checked += int(steps["act"].sum())
+    assert checked > 0
+
+
+def test_a_conv_read_by_other_ops_keeps_its_output():
+    """A conv whose output a pool reads, one that would run fewer pixels at once (stride 2;
+    fewer channels in its last BITS word than lanes), or a bit-plane conv is not fused."""
+    for variant in ({"consumer": "maxpool"}, {"stride": 2}, {"out1": 35}):
+        program, _ = cnv_like_program(5, weights="int8", **variant)
+        assert generate(program, config(max_depth=8192)).convs_to_bits == (), variant
+    program, _ = cnv_like_program(5, weights="int8", out1=40)
+    assert generate(program, config(max_depth=8192)).convs_to_bits == ("conv1",)
+    program, _ = cnv_like_program(5)
+    dp = generate(program, config(max_depth=8192))
+    assert dp.bitplanes == "conv1" and dp.convs_to_bits == ()
+
+
 def test_no_bitplane_fallback_without_an_input_conv():
     dp = generate(compiled("plain", 0), CONFIG)
     assert dp.bitplanes is None and dp.input_memory == "INTS"

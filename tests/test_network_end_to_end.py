@@ -183,6 +183,16 @@ def test_cnv_shaped_network_with_a_bit_plane_first_layer(board):
             assert np.array_equal(bits.T.reshape(c, h, w), steps["conv1.act"][index].numpy())
 
 
+def test_a_fixed_point_conv_writes_its_thresholds_bits(board):
+    """CNV's first layer with int8 weights (so not as bit-planes) and padding: the
+    fixed-point conv compares its accumulators with the rewritten thresholds and writes the
+    bits itself (sw.compile.codegen._plan_conv_to_bits); every image's logits equal golden's
+    and every counter (the threshold op's a NOP) equals the timing model."""
+    program, images = cnv_like_program(22, weights="int8", pad=1)
+    dp = check_network(board, types.SimpleNamespace(program=program), images)
+    assert dp.convs_to_bits == ("conv1",) and "conv1" not in dp.allocation
+
+
 @pytest.fixture(scope="module")
 def digits_artifacts(tmp_path_factory):
     """A MeliusNet and an ABC-Net (smaller than the registry's defaults, so that the

@@ -173,6 +173,10 @@ class DeviceProgram:
     bitplane_fallback : str or None
         Why no ``conv`` runs as bit-planes, where the program has an ``input`` op followed by
         a conv (None when one does or there is none).
+    convs_to_bits : tuple of str
+        The fixed-point ``conv`` ops that write their threshold's bits themselves (post
+        THRESHOLD on the accumulator; the threshold op is a NOP and the conv's output is not
+        stored).
     lifetimes : dict
         ``{tensor: (first op, last op)}`` as allocated (:func:`.plan.lifetimes`, the raw image
         living until the bit-plane conv reads it): the tensors live across a segment start
@@ -193,6 +197,7 @@ class DeviceProgram:
     bitplanes: str = None
     bitplane_fallback: str = None
     lifetimes: dict = None
+    convs_to_bits: tuple = ()
 
     def input_words(self, image):
         """The words of one raw image ``(C, H, W)`` for ``input_memory`` at ``input_base``:
@@ -442,17 +447,157 @@ def _plan_bitplanes(program, geo):
     return plan, None
 
 
+# -- fixed-point conv straight to bits ---------------------------------------------------------
+
+@dataclasses.dataclass
+class _ConvToBits:
+    """A fixed-point ``conv`` whose requantized output only a ``threshold`` reads: the two run
+    as one FIXED op that compares the conv's accumulator (post THRESHOLD) and writes the bits,
+    so the requantized values never go to INTS and the threshold op is a NOP.
+
+    ``thresholds``: per output channel ``(threshold, direction)`` of the accumulator, rewritten
+    from the threshold op's compare of the requantized value (exact: see
+    :func:`_plan_conv_to_bits`)."""
+    conv: str
+    threshold: str
+    y: str                  # the conv's output (not stored)
+    bits: object            # the threshold op's output Slice (the fused op writes it)
+    conv_index: int
+    thresholds: list
+
+
+def _edge(predicate, low, high, rising):
+    """The smallest (``rising``) or largest ``a`` in ``[low, high]`` where the monotone
+    ``predicate`` (vectorized over int64 arrays) holds, or None: binary search."""
+    if rising:
+        if not predicate(np.array([high]))[0]:
+            return None
+        lo, hi = low, high          # predicate(hi) holds
+        while lo < hi:
+            mid = (lo + hi) // 2
+            if predicate(np.array([mid]))[0]:
+                hi = mid
+            else:
+                lo = mid + 1
+        return lo
+    if not predicate(np.array([low]))[0]:
+        return None
+    lo, hi = low, high              # predicate(lo) holds
+    while lo < hi:
+        mid = (lo + hi + 1) // 2
+        if predicate(np.array([mid]))[0]:
+            lo = mid
+        else:
+            hi = mid - 1
+    return lo
+
+
+def _plan_conv_to_bits(program, geo, skip=()):
+    """``{conv name: _ConvToBits}`` for each fixed-point ``conv`` (not in ``skip``) that can
+    write its threshold's bits itself.
+
+    The pattern: the conv writes its whole int tensor ``y`` (mode write, not the logits, no
+    other writer), and exactly one op reads ``y``: a ``threshold`` of all of it that writes a
+    whole bits tensor no other op writes. The fixed-point unit must compute as many pixels at
+    once for the fused op as for the conv alone (:func:`sw.isa.fixed_lanes`: a THRESHOLD
+    with stride 2, or with a last BITS word of fewer channels than lanes, runs one pixel at
+    a time), so that fusing never makes the conv slower.
+
+    The golden conv computes ``y = rq(acc * mul[o] + bias[o])`` (:func:`.golden.requantize`:
+    round half up, saturation), a monotone function of the accumulator ``acc`` (non-decreasing
+    for ``mul >= 0``, else non-increasing), so the threshold's bit, ``y >= t`` or ``y <= t``, is
+    a monotone step of ``acc`` over the range ``acc`` can take (from the weights and the input
+    tensor's width, padding adding 0). The step's edge is found by binary search with
+    ``requantize`` itself, and becomes the FIXED op's compare of ``acc`` (or a constant bit).
+    """
+    import torch
+
+    from .golden import requantize
+
+    readers, writers = {}, {}
+    for i, op in enumerate(program.ops):
+        for sl in op.inputs:
+            readers.setdefault(sl.tensor, []).append(i)
+        writers.setdefault(op.output.tensor, []).append(i)
+
+    def whole(sl):
+        return sl.start == 0 and sl.stop == program.tensors[sl.tensor].shape[0]
+
+    plans = {}
+    for index, conv in enumerate(program.ops):
+        if conv.kind != "conv" or conv.name in skip:
+            continue
+        y = conv.output.tensor
+        users = readers.get(y, [])
+        if conv.mode != "write" or not whole(conv.output) or writers[y] != [index] \
+                or y == program.logits or len(users) != 1:
+            continue
+        thr_op = program.ops[users[0]]
+        out = thr_op.output.tensor
+        if thr_op.kind != "threshold" or users[0] < index or not whole(thr_op.inputs[0]) \
+                or thr_op.inputs[0].tensor != y or not whole(thr_op.output) \
+                or writers[out] != [users[0]] or program.tensors[out].kind != "bits" \
+                or any(index < r < users[0] for r in readers.get(out, [])):
+            continue
+        src = program.tensors[conv.inputs[0].tensor]
+        if src.kind != "int":
+            continue
+        out_c = conv.output.channels
+        shape = {"stride": int(conv.attrs["stride"]), "out_channels": out_c}
+        lanes = isa.int_banks(geo.cols, geo.fixed_lanes)
+        if isa.fixed_lanes(lanes, geo.lane, dict(shape, post=isa.Post.THRESHOLD,
+                                                 out_words=_ceil_div(out_c, geo.lane))) \
+                < isa.fixed_lanes(lanes, geo.lane, dict(shape, post=isa.Post.REQUANT,
+                                                        out_words=0)):
+            continue
+        x_low = -(1 << (src.bits - 1)) if src.signed else 0
+        x_high = (1 << (src.bits - (1 if src.signed else 0))) - 1
+        weight = np.asarray(conv.params["weight"]).astype(np.int64)
+        w = weight.reshape(weight.shape[0], -1)
+        # Padding terms add 0, so each term lies between 0 and w * x at either end.
+        acc_high = np.maximum(np.maximum(w * x_low, w * x_high), 0).sum(axis=1)
+        acc_low = np.minimum(np.minimum(w * x_low, w * x_high), 0).sum(axis=1)
+        p, a = conv.params, conv.attrs
+        thr = np.asarray(thr_op.params["threshold"]).reshape(-1)
+        direction = np.asarray(thr_op.params["direction"]).reshape(-1)
+        rewritten = []
+        for o in range(weight.shape[0]):
+            t, d = int(thr[o]), int(direction[o])
+            if d == 0:
+                rewritten.append((int(t != 0), 0))
+                continue
+            mul, bias = int(p["mul"][o]), int(p["bias"][o])
+            shift = np.asarray([int(p["shift"][o])])
+
+            def bit(acc, mul=mul, bias=bias, shift=shift, t=t, d=d):
+                v = torch.as_tensor(acc * mul + bias).view(1, 1, -1, 1)
+                y_of = requantize(v, shift, a["relu"], a["bits"]).view(-1).numpy()
+                return y_of >= t if d > 0 else y_of <= t
+
+            # The bit as acc grows: rising where y grows towards the compare's side.
+            rising = (mul >= 0) == (d > 0)
+            edge = _edge(bit, int(acc_low[o]), int(acc_high[o]), rising)
+            if edge is None:
+                rewritten.append((0, 0))
+            else:
+                rewritten.append((edge, 1 if rising else -1))
+        plans[conv.name] = _ConvToBits(conv.name, thr_op.name, y, thr_op.output, index,
+                                       rewritten)
+    return plans
+
+
 # -- allocation --------------------------------------------------------------------------------
 
-def _allocate(program, geo, spans, planes=None):
+def _allocate(program, geo, spans, planes=None, unstored=()):
     """``{tensor: (memory, base, size)}`` and the peak of each memory. With a bit-plane plan
     the raw image is a bit-plane tensor in BITS, the input op's output is not stored and the
-    conv's output holds the array's counts."""
+    conv's output holds the array's counts. The ``unstored`` tensors (outputs of convs that
+    write their threshold's bits themselves) get no memory."""
     writer = {}
     for op in program.ops:
         writer.setdefault(op.output.tensor, op.name)
     writer.setdefault(program.input, "input")
-    skip = {planes.x} if planes else set()
+    skip = ({planes.x} if planes else set()) | set(unstored)
     for name, spec in program.tensors.items():
         if name not in spans or name in skip:
             continue
@@ -517,11 +662,14 @@ _FIELD_LIMIT = 1 << min(width for name, width, _ in isa.FIXED_FIELDS
 
 
 class _Mapper:
-    def __init__(self, program, geo, allocation, planes=None):
+    def __init__(self, program, geo, allocation, planes=None, to_bits=None):
         self.program = program
         self.geo = geo
         self.allocation = allocation
         self.planes = planes
+        #: {conv name: _ConvToBits}, and the threshold ops they absorb.
+        self.to_bits = to_bits or {}
+        self.absorbed = {plan.threshold for plan in self.to_bits.values()}
 
     def spec(self, s):
         return self.program.tensors[s.tensor]
@@ -603,6 +751,11 @@ class _Mapper:
                 return _Lowered(isa.Opcode.NOP, {}, cycles=isa.SEQUENCER_CYCLES - 1)
             if op.name == self.planes.conv:
                 return self._bitplane_conv(op)
+        if op.name in self.to_bits:
+            return self._conv(op, self.to_bits[op.name])
+        if op.name in self.absorbed:
+            # The conv before it wrote its bits (_plan_conv_to_bits).
+            return _Lowered(isa.Opcode.NOP, {}, cycles=isa.SEQUENCER_CYCLES - 1)
         method = getattr(self, f"_{kind}", None)
         if method is None:
             raise CompileError(f"{op.name}: the device has no operation {kind!r}")
@@ -629,7 +782,9 @@ class _Mapper:
             param.update(mul=1 << int(op.attrs["shift"]), bias=-int(zero[o]), shift=0)
         return low
 
-    def _conv(self, op):
+    def _conv(self, op, to_bits=None):
+        """A fixed-point conv; with ``to_bits`` (a :class:`_ConvToBits`) it compares its
+        accumulator with the rewritten thresholds and writes the threshold op's bits."""
         a, src = op.attrs, op.inputs[0]
         weight = np.asarray(op.params["weight"])
         out_c, per_group, k, k2 = weight.shape
@@ -644,11 +799,19 @@ class _Mapper:
                                f"groups")
         base, plane = self.ints(op, src), self.plane(src)
         offsets = [base + (o // (out_c // groups)) * per_group * plane for o in range(out_c)]
-        low = self.fixed(op, kernel=k, stride=int(a["stride"]), pad=int(a["padding"]),
-                         terms_c=per_group, multiply=1, post=isa.Post.REQUANT,
-                         relu=int(a["relu"]), bits=int(a["bits"]),
-                         coef_ostride=per_group * k * k, in_offsets=offsets)
-        self.requant_params(low, op, out_c)
+        common = dict(kernel=k, stride=int(a["stride"]), pad=int(a["padding"]),
+                      terms_c=per_group, multiply=1, coef_ostride=per_group * k * k,
+                      in_offsets=offsets)
+        if to_bits is None:
+            low = self.fixed(op, post=isa.Post.REQUANT, relu=int(a["relu"]),
+                             bits=int(a["bits"]), **common)
+            self.requant_params(low, op, out_c)
+        else:
+            low = self.fixed(dataclasses.replace(op, output=to_bits.bits),
+                             post=isa.Post.THRESHOLD, src=src, **common)
+            thr, direction = np.array(to_bits.thresholds, np.int64).reshape(-1, 2).T
+            # The accumulator's compare (no element_width clipping: it is not stored).
+            self.threshold_params(low, op, thr, direction, width=None)
         # Flattened (o, tc, ky, kx): term t = (tc * k + ky) * k + kx of output o.
         low.coefs = [int(v) for v in weight.reshape(-1)]
         return low
@@ -669,14 +832,24 @@ class _Mapper:
         if self.planes is not None and op.name in self.planes.thresholds:
             # It compares the bit-plane conv's counts (_plan_bitplanes).
             thr, direction = np.array(self.planes.thresholds[op.name], np.int64).T
+        self.threshold_params(low, op, thr, direction, width=self.geo.element_width)
+        return low
+
+    @staticmethod
+    def threshold_params(low, op, thr, direction, width):
+        """PARAM ``threshold``/``direction`` per channel; ``width``: the compared values'
+        signed width (thresholds beyond it become constants), None for an accumulator."""
         low_t, high_t = isa.PARAM.range("threshold")
         for o, param in enumerate(low.params):
-            t, d = encode_threshold(thr[o], direction[o], self.geo.element_width)
+            t, d = int(thr[o]), int(direction[o])
+            if d == 0:
+                t = int(t != 0)
+            elif width is not None:
+                t, d = encode_threshold(t, d, width)
             if not low_t <= t <= high_t:
                 raise CompileError(f"{op.name}: channel {o}'s threshold {t} does not fit the "
                                    f"PARAM threshold field [{low_t}, {high_t}]")
             param.update(threshold=t, direction=d)
-        return low
 
     def _maxpool(self, op):
         a = op.attrs
@@ -838,13 +1011,20 @@ def generate(program, config):
         raise CompileError(f"program: {len(program.ops)} ops do not fit the PROGRAM memory "
                            f"({geo.program_depth} descriptors)")
     planes, fallback = _plan_bitplanes(program, geo)
+    to_bits = _plan_conv_to_bits(program, geo, skip={planes.conv} if planes else ())
     spans = lifetimes(program)
     if planes is not None:
         # The BCONV reads the raw image where the golden conv read the input op's output.
         spans[program.input] = (spans[program.input][0],
                                 max(spans[program.input][1], planes.conv_index))
-    allocation, peaks = _allocate(program, geo, spans, planes)
-    mapper = _Mapper(program, geo, allocation, planes)
+    for plan in to_bits.values():
+        # The conv writes the threshold's bits, and its own output is never stored.
+        first, last = spans[plan.bits.tensor]
+        spans[plan.bits.tensor] = (min(first, plan.conv_index), last)
+        del spans[plan.y]
+    allocation, peaks = _allocate(program, geo, spans, planes,
+                                  unstored=[plan.y for plan in to_bits.values()])
+    mapper = _Mapper(program, geo, allocation, planes, to_bits)
     lowered = [mapper.lower(op) for op in program.ops]
 
     capacity = {"WEIGHTS": geo.weight_depth, "COEFS": geo.coef_depth,
@@ -925,4 +1105,4 @@ def generate(program, config):
         logits_base=allocation[program.logits][1], logits_count=logits.elements,
         allocation=allocation, ints_used=peaks["INTS"], bits_used=peaks["BITS"],
         input_memory=input_memory, bitplanes=planes.conv if planes else None,
-        bitplane_fallback=fallback, lifetimes=spans)
+        bitplane_fallback=fallback, lifetimes=spans, convs_to_bits=tuple(to_bits))
