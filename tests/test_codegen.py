@@ -113,6 +113,64 @@ def test_nets_cover_every_op_form():
             ("pool pad", True)} <= forms
 
 
+def _unit_words(op):
+    """COEFS words of the smallest piece a fixed-point conv can be split into (one output
+    channel, or one group's)."""
+    weight = np.asarray(op.params["weight"])
+    groups = int(op.attrs["groups"])
+    per_channel = int(np.prod(weight.shape[1:]))
+    return per_channel * (weight.shape[0] // groups if groups > 1 else 1)
+
+
+@pytest.mark.parametrize("name", list(NETS))
+def test_ops_too_big_for_a_memory_are_split_and_stay_exact(name):
+    """With WEIGHTS and COEFS half as large as the largest op's own data, those ops run as
+    pieces of consecutive output channels (whole row tiles, whole groups) that each fit; the
+    result equals golden's."""
+    program = compiled(name, 1)
+    full = generate(program, CONFIG)
+    assert full.split == {} and full.program is program
+    tile = max(info.fields.get("bconv_k_words", 0) for info in full.ops)
+    unit = max([_unit_words(op) for op in program.ops if op.kind == "conv"], default=1)
+    weights = max(info.weight_words for info in full.ops)
+    coefs = max(info.coef_words for info in full.ops)
+    tiny = config(weight_depth=max(tile, weights // 2), coef_depth=max(unit, coefs // 2, 1))
+    dp = generate(program, tiny)
+    assert dp.split, "nothing was split"
+    pieces = [piece for names in dp.split.values() for piece in names]
+    assert [op.name for op in dp.ops if op.name in pieces] == pieces
+    assert len(dp.ops) == len(program.ops) + len(pieces) - len(dp.split)
+    assert all(op.weight_words <= tiny.weight_depth and op.coef_words <= tiny.coef_depth
+               for op in dp.ops)
+    check_exact(program, dp, images_for(name, 1))
+
+
+@pytest.mark.parametrize("kind", ["requant", "threshold-bconv", "bconv-add"])
+def test_single_ops_split_by_output_channels(kind):
+    """A requant with more channels than PARAMS records, and binary convs (written, or added
+    into their output) with more row tiles than WEIGHTS words, split into pieces; exact."""
+    program, images = single_op_program(kind, 3)
+    full = generate(program, CONFIG)
+    name = next(op.name for op in program.ops if op.kind == kind.split("-")[-1]
+                or (kind == "bconv-add" and op.mode == "add"))
+    info = next(op for op in full.ops if op.name == name)
+    if kind == "requant":
+        tiny = config(param_depth=max(1, info.param_words // 2))
+    else:
+        tiny = config(weight_depth=info.fields["bconv_k_words"])
+    dp = generate(program, tiny)
+    assert len(dp.split.get(name, [])) > 1, dp.split
+    check_exact(program, dp, torch.as_tensor(images))
+
+
+def test_an_op_that_cannot_be_split_small_enough_is_refused():
+    program, _ = single_op_program("threshold-bconv", 3)
+    full = generate(program, CONFIG)
+    info = next(op for op in full.ops if op.opcode == isa.Opcode.BCONV)
+    with pytest.raises(CompileError, match=f"{re.escape(info.name)}.*WEIGHTS"):
+        generate(program, config(weight_depth=info.fields["bconv_k_words"] - 1))
+
+
 @pytest.mark.parametrize("name", list(NETS))
 def test_segments_split_and_stay_exact(name):
     program = compiled(name, 1)
@@ -256,11 +314,11 @@ def test_activation_memory_overflow(memory, change):
 @pytest.mark.parametrize("kind, memory, change", [
     ("bconv", "WEIGHTS", {"weight_depth": 1}),
     ("conv", "COEFS", {"coef_depth": 8}),
-    ("conv", "PARAMS", {"param_depth": 1}),
+    (None, "PARAMS", {"param_depth": 1}),   # the first op that cannot be split to fit
 ])
 def test_op_whose_data_does_not_fit(kind, memory, change):
     program = compiled("melius", 0)
-    name = first_op(program, kind).name
+    name = re.escape(first_op(program, kind).name) if kind else r"[\w.]+"
     with pytest.raises(CompileError, match=rf"^{name}: its \d+ {memory} words do not fit"):
         generate(program, config(**change))
 

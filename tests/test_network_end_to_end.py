@@ -154,6 +154,27 @@ def test_weight_streaming_is_bit_exact(board):
             accelerator.infer_batch([images[0], images[0][:, :4]])
 
 
+@pytest.mark.parametrize("kind", ["threshold-bconv", "bconv-add"])
+def test_ops_split_to_fit_the_weight_memory_are_bit_exact(board, kind):
+    """With WEIGHTS a little larger than one row tile, a binary conv (written, or added into
+    its output) runs as pieces of whole row tiles (sw.compile.split), streamed segment by
+    segment; the logits equal golden's and every counter its timing model."""
+    program, images = single_op_program(kind, 3)
+    full = generate(program, CONFIG)
+    k_words = max(op.fields.get("bconv_k_words", 0) for op in full.ops)
+    small = CONFIG.replace(weight_depth=k_words + 1)
+    expected = golden.run(program, torch.as_tensor(images)).numpy()
+    with open_device(board) as device:
+        accelerator = Accelerator(device, program, budget=small)
+        dp = accelerator.device_program
+        assert dp.split and len(dp.segments) > 1
+        predicted = [op.cycles for op in dp.ops]
+        for index, image in enumerate(images):
+            result = accelerator.infer(image)
+            assert np.array_equal(result.logits, expected[index])
+            assert result.op_cycles == predicted
+
+
 def test_cnv_shaped_network_with_a_bit_plane_first_layer(board):
     """CNV-W1A1 in miniature (tests/device_programs.cnv_like_program, here with padding and
     stride 2): 8-bit pixels, a 3x3 conv with +-1 weights as bit-planes on the array,

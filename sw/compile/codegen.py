@@ -22,7 +22,8 @@ Memories (attributes of a :class:`hw.config.DeviceConfig`, or of a device's INFO
   the ops' data. When it does not all fit, the program is split into **segments** of
   consecutive ops whose data fits; each segment's data starts at address 0 and the host loads
   it before the segment runs (weight streaming). Binary convs of one segment with identical
-  weights (ABC-Net's activation bases) share one WEIGHTS block.
+  weights (ABC-Net's activation bases) share one WEIGHTS block. An op whose own data does not
+  fit is first split along its output channels into ops that do (:mod:`.split`).
 * PROGRAM (``program_depth`` descriptors): all ops' descriptors, loaded once.
 
 Memory images are lists of unsigned words as the host writes them: WEIGHTS words of
@@ -39,6 +40,7 @@ from sw import isa, packing
 
 from .lower import CompileError
 from .plan import first_fit, lifetimes
+from .split import split_for_memories
 
 __all__ = [
     "COEF_WIDTH", "DeviceProgram", "Geometry", "OpInfo", "Segment",
@@ -173,6 +175,11 @@ class DeviceProgram:
     bitplane_fallback : str or None
         Why no ``conv`` runs as bit-planes, where the program has an ``input`` op followed by
         a conv (None when one does or there is none).
+    program : sw.compile.ir.Program
+        The program generated: the one given, with the ops whose data did not fit a memory
+        split along their output channels (:mod:`.split`); :attr:`ops` follow its ops.
+    split : dict
+        ``{op name: [piece names]}`` of the ops split.
     convs_to_bits : tuple of str
         The fixed-point ``conv`` ops that write their threshold's bits themselves (post
         THRESHOLD on the accumulator; the threshold op is a NOP and the conv's output is not
@@ -197,6 +204,8 @@ class DeviceProgram:
     bitplanes: str = None
     bitplane_fallback: str = None
     lifetimes: dict = None
+    program: object = None
+    split: dict = dataclasses.field(default_factory=dict)
     convs_to_bits: tuple = ()
 
     def input_words(self, image):
@@ -1007,6 +1016,7 @@ def generate(program, config):
     """
     program = getattr(program, "program", program)
     geo = Geometry.from_config(config)
+    program, split = split_for_memories(program, geo)
     if len(program.ops) > geo.program_depth:
         raise CompileError(f"program: {len(program.ops)} ops do not fit the PROGRAM memory "
                            f"({geo.program_depth} descriptors)")
@@ -1105,4 +1115,5 @@ def generate(program, config):
         logits_base=allocation[program.logits][1], logits_count=logits.elements,
         allocation=allocation, ints_used=peaks["INTS"], bits_used=peaks["BITS"],
         input_memory=input_memory, bitplanes=planes.conv if planes else None,
-        bitplane_fallback=fallback, lifetimes=spans, convs_to_bits=tuple(to_bits))
+        bitplane_fallback=fallback, lifetimes=spans, program=program, split=split,
+        convs_to_bits=tuple(to_bits))
