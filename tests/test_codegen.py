@@ -163,6 +163,22 @@ def test_single_ops_split_by_output_channels(kind):
     check_exact(program, dp, torch.as_tensor(images))
 
 
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_counts_too_big_for_ints_run_piece_by_piece(seed):
+    """CNV's pattern, a binary conv's counts read only by the max pool after it: with INTS one
+    element too small for the whole program, the conv and the pool run piece by piece through
+    a tensor of half the channels (whole row tiles); exact."""
+    program, images = cnv_like_program(60 + seed, weights="int8")
+    full = generate(program, config(max_depth=8192))
+    assert full.convs_to_bits == ("conv1",)
+    dp = generate(program, config(max_depth=8192, int_depth=full.ints_used - 1))
+    assert set(dp.split) == {"conv2", "conv2.pool"}
+    assert program.tensors["conv2"].shape[0] > dp.program.tensors["conv2.piece"].shape[0]
+    assert dp.program.tensors["conv2.piece"].shape[0] % CONFIG.rows == 0
+    assert "conv2" not in dp.allocation and dp.ints_used < full.ints_used
+    check_every_tensor(program, dp, images)
+
+
 def test_an_op_that_cannot_be_split_small_enough_is_refused():
     program, _ = single_op_program("threshold-bconv", 3)
     full = generate(program, CONFIG)
@@ -518,8 +534,10 @@ def check_every_tensor(program, dp, images, fill=None):
     """Logits and every bits tensor of the isa model (read right after the op that writes
     it) equal golden's, image by image."""
     logits, steps = golden.run(program, torch.as_tensor(images), return_intermediates=True)
-    writes_bits = {i: op.name for i, op in enumerate(program.ops)
-                   if program.tensors[op.output.tensor].kind == "bits"}
+    # The device program's ops (some maybe split into pieces; thresholds never are).
+    generated = dp.program
+    writes_bits = {i: op.name for i, op in enumerate(generated.ops)
+                   if generated.tensors[op.output.tensor].kind == "bits"}
     assert writes_bits
     for index, image in enumerate(images):
         compared = []
@@ -528,7 +546,7 @@ def check_every_tensor(program, dp, images, fill=None):
             if i in writes_bits:
                 name = writes_bits[i]
                 np.testing.assert_array_equal(
-                    bits_tensor(machine, dp, program, program.ops[i].output.tensor),
+                    bits_tensor(machine, dp, program, generated.ops[i].output.tensor),
                     steps[name][index].numpy(), err_msg=name)
                 compared.append(name)
 

@@ -175,6 +175,25 @@ def test_ops_split_to_fit_the_weight_memory_are_bit_exact(board, kind):
             assert result.op_cycles == predicted
 
 
+def test_counts_too_big_for_ints_run_piece_by_piece_on_the_device(board):
+    """A binary conv's counts and the max pool reading them (CNV's pattern) run piece by piece
+    through a tensor of half the channels when INTS is a little too small for the whole
+    program (sw.compile.split.split_activation); logits and counters exact."""
+    program, images = cnv_like_program(61, weights="int8")
+    full = generate(program, CONFIG)
+    # The INTS depth must be a multiple of the banks (8).
+    small = CONFIG.replace(int_depth=(full.ints_used - 1) // 8 * 8)
+    expected = golden.run(program, torch.as_tensor(images)).numpy()
+    with open_device(board) as device:
+        accelerator = Accelerator(device, program, budget=small)
+        dp = accelerator.device_program
+        assert set(dp.split) == {"conv2", "conv2.pool"}
+        for index, image in enumerate(images):
+            result = accelerator.infer(image)
+            assert np.array_equal(result.logits, expected[index])
+            assert result.op_cycles == [op.cycles for op in dp.ops]
+
+
 def test_cnv_shaped_network_with_a_bit_plane_first_layer(board):
     """CNV-W1A1 in miniature (tests/device_programs.cnv_like_program, here with padding and
     stride 2): 8-bit pixels, a 3x3 conv with +-1 weights as bit-planes on the array,

@@ -40,7 +40,7 @@ from sw import isa, packing
 
 from .lower import CompileError
 from .plan import first_fit, lifetimes
-from .split import split_for_memories
+from .split import split_activation, split_for_memories
 
 __all__ = [
     "COEF_WIDTH", "DeviceProgram", "Geometry", "OpInfo", "Segment",
@@ -597,6 +597,15 @@ def _plan_conv_to_bits(program, geo, skip=()):
 
 # -- allocation --------------------------------------------------------------------------------
 
+class _Overflow(CompileError):
+    """A tensor does not fit its activation memory (``memory``, ``tensor``) after ``placed``
+    tensors did (in order of first write)."""
+
+    def __init__(self, message, memory, tensor, placed):
+        super().__init__(message)
+        self.memory, self.tensor, self.placed = memory, tensor, placed
+
+
 def _allocate(program, geo, spans, planes=None, unstored=()):
     """``{tensor: (memory, base, size)}`` and the peak of each memory. With a bit-plane plan
     the raw image is a bit-plane tensor in BITS, the input op's output is not stored and the
@@ -643,10 +652,10 @@ def _allocate(program, geo, spans, planes=None, unstored=()):
         offset = first_fit(placed[memory], start, end, size)
         if offset + size > depth[memory]:
             unit = "elements" if memory == "INTS" else "words"
-            raise CompileError(
+            raise _Overflow(
                 f"{writer.get(name, name)}: tensor {name!r} ({size} {unit}) overflows the "
                 f"{memory} memory: it would end at {offset + size}, the device has "
-                f"{depth[memory]} {unit}")
+                f"{depth[memory]} {unit}", memory, name, len(allocation))
         placed[memory].append((start, end, offset, size))
         allocation[name] = (memory, offset, size)
     peaks = {m: max((off + sz for _, _, off, sz in placed[m]), default=0) for m in placed}
@@ -1017,9 +1026,45 @@ def generate(program, config):
     program = getattr(program, "program", program)
     geo = Geometry.from_config(config)
     program, split = split_for_memories(program, geo)
-    if len(program.ops) > geo.program_depth:
-        raise CompileError(f"program: {len(program.ops)} ops do not fit the PROGRAM memory "
-                           f"({geo.program_depth} descriptors)")
+    while True:
+        try:
+            return _generate(program, geo, split)
+        except _Overflow as error:
+            if error.memory != "INTS":
+                raise
+            smaller = _split_to_fit(program, geo, error)
+            if smaller is None:
+                raise
+            program, split = smaller[0], {**split, **smaller[1]}
+
+
+def _split_to_fit(program, geo, error):
+    """``(program, split)`` with one int tensor live beside the one that overflowed INTS
+    (``error``; itself included, the largest first) run piece by piece through a smaller one
+    (:func:`.split.split_activation`, as few pieces as needed), such that the allocation gets
+    further than it did; or None."""
+    spans = lifetimes(program)
+    first, last = spans[error.tensor]
+    live = [name for name, (start, end) in spans.items()
+            if program.tensors[name].kind == "int" and not (end < first or last < start)]
+    for name in sorted(live, key=lambda n: -program.tensors[n].elements):
+        for pieces in (2, 4, 8, 16, 32, 64):
+            smaller = split_activation(program, name, pieces, geo)
+            if smaller is None:
+                break
+            try:
+                _place(smaller[0], geo)
+            except _Overflow as again:
+                if again.memory != "INTS" or again.placed > error.placed:
+                    return smaller
+                continue
+            return smaller
+    return None
+
+
+def _place(program, geo):
+    """The bit-plane and conv-to-bits plans, the lifetimes and the activation memories'
+    allocation: ``(planes, fallback, to_bits, spans, allocation, peaks)``."""
     planes, fallback = _plan_bitplanes(program, geo)
     to_bits = _plan_conv_to_bits(program, geo, skip={planes.conv} if planes else ())
     spans = lifetimes(program)
@@ -1034,6 +1079,15 @@ def generate(program, config):
         del spans[plan.y]
     allocation, peaks = _allocate(program, geo, spans, planes,
                                   unstored=[plan.y for plan in to_bits.values()])
+    return planes, fallback, to_bits, spans, allocation, peaks
+
+
+def _generate(program, geo, split):
+    """:func:`generate` for a program whose ops' own data fit (``split``: the pieces)."""
+    if len(program.ops) > geo.program_depth:
+        raise CompileError(f"program: {len(program.ops)} ops do not fit the PROGRAM memory "
+                           f"({geo.program_depth} descriptors)")
+    planes, fallback, to_bits, spans, allocation, peaks = _place(program, geo)
     mapper = _Mapper(program, geo, allocation, planes, to_bits)
     lowered = [mapper.lower(op) for op in program.ops]
 

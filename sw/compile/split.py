@@ -21,6 +21,11 @@ Split op kinds and their data per output channel:
 A ``threshold`` is not split: it writes whole bits tensors (a BITS word holds many channels).
 
 A piece is named ``<op>[<first>:<stop>]`` after its output channels.
+
+An int tensor too big for INTS can be split the same way when one conv makes it and one
+per-channel op right after it is its only reader (a binary conv's counts and their max pool,
+CNV's pattern): :func:`split_activation` runs the pair piece by piece through a smaller
+tensor, ``<tensor>.piece``, holding one piece's channels.
 """
 
 import dataclasses
@@ -29,7 +34,10 @@ import numpy as np
 
 from .ir import Program, Slice
 
-__all__ = ["split_for_memories"]
+__all__ = ["split_activation", "split_for_memories"]
+
+#: Ops whose output channel ``o`` depends only on input channel ``o`` (and its parameters).
+_PER_CHANNEL = ("maxpool", "requant", "gap")
 
 
 def _ceil_div(a, b):
@@ -82,7 +90,7 @@ def _piece(op, lo, hi):
         inputs = [Slice(src.tensor, src.start + first * per_group_in,
                         src.start + stop * per_group_in)]
         attrs["groups"] = stop - first
-    elif op.kind in ("input", "requant"):
+    elif op.kind in ("input", "requant", *_PER_CHANNEL):
         src = op.inputs[0]
         inputs = [Slice(src.tensor, src.start + lo, src.start + hi)]
     return dataclasses.replace(op, name=name, inputs=inputs, output=out, attrs=attrs,
@@ -121,3 +129,61 @@ def split_for_memories(program, geo):
     if not split:
         return program, split
     return Program(program.tensors, ops, program.input, program.logits), split
+
+
+def split_activation(program, tensor, pieces, geo):
+    """``(program, split)`` with the int tensor ``tensor`` replaced by one of about
+    ``1 / pieces`` of its channels: its writer and its reader run piece by piece, or None when
+    the pattern does not hold or the tensor cannot be split that small.
+
+    The pattern: one ``bconv`` or ungrouped fixed-point ``conv`` writes all of ``tensor``
+    (mode write; it is not the logits), and the next op, a per-channel op (max pool,
+    requantization, global pool) that writes (mode write) an int tensor, reads all of it and
+    is its only reader. Pieces of the writer take whole row tiles (``geo.rows`` channels).
+    """
+    ops = program.ops
+    spec = program.tensors[tensor]
+    writers = [i for i, op in enumerate(ops) if op.output.tensor == tensor]
+    readers = [i for i, op in enumerate(ops) if any(s.tensor == tensor for s in op.inputs)]
+    if spec.kind != "int" or tensor == program.logits or len(writers) != 1 \
+            or readers != [writers[0] + 1]:
+        return None
+    index = writers[0]
+    writer, reader = ops[index], ops[index + 1]
+    channels = spec.shape[0]
+
+    def whole(sl):
+        return sl.start == 0 and sl.stop == program.tensors[sl.tensor].shape[0]
+
+    if writer.kind not in ("bconv", "conv") or writer.mode != "write" \
+            or not whole(writer.output) \
+            or (writer.kind == "conv" and int(writer.attrs.get("groups", 1)) != 1) \
+            or reader.kind not in _PER_CHANNEL or reader.mode != "write" \
+            or len(reader.inputs) != 1 or not whole(reader.inputs[0]) \
+            or program.tensors[reader.output.tensor].kind != "int":
+        return None
+    step = geo.rows if writer.kind == "bconv" else 1
+    units = _ceil_div(channels, step)
+    if pieces > units:
+        return None
+    per = _ceil_div(units, pieces) * step
+    if per >= channels:
+        return None
+    piece_name = f"{tensor}.piece"
+    tensors = dict(program.tensors)
+    tensors[piece_name] = dataclasses.replace(spec, name=piece_name,
+                                              shape=(per, *spec.shape[1:]),
+                                              scale=None if spec.scale is None
+                                              else np.asarray(spec.scale)[:per])
+    new_ops, names = [], []
+    for lo in range(0, channels, per):
+        hi = min(lo + per, channels)
+        first = _piece(writer, lo, hi)
+        first = dataclasses.replace(first, output=Slice(piece_name, 0, hi - lo))
+        second = _piece(reader, lo, hi)
+        second = dataclasses.replace(second, inputs=[Slice(piece_name, 0, hi - lo)])
+        new_ops += [first, second]
+        names += [first.name, second.name]
+    ops = ops[:index] + new_ops + ops[index + 2:]
+    split = {writer.name: names[0::2], reader.name: names[1::2]}
+    return Program(tensors, ops, program.input, program.logits), split
