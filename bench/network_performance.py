@@ -119,7 +119,7 @@ def run_network(name, program, images, config, images_to_run, batch):
     wall = time.monotonic() - started
     counters = results[-1].op_cycles
     total = sum(counters)
-    figures = op_figures(program, dp, config)
+    figures = op_figures(dp.program, dp, config)
     layers = []
     for figure, cycles in zip(figures, counters):
         layer = dict(figure, cycles=int(cycles), share=round(cycles / total, 4))

@@ -148,7 +148,8 @@ def single_op_program(kind, seed):
 
 
 def cnv_like_program(seed, *, channels=3, pad=0, stride=1, shift=0, zero=False, out1=8,
-                     weights="sign", consumer="threshold", image_bits=8, groups=1):
+                     weights="sign", consumer="threshold", image_bits=8, groups=1,
+                     pool_readers=1):
     """``(program, raw images (4, C, S, S))``: CNV-W1A1 in miniature, its first layer
     possibly running on the array as bit-planes (sw.compile.codegen).
 
@@ -160,7 +161,8 @@ def cnv_like_program(seed, *, channels=3, pad=0, stride=1, shift=0, zero=False, 
     logits (10 counts). ``consumer="maxpool"`` pools conv1's output (3x3, stride 1, padding
     1) before its threshold (then conv1 cannot run as bit-planes). The image size ``S`` is
     chosen so that conv1 makes 8x8. The images are random, with one all-0 and one all-255
-    (the largest pixel) image.
+    (the largest pixel) image. ``pool_readers=2`` adds a second threshold of conv2's pooled
+    counts (its bits unused), so that conv2 cannot run straight to bits.
     """
     b = _Builder(seed)
     rng = b.rng
@@ -211,6 +213,12 @@ def cnv_like_program(seed, *, channels=3, pad=0, stride=1, shift=0, zero=False, 
             b.op("threshold", f"{name}.act", [counts], bits,
                  params={"threshold": rng.integers(fan_in // 3, 2 * fan_in // 3 + 1, out_c),
                          "direction": np.ones(out_c, np.int64)})
+            if name == "conv2" and pool_readers > 1:
+                copy = b.tensor("conv2.copy", (out_c, side, side), kind="bits", bits=1,
+                                signed=False)
+                b.op("threshold", "conv2.copy", [counts], copy,
+                     params={"threshold": np.full(out_c, fan_in // 2),
+                             "direction": np.ones(out_c, np.int64)})
         channels_in = out_c
     program = Program(b.tensors, b.ops, "image", "logits")
     top = (1 << image_bits) - 1

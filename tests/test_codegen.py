@@ -114,6 +114,82 @@ def test_nets_cover_every_op_form():
             ("pool pad", True)} <= forms
 
 
+def _unit_words(op):
+    """COEFS words of the smallest piece a fixed-point conv can be split into (one output
+    channel, or one group's)."""
+    weight = np.asarray(op.params["weight"])
+    groups = int(op.attrs["groups"])
+    per_channel = int(np.prod(weight.shape[1:]))
+    return per_channel * (weight.shape[0] // groups if groups > 1 else 1)
+
+
+@pytest.mark.parametrize("name", list(NETS))
+def test_ops_too_big_for_a_memory_are_split_and_stay_exact(name):
+    """With WEIGHTS and COEFS half as large as the largest op's own data, those ops run as
+    pieces of consecutive output channels (whole row tiles, whole groups) that each fit; the
+    result equals golden's."""
+    program = compiled(name, 1)
+    full = generate(program, CONFIG)
+    assert full.split == {} and full.program is program
+    tile = max(info.fields.get("bconv_k_words", 0) for info in full.ops)
+    unit = max([_unit_words(op) for op in program.ops if op.kind == "conv"], default=1)
+    weights = max(info.weight_words for info in full.ops)
+    coefs = max(info.coef_words for info in full.ops)
+    tiny = config(weight_depth=max(tile, weights // 2), coef_depth=max(unit, coefs // 2, 1))
+    dp = generate(program, tiny)
+    assert dp.split, "nothing was split"
+    pieces = [piece for names in dp.split.values() for piece in names]
+    assert [op.name for op in dp.ops if op.name in pieces] == pieces
+    assert len(dp.ops) == len(program.ops) + len(pieces) - len(dp.split)
+    assert all(op.weight_words <= tiny.weight_depth and op.coef_words <= tiny.coef_depth
+               for op in dp.ops)
+    check_exact(program, dp, images_for(name, 1))
+
+
+@pytest.mark.parametrize("kind", ["requant", "threshold-bconv", "bconv-add"])
+def test_single_ops_split_by_output_channels(kind):
+    """A requant with more channels than PARAMS records, and binary convs (written, or added
+    into their output) with more row tiles than WEIGHTS words, split into pieces; exact."""
+    program, images = single_op_program(kind, 3)
+    full = generate(program, CONFIG)
+    name = next(op.name for op in program.ops if op.kind == kind.split("-")[-1]
+                or (kind == "bconv-add" and op.mode == "add"))
+    info = next(op for op in full.ops if op.name == name)
+    if kind == "requant":
+        tiny = config(param_depth=max(1, info.param_words // 2))
+    else:
+        tiny = config(weight_depth=info.fields["bconv_k_words"])
+    dp = generate(program, tiny)
+    assert len(dp.split.get(name, [])) > 1, dp.split
+    check_exact(program, dp, torch.as_tensor(images))
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_counts_too_big_for_ints_run_piece_by_piece(seed):
+    """CNV's pattern, a binary conv's counts read only by the max pool after it: with INTS one
+    element too small for the whole program, the conv and the pool run piece by piece through
+    a tensor of half the channels (whole row tiles); exact. (Three columns: the pool cannot
+    run inside the conv's tiles, so conv2 does not go straight to bits and its counts do go
+    to INTS.)"""
+    program, images = cnv_like_program(60 + seed, weights="int8")
+    full = generate(program, config(max_depth=8192, cols=3))
+    assert full.convs_to_bits == ("conv1",) and "conv2" in full.fusion_fallback
+    dp = generate(program, config(max_depth=8192, cols=3, int_depth=full.ints_used - 1))
+    assert set(dp.split) == {"conv2", "conv2.pool"}
+    assert program.tensors["conv2"].shape[0] > dp.program.tensors["conv2.piece"].shape[0]
+    assert dp.program.tensors["conv2.piece"].shape[0] % CONFIG.rows == 0
+    assert "conv2" not in dp.allocation and dp.ints_used < full.ints_used
+    check_every_tensor(program, dp, images)
+
+
+def test_an_op_that_cannot_be_split_small_enough_is_refused():
+    program, _ = single_op_program("threshold-bconv", 3)
+    full = generate(program, CONFIG)
+    info = next(op for op in full.ops if op.opcode == isa.Opcode.BCONV)
+    with pytest.raises(CompileError, match=f"{re.escape(info.name)}.*WEIGHTS"):
+        generate(program, config(weight_depth=info.fields["bconv_k_words"] - 1))
+
+
 @pytest.mark.parametrize("name", list(NETS))
 def test_segments_split_and_stay_exact(name):
     program = compiled(name, 1)
@@ -257,11 +333,11 @@ def test_activation_memory_overflow(memory, change):
 @pytest.mark.parametrize("kind, memory, change", [
     ("bconv", "WEIGHTS", {"weight_depth": 1}),
     ("conv", "COEFS", {"coef_depth": 8}),
-    ("conv", "PARAMS", {"param_depth": 1}),
+    (None, "PARAMS", {"param_depth": 1}),   # the first op that cannot be split to fit
 ])
 def test_op_whose_data_does_not_fit(kind, memory, change):
     program = compiled("melius", 0)
-    name = first_op(program, kind).name
+    name = re.escape(first_op(program, kind).name) if kind else r"[\w.]+"
     with pytest.raises(CompileError, match=rf"^{name}: its \d+ {memory} words do not fit"):
         generate(program, config(**change))
 
@@ -461,8 +537,10 @@ def check_every_tensor(program, dp, images, fill=None):
     """Logits and every bits tensor of the isa model (read right after the op that writes
     it) equal golden's, image by image."""
     logits, steps = golden.run(program, torch.as_tensor(images), return_intermediates=True)
-    writes_bits = {i: op.name for i, op in enumerate(program.ops)
-                   if program.tensors[op.output.tensor].kind == "bits"}
+    # The device program's ops (some maybe split into pieces; thresholds never are).
+    generated = dp.program
+    writes_bits = {i: op.name for i, op in enumerate(generated.ops)
+                   if generated.tensors[op.output.tensor].kind == "bits"}
     assert writes_bits
     for index, image in enumerate(images):
         compared = []
@@ -471,7 +549,7 @@ def check_every_tensor(program, dp, images, fill=None):
             if i in writes_bits:
                 name = writes_bits[i]
                 np.testing.assert_array_equal(
-                    bits_tensor(machine, dp, program, program.ops[i].output.tensor),
+                    bits_tensor(machine, dp, program, generated.ops[i].output.tensor),
                     steps[name][index].numpy(), err_msg=name)
                 compared.append(name)
 
@@ -590,6 +668,95 @@ def test_bitplane_fallbacks_stay_on_the_fixed_point_unit(name):
     ops = {op.name: op for op in dp.ops}
     assert ops["input"].opcode == ops["conv1"].opcode == isa.Opcode.FIXED
     check_every_tensor(program, dp, images[:2])
+
+
+CONV_TO_BITS_VARIANTS = {
+    "valid": {},
+    "padded": {"pad": 1},
+    "grouped": {"groups": 3, "out1": 9},
+    "normalized": {"shift": 2, "zero": True},
+}
+
+
+@pytest.mark.parametrize("variant", list(CONV_TO_BITS_VARIANTS))
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_a_fixed_point_conv_writes_its_thresholds_bits(variant, seed):
+    """A fixed-point conv (int8 weights) whose output only a threshold reads compares its
+    accumulator with rewritten thresholds and writes the bits itself: its output gets no
+    memory, the threshold op is a NOP, and every bits tensor and the logits equal golden's
+    (random requantizations with negative multipliers, saturation and ReLU; all three
+    threshold directions)."""
+    program, images = cnv_like_program(40 + seed, weights="int8",
+                                       **CONV_TO_BITS_VARIANTS[variant])
+    dp = generate(program, config(max_depth=8192))
+    assert dp.convs_to_bits == ("conv1",)
+    assert "conv1" not in dp.allocation
+    ops = {op.name: op for op in dp.ops}
+    assert ops["conv1"].opcode == isa.Opcode.FIXED
+    assert ops["conv1"].fields["fixed_post"] == isa.Post.THRESHOLD
+    assert ops["conv1.act"].opcode == isa.Opcode.NOP
+    steps = check_every_tensor(program, dp, images)
+    act = steps["conv1.act"]
+    assert 0 < int(act.sum()) < act.numel()
+
+
+def test_conv_to_bits_thresholds_are_exact_for_every_accumulator():
+    """A 1x1 conv of one channel with weight ``w`` accumulates ``w * x``; an image of every
+    pixel value (``x = raw - 128``) reaches every accumulator, so the rewritten compares are
+    checked against golden at each, for requantizations with negative, zero and positive
+    multipliers, rounding shifts, saturation, ReLU, zero weights, and thresholds inside and
+    beyond the range in all three directions."""
+    rng = np.random.default_rng(12)
+    checked = 0
+    for relu, bits in [(0, 4), (1, 4), (0, 12), (1, 9), (0, 6), (1, 2)]:
+        out = 24
+        tensors = {
+            "image": TensorSpec("image", (1, 16, 16), "int", 8, None, False),
+            "x": TensorSpec("x", (1, 16, 16), "int", 9, None, True),
+            "y": TensorSpec("y", (out, 16, 16), "int", bits, None, not relu),
+            "act": TensorSpec("act", (out, 16, 16), "bits", 1, None, False),
+            "logits": TensorSpec("logits", (2, 16, 16), "int", 12, None, False),
+        }
+        high = (1 << bits) - 1 if relu else (1 << (bits - 1)) - 1
+        low = 0 if relu else -(1 << (bits - 1))
+        direction = rng.choice([-1, 1, 0], out)
+        threshold = np.where(direction == 0, rng.integers(0, 2, out),
+                             rng.integers(low - 3, high + 4, out))
+        ops = [
+            Op("input", "input", [Slice("image", 0, 1)], Slice("x", 0, 1),
+               attrs={"shift": 0}, params={"zero": np.full(1, 128, np.int64)}),
+            Op("conv", "conv", [Slice("x", 0, 1)], Slice("y", 0, out),
+               attrs={"kernel": 1, "stride": 1, "padding": 0, "groups": 1, "relu": relu,
+                      "bits": bits},
+               params={"weight": rng.integers(-3, 4, (out, 1, 1, 1)),
+                       "mul": rng.integers(-40, 41, out), "bias": rng.integers(-4000, 4000, out),
+                       "shift": rng.integers(0, 6, out)}),
+            Op("threshold", "act", [Slice("y", 0, out)], Slice("act", 0, out),
+               params={"threshold": threshold, "direction": direction}),
+            Op("bconv", "logits", [Slice("act", 0, out)], Slice("logits", 0, 2),
+               attrs={"kernel": 1, "stride": 1, "padding": 0},
+               params={"weight_bits": rng.integers(0, 2, (2, out)).astype(bool)}),
+        ]
+        program = Program(tensors, ops, "image", "logits")
+        dp = generate(program, config())
+        assert dp.convs_to_bits == ("conv",) and dp.bitplanes is None
+        image = np.arange(256).reshape(1, 1, 16, 16)
+        steps = check_every_tensor(program, dp, image)
+        checked += int(steps["act"].sum())
+    assert checked > 0
+
+
+def test_a_conv_read_by_other_ops_keeps_its_output():
+    """A conv whose output a pool reads, one that would run fewer pixels at once (stride 2;
+    fewer channels in its last BITS word than lanes), or a bit-plane conv is not fused."""
+    for variant in ({"consumer": "maxpool"}, {"stride": 2}, {"out1": 35}):
+        program, _ = cnv_like_program(5, weights="int8", **variant)
+        assert generate(program, config(max_depth=8192)).convs_to_bits == (), variant
+    program, _ = cnv_like_program(5, weights="int8", out1=40)
+    assert generate(program, config(max_depth=8192)).convs_to_bits == ("conv1",)
+    program, _ = cnv_like_program(5)
+    dp = generate(program, config(max_depth=8192))
+    assert dp.bitplanes == "conv1" and dp.convs_to_bits == ()
 
 
 def test_no_bitplane_fallback_without_an_input_conv():

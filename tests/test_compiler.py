@@ -133,9 +133,10 @@ def test_weight_memory_overflow_names_the_layer():
     with pytest.raises(CompileError, match=r"^blocks\.0\.0\.conv: its \d+ WEIGHTS words do not "
                                            r"fit the WEIGHTS memory \(4 words\)"):
         compile_net("melius", 0, config=CONFIG.replace(weight_depth=4))
+    # Less than one output channel's coefficients: the conv cannot be split to fit.
     with pytest.raises(CompileError, match=r"^stem\.conv\d: its \d+ COEFS words do not fit the "
-                                           r"COEFS memory \(64 words\)"):
-        compile_net("melius", 0, config=CONFIG.replace(coef_depth=64))
+                                           r"COEFS memory \(8 words\)"):
+        compile_net("melius", 0, config=CONFIG.replace(coef_depth=8))
 
 
 # -- command line --------------------------------------------------------------------------------

@@ -154,6 +154,47 @@ def test_weight_streaming_is_bit_exact(board):
             accelerator.infer_batch([images[0], images[0][:, :4]])
 
 
+@pytest.mark.parametrize("kind", ["threshold-bconv", "bconv-add"])
+def test_ops_split_to_fit_the_weight_memory_are_bit_exact(board, kind):
+    """With WEIGHTS a little larger than one row tile, a binary conv (written, or added into
+    its output) runs as pieces of whole row tiles (sw.compile.split), streamed segment by
+    segment; the logits equal golden's and every counter its timing model."""
+    program, images = single_op_program(kind, 3)
+    full = generate(program, CONFIG)
+    k_words = max(op.fields.get("bconv_k_words", 0) for op in full.ops)
+    small = CONFIG.replace(weight_depth=k_words + 1)
+    expected = golden.run(program, torch.as_tensor(images)).numpy()
+    with open_device(board) as device:
+        accelerator = Accelerator(device, program, budget=small)
+        dp = accelerator.device_program
+        assert dp.split and len(dp.segments) > 1
+        predicted = [op.cycles for op in dp.ops]
+        for index, image in enumerate(images):
+            result = accelerator.infer(image)
+            assert np.array_equal(result.logits, expected[index])
+            assert result.op_cycles == predicted
+
+
+def test_counts_too_big_for_ints_run_piece_by_piece_on_the_device(board):
+    """A binary conv's counts and the max pool reading them (CNV's pattern) run piece by piece
+    through a tensor of half the channels when INTS is a little too small for the whole
+    program (sw.compile.split.split_activation); logits and counters exact. (A second reader
+    of the pooled counts keeps conv2 from running straight to bits.)"""
+    program, images = cnv_like_program(61, weights="int8", pool_readers=2)
+    full = generate(program, CONFIG)
+    # The INTS depth must be a multiple of the banks (8).
+    small = CONFIG.replace(int_depth=(full.ints_used - 1) // 8 * 8)
+    expected = golden.run(program, torch.as_tensor(images)).numpy()
+    with open_device(board) as device:
+        accelerator = Accelerator(device, program, budget=small)
+        dp = accelerator.device_program
+        assert set(dp.split) == {"conv2", "conv2.pool"}
+        for index, image in enumerate(images):
+            result = accelerator.infer(image)
+            assert np.array_equal(result.logits, expected[index])
+            assert result.op_cycles == [op.cycles for op in dp.ops]
+
+
 def test_cnv_shaped_network_with_a_bit_plane_first_layer(board):
     """CNV-W1A1 in miniature (tests/device_programs.cnv_like_program, here with padding and
     stride 2): 8-bit pixels, a 3x3 conv with +-1 weights as bit-planes on the array,
@@ -198,6 +239,16 @@ def test_binary_convs_straight_to_bits(board, seed):
     dp = generate(program, CONFIG)
     assert dp.fused and any(pool for _, pool in dp.fused.values())
     check_network(board, types.SimpleNamespace(program=program), images)
+
+
+def test_a_fixed_point_conv_writes_its_thresholds_bits(board):
+    """CNV's first layer with int8 weights (so not as bit-planes) and padding: the
+    fixed-point conv compares its accumulators with the rewritten thresholds and writes the
+    bits itself (sw.compile.codegen._plan_conv_to_bits); every image's logits equal golden's
+    and every counter (the threshold op's a NOP) equals the timing model."""
+    program, images = cnv_like_program(22, weights="int8", pad=1)
+    dp = check_network(board, types.SimpleNamespace(program=program), images)
+    assert dp.convs_to_bits == ("conv1",) and "conv1" not in dp.allocation
 
 
 @pytest.fixture(scope="module")

@@ -28,8 +28,9 @@ def format_report(artifact, config):
     Cycles are the device's per-op counters as code generation predicts them exactly
     (:func:`sw.isa.op_cycles`), for ``config``'s build.
     """
-    stats = layer_stats(artifact.program, config)
     device_program = generate(artifact.program, config)
+    # Per op as generated: an op too big for a weight memory is reported in pieces.
+    stats = layer_stats(device_program.program, config)
     for s, op in zip(stats, device_program.ops):
         s.cycles = op.cycles
     header = (f"{'layer':<28} {'op':<9} {'in':>10} {'out':>10} {'binary MACs':>12} "

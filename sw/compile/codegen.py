@@ -22,7 +22,8 @@ Memories (attributes of a :class:`hw.config.DeviceConfig`, or of a device's INFO
   the ops' data. When it does not all fit, the program is split into **segments** of
   consecutive ops whose data fits; each segment's data starts at address 0 and the host loads
   it before the segment runs (weight streaming). Binary convs of one segment with identical
-  weights (ABC-Net's activation bases) share one WEIGHTS block.
+  weights (ABC-Net's activation bases) share one WEIGHTS block. An op whose own data does not
+  fit is first split along its output channels into ops that do (:mod:`.split`).
 * PROGRAM (``program_depth`` descriptors): all ops' descriptors, loaded once.
 
 Memory images are lists of unsigned words as the host writes them: WEIGHTS words of
@@ -39,6 +40,7 @@ from sw import isa, packing
 
 from .lower import CompileError
 from .plan import first_fit, lifetimes
+from .split import split_activation, split_for_memories
 
 __all__ = [
     "COEF_WIDTH", "DeviceProgram", "Geometry", "OpInfo", "Segment",
@@ -173,11 +175,20 @@ class DeviceProgram:
     bitplane_fallback : str or None
         Why no ``conv`` runs as bit-planes, where the program has an ``input`` op followed by
         a conv (None when one does or there is none).
+    program : sw.compile.ir.Program
+        The program generated: the one given, with the ops whose data did not fit a memory
+        split along their output channels (:mod:`.split`); :attr:`ops` follow its ops.
+    split : dict
+        ``{op name: [piece names]}`` of the ops split.
+    convs_to_bits : tuple of str
+        The fixed-point ``conv`` ops that write their threshold's bits themselves (post
+        THRESHOLD on the accumulator; the threshold op is a NOP and the conv's output is not
+        stored).
     fused : dict
         ``{conv: (threshold, maxpool or None)}``: the binary convs (a ``bconv`` or the
-        bit-plane conv) that write their threshold's bits themselves (BCONV ``threshold``,
-        and ``pool`` for a 2x2 max pool between them); the threshold and the pool are NOP
-        descriptors and their inputs are not stored.
+        bit-plane conv) that write their threshold's bits themselves (a BCONV with a THRESHOLD
+        post, :data:`sw.isa.BCONV_POST`, pooling with a 2x2 max pool between them); the
+        threshold and the pool are NOP descriptors and their inputs are not stored.
     fusion_fallback : dict
         ``{conv: reason}``: why a binary conv whose counts reach a threshold or a max pool
         still writes them to INTS.
@@ -201,6 +212,9 @@ class DeviceProgram:
     bitplanes: str = None
     bitplane_fallback: str = None
     lifetimes: dict = None
+    program: object = None
+    split: dict = dataclasses.field(default_factory=dict)
+    convs_to_bits: tuple = ()
     fused: dict = None
     fusion_fallback: dict = None
 
@@ -452,6 +466,145 @@ def _plan_bitplanes(program, geo):
     return plan, None
 
 
+# -- fixed-point conv straight to bits ---------------------------------------------------------
+
+@dataclasses.dataclass
+class _ConvToBits:
+    """A fixed-point ``conv`` whose requantized output only a ``threshold`` reads: the two run
+    as one FIXED op that compares the conv's accumulator (post THRESHOLD) and writes the bits,
+    so the requantized values never go to INTS and the threshold op is a NOP.
+
+    ``thresholds``: per output channel ``(threshold, direction)`` of the accumulator, rewritten
+    from the threshold op's compare of the requantized value (exact: see
+    :func:`_plan_conv_to_bits`)."""
+    conv: str
+    threshold: str
+    y: str                  # the conv's output (not stored)
+    bits: object            # the threshold op's output Slice (the fused op writes it)
+    conv_index: int
+    thresholds: list
+
+
+def _edge(predicate, low, high, rising):
+    """The smallest (``rising``) or largest ``a`` in ``[low, high]`` where the monotone
+    ``predicate`` (vectorized over int64 arrays) holds, or None: binary search."""
+    if rising:
+        if not predicate(np.array([high]))[0]:
+            return None
+        lo, hi = low, high          # predicate(hi) holds
+        while lo < hi:
+            mid = (lo + hi) // 2
+            if predicate(np.array([mid]))[0]:
+                hi = mid
+            else:
+                lo = mid + 1
+        return lo
+    if not predicate(np.array([low]))[0]:
+        return None
+    lo, hi = low, high              # predicate(lo) holds
+    while lo < hi:
+        mid = (lo + hi + 1) // 2
+        if predicate(np.array([mid]))[0]:
+            lo = mid
+        else:
+            hi = mid - 1
+    return lo
+
+
+def _plan_conv_to_bits(program, geo, skip=()):
+    """``{conv name: _ConvToBits}`` for each fixed-point ``conv`` (not in ``skip``) that can
+    write its threshold's bits itself.
+
+    The pattern: the conv writes its whole int tensor ``y`` (mode write, not the logits, no
+    other writer), and exactly one op reads ``y``: a ``threshold`` of all of it that writes a
+    whole bits tensor no other op writes. The fixed-point unit must compute as many pixels at
+    once for the fused op as for the conv alone (:func:`sw.isa.fixed_lanes`: a THRESHOLD
+    with stride 2, or with a last BITS word of fewer channels than lanes, runs one pixel at
+    a time), so that fusing never makes the conv slower.
+
+    The golden conv computes ``y = rq(acc * mul[o] + bias[o])`` (:func:`.golden.requantize`:
+    round half up, saturation), a monotone function of the accumulator ``acc`` (non-decreasing
+    for ``mul >= 0``, else non-increasing), so the threshold's bit, ``y >= t`` or ``y <= t``, is
+    a monotone step of ``acc`` over the range ``acc`` can take (from the weights and the input
+    tensor's width, padding adding 0). The step's edge is found by binary search with
+    ``requantize`` itself, and becomes the FIXED op's compare of ``acc`` (or a constant bit).
+    """
+    import torch
+
+    from .golden import requantize
+
+    readers, writers = {}, {}
+    for i, op in enumerate(program.ops):
+        for sl in op.inputs:
+            readers.setdefault(sl.tensor, []).append(i)
+        writers.setdefault(op.output.tensor, []).append(i)
+
+    def whole(sl):
+        return sl.start == 0 and sl.stop == program.tensors[sl.tensor].shape[0]
+
+    plans = {}
+    for index, conv in enumerate(program.ops):
+        if conv.kind != "conv" or conv.name in skip:
+            continue
+        y = conv.output.tensor
+        users = readers.get(y, [])
+        if conv.mode != "write" or not whole(conv.output) or writers[y] != [index] \
+                or y == program.logits or len(users) != 1:
+            continue
+        thr_op = program.ops[users[0]]
+        out = thr_op.output.tensor
+        if thr_op.kind != "threshold" or users[0] < index or not whole(thr_op.inputs[0]) \
+                or thr_op.inputs[0].tensor != y or not whole(thr_op.output) \
+                or writers[out] != [users[0]] or program.tensors[out].kind != "bits" \
+                or any(index < r < users[0] for r in readers.get(out, [])):
+            continue
+        src = program.tensors[conv.inputs[0].tensor]
+        if src.kind != "int":
+            continue
+        out_c = conv.output.channels
+        shape = {"stride": int(conv.attrs["stride"]), "out_channels": out_c}
+        lanes = isa.int_banks(geo.cols, geo.fixed_lanes)
+        if isa.fixed_lanes(lanes, geo.lane, dict(shape, post=isa.Post.THRESHOLD,
+                                                 out_words=_ceil_div(out_c, geo.lane))) \
+                < isa.fixed_lanes(lanes, geo.lane, dict(shape, post=isa.Post.REQUANT,
+                                                        out_words=0)):
+            continue
+        x_low = -(1 << (src.bits - 1)) if src.signed else 0
+        x_high = (1 << (src.bits - (1 if src.signed else 0))) - 1
+        weight = np.asarray(conv.params["weight"]).astype(np.int64)
+        w = weight.reshape(weight.shape[0], -1)
+        # Padding terms add 0, so each term lies between 0 and w * x at either end.
+        acc_high = np.maximum(np.maximum(w * x_low, w * x_high), 0).sum(axis=1)
+        acc_low = np.minimum(np.minimum(w * x_low, w * x_high), 0).sum(axis=1)
+        p, a = conv.params, conv.attrs
+        thr = np.asarray(thr_op.params["threshold"]).reshape(-1)
+        direction = np.asarray(thr_op.params["direction"]).reshape(-1)
+        rewritten = []
+        for o in range(weight.shape[0]):
+            t, d = int(thr[o]), int(direction[o])
+            if d == 0:
+                rewritten.append((int(t != 0), 0))
+                continue
+            mul, bias = int(p["mul"][o]), int(p["bias"][o])
+            shift = np.asarray([int(p["shift"][o])])
+
+            def bit(acc, mul=mul, bias=bias, shift=shift, t=t, d=d):
+                v = torch.as_tensor(acc * mul + bias).view(1, 1, -1, 1)
+                y_of = requantize(v, shift, a["relu"], a["bits"]).view(-1).numpy()
+                return y_of >= t if d > 0 else y_of <= t
+
+            # The bit as acc grows: rising where y grows towards the compare's side.
+            rising = (mul >= 0) == (d > 0)
+            edge = _edge(bit, int(acc_low[o]), int(acc_high[o]), rising)
+            if edge is None:
+                rewritten.append((0, 0))
+            else:
+                rewritten.append((edge, 1 if rising else -1))
+        plans[conv.name] = _ConvToBits(conv.name, thr_op.name, y, thr_op.output, index,
+                                       rewritten)
+    return plans
+
+
 # -- binary conv straight to bits -------------------------------------------------------------
 
 @dataclasses.dataclass
@@ -578,12 +731,13 @@ def _plan_fusion(program, geo, planes):
     return fused, fallback
 
 
-def _allocate_fused(program, geo, spans, planes, fused, fallback):
+def _allocate_fused(program, geo, spans, planes, fused, fallback, unstored=()):
     """``(allocation, peaks, spans)`` with the ``fused`` convs' lifetimes: their bits live from
     the conv on (the conv reads its input while it writes them, in every row tile's pass, so
-    the two never share addresses), their counts not at all. Where that overflows BITS (the
-    bits now live beside the conv's input), the first fused conv falls back to its INTS
-    counts, with the reason in ``fallback``, until it fits (``fused`` is updated)."""
+    the two never share addresses), their counts not at all (nor the ``unstored`` tensors).
+    Where that overflows BITS (the bits now live beside the conv's input), the first fused
+    conv falls back to its INTS counts, with the reason in ``fallback``, until it fits
+    (``fused`` is updated); other overflows are raised."""
     while True:
         adjusted = dict(spans)
         for f in fused.values():
@@ -591,10 +745,10 @@ def _allocate_fused(program, geo, spans, planes, fused, fallback):
             for name in f.skipped:
                 adjusted.pop(name, None)
         try:
-            allocation, peaks = _allocate(program, geo, adjusted, planes)
+            allocation, peaks = _allocate(program, geo, adjusted, planes, unstored)
             return allocation, peaks, adjusted
-        except CompileError as error:
-            if not fused:
+        except _Overflow as error:
+            if not fused or error.memory != "BITS":
                 raise
             first = min(fused.values(), key=lambda f: f.conv_index)
             del fused[first.conv]
@@ -604,15 +758,25 @@ def _allocate_fused(program, geo, spans, planes, fused, fallback):
 
 # -- allocation --------------------------------------------------------------------------------
 
-def _allocate(program, geo, spans, planes=None):
+class _Overflow(CompileError):
+    """A tensor does not fit its activation memory (``memory``, ``tensor``) after ``placed``
+    tensors did (in order of first write)."""
+
+    def __init__(self, message, memory, tensor, placed):
+        super().__init__(message)
+        self.memory, self.tensor, self.placed = memory, tensor, placed
+
+
+def _allocate(program, geo, spans, planes=None, unstored=()):
     """``{tensor: (memory, base, size)}`` and the peak of each memory. With a bit-plane plan
     the raw image is a bit-plane tensor in BITS, the input op's output is not stored and the
-    conv's output holds the array's counts."""
+    conv's output holds the array's counts. The ``unstored`` tensors (outputs of convs that
+    write their threshold's bits themselves) get no memory."""
     writer = {}
     for op in program.ops:
         writer.setdefault(op.output.tensor, op.name)
     writer.setdefault(program.input, "input")
-    skip = {planes.x} if planes else set()
+    skip = ({planes.x} if planes else set()) | set(unstored)
     for name, spec in program.tensors.items():
         if name not in spans or name in skip:
             continue
@@ -649,10 +813,10 @@ def _allocate(program, geo, spans, planes=None):
         offset = first_fit(placed[memory], start, end, size)
         if offset + size > depth[memory]:
             unit = "elements" if memory == "INTS" else "words"
-            raise CompileError(
+            raise _Overflow(
                 f"{writer.get(name, name)}: tensor {name!r} ({size} {unit}) overflows the "
                 f"{memory} memory: it would end at {offset + size}, the device has "
-                f"{depth[memory]} {unit}")
+                f"{depth[memory]} {unit}", memory, name, len(allocation))
         placed[memory].append((start, end, offset, size))
         allocation[name] = (memory, offset, size)
     peaks = {m: max((off + sz for _, _, off, sz in placed[m]), default=0) for m in placed}
@@ -678,11 +842,15 @@ _FIELD_LIMIT = 1 << min(width for name, width, _ in isa.FIXED_FIELDS
 
 
 class _Mapper:
-    def __init__(self, program, geo, allocation, planes=None, fused=None):
+    def __init__(self, program, geo, allocation, planes=None, to_bits=None, fused=None):
         self.program = program
         self.geo = geo
         self.allocation = allocation
         self.planes = planes
+        #: {conv name: _ConvToBits}, and the threshold ops they absorb.
+        self.to_bits = to_bits or {}
+        self.absorbed = {plan.threshold for plan in self.to_bits.values()}
+        #: {conv name: _Fused}, and the threshold and pool ops they absorb.
         self.fused = fused or {}
         self.nops = {name for f in self.fused.values() for name in (f.threshold, f.pool)
                      if name}
@@ -768,6 +936,11 @@ class _Mapper:
                 return _Lowered(isa.Opcode.NOP, {}, cycles=isa.SEQUENCER_CYCLES - 1)
             if op.name == self.planes.conv:
                 return self._bitplane_conv(op)
+        if op.name in self.to_bits:
+            return self._conv(op, self.to_bits[op.name])
+        if op.name in self.absorbed:
+            # The conv before it wrote its bits (_plan_conv_to_bits).
+            return _Lowered(isa.Opcode.NOP, {}, cycles=isa.SEQUENCER_CYCLES - 1)
         if op.name in self.nops:
             # Fused into the binary conv before it, which writes the threshold's bits.
             return _Lowered(isa.Opcode.NOP, {}, cycles=isa.SEQUENCER_CYCLES - 1)
@@ -797,7 +970,9 @@ class _Mapper:
             param.update(mul=1 << int(op.attrs["shift"]), bias=-int(zero[o]), shift=0)
         return low
 
-    def _conv(self, op):
+    def _conv(self, op, to_bits=None):
+        """A fixed-point conv; with ``to_bits`` (a :class:`_ConvToBits`) it compares its
+        accumulator with the rewritten thresholds and writes the threshold op's bits."""
         a, src = op.attrs, op.inputs[0]
         weight = np.asarray(op.params["weight"])
         out_c, per_group, k, k2 = weight.shape
@@ -812,11 +987,19 @@ class _Mapper:
                                f"groups")
         base, plane = self.ints(op, src), self.plane(src)
         offsets = [base + (o // (out_c // groups)) * per_group * plane for o in range(out_c)]
-        low = self.fixed(op, kernel=k, stride=int(a["stride"]), pad=int(a["padding"]),
-                         terms_c=per_group, multiply=1, post=isa.Post.REQUANT,
-                         relu=int(a["relu"]), bits=int(a["bits"]),
-                         coef_ostride=per_group * k * k, in_offsets=offsets)
-        self.requant_params(low, op, out_c)
+        common = dict(kernel=k, stride=int(a["stride"]), pad=int(a["padding"]),
+                      terms_c=per_group, multiply=1, coef_ostride=per_group * k * k,
+                      in_offsets=offsets)
+        if to_bits is None:
+            low = self.fixed(op, post=isa.Post.REQUANT, relu=int(a["relu"]),
+                             bits=int(a["bits"]), **common)
+            self.requant_params(low, op, out_c)
+        else:
+            low = self.fixed(dataclasses.replace(op, output=to_bits.bits),
+                             post=isa.Post.THRESHOLD, src=src, **common)
+            thr, direction = np.array(to_bits.thresholds, np.int64).reshape(-1, 2).T
+            # The accumulator's compare (no element_width clipping: it is not stored).
+            self.threshold_params(low, op, thr, direction, width=None)
         # Flattened (o, tc, ky, kx): term t = (tc * k + ky) * k + kx of output o.
         low.coefs = [int(v) for v in weight.reshape(-1)]
         return low
@@ -832,21 +1015,25 @@ class _Mapper:
         if spec.kind != "bits" or op.output.start != 0 or op.output.stop != spec.shape[0]:
             raise CompileError(f"{op.name}: a threshold must write a whole bits tensor")
         low = self.fixed(op, post=isa.Post.THRESHOLD, in_offsets=self._elementwise_offsets(op))
-        self.threshold_params(op, low.params)
-        return low
-
-    def threshold_params(self, op, params):
-        """Set ``threshold`` and ``direction`` of the PARAM dicts ``params`` from threshold
-        op ``op``, encoded for ``element_width``-bit values (the counts of a fused BCONV are
-        below ``2**acc_width``, inside that range)."""
         thr = np.asarray(op.params["threshold"]).reshape(-1)
         direction = np.asarray(op.params["direction"]).reshape(-1)
         if self.planes is not None and op.name in self.planes.thresholds:
             # It compares the bit-plane conv's counts (_plan_bitplanes).
             thr, direction = np.array(self.planes.thresholds[op.name], np.int64).T
+        self.threshold_params(low, op, thr, direction, width=self.geo.element_width)
+        return low
+
+    @staticmethod
+    def threshold_params(low, op, thr, direction, width):
+        """PARAM ``threshold``/``direction`` per channel; ``width``: the compared values'
+        signed width (thresholds beyond it become constants), None for an accumulator."""
         low_t, high_t = isa.PARAM.range("threshold")
-        for o, param in enumerate(params):
-            t, d = encode_threshold(thr[o], direction[o], self.geo.element_width)
+        for o, param in enumerate(low.params):
+            t, d = int(thr[o]), int(direction[o])
+            if d == 0:
+                t = int(t != 0)
+            elif width is not None:
+                t, d = encode_threshold(t, d, width)
             if not low_t <= t <= high_t:
                 raise CompileError(f"{op.name}: channel {o}'s threshold {t} does not fit the "
                                    f"PARAM threshold field [{low_t}, {high_t}]")
@@ -856,29 +1043,36 @@ class _Mapper:
         """The BCONV of a binary conv (``fields``: its BCONV fields but ``out_base``); for a
         fused one (:func:`_plan_fusion`) straight to its threshold's bits: the threshold's
         settings in the descriptor's FIXED half (:data:`sw.isa.BCONV_POST`, ``param_base``
-        added by :func:`generate`) and one PARAMS record per channel."""
+        added by :func:`_generate`) and one PARAMS record per channel, the threshold op's
+        compare encoded as for the fixed-point unit (the counts, below ``2**acc_width``, are
+        inside the ``element_width`` range; the bit-plane conv's rewritten thresholds)."""
         geo = self.geo
         f = self.fused.get(op.name)
-        params, post, threshold, pool = [], None, 0, 0
+        low = _Lowered(isa.Opcode.BCONV, fields, weights=weights)
+        threshold = pool = 0
         if f is None:
             fields["out_base"] = self.ints(op, op.output)
         else:
             out_c = fields["out_channels"]
             _, oh, ow = self.spec(op.output).shape
             pool = int(f.pool is not None)
-            params = [{} for _ in range(out_c)]
-            self.threshold_params(self.ops[f.threshold], params)
             threshold = 1
+            thr_op = self.ops[f.threshold]
+            thr = np.asarray(thr_op.params["threshold"]).reshape(-1)
+            direction = np.asarray(thr_op.params["direction"]).reshape(-1)
+            if self.planes is not None and thr_op.name in self.planes.thresholds:
+                thr, direction = np.array(self.planes.thresholds[thr_op.name], np.int64).T
+            low.params = [{} for _ in range(out_c)]
+            self.threshold_params(low, thr_op, thr, direction, width=geo.element_width)
             fields.update(out_base=0, out_plane=4 * (oh // 2) * (ow // 2) if pool else oh * ow)
-            post = {"post": int(isa.Post.THRESHOLD),
-                    "reduce": int(isa.Reduce.MAX if pool else isa.Reduce.SUM),
-                    "out_base": self.allocation[f.bits][1],
-                    "out_words": _ceil_div(out_c, geo.lane)}
-        cycles = isa.bconv_cycles(geo.rows, geo.cols, fields["k_words"], fields["m_tiles"],
-                                  fields["out_plane"], threshold, pool) \
+            low.post = {"post": int(isa.Post.THRESHOLD),
+                        "reduce": int(isa.Reduce.MAX if pool else isa.Reduce.SUM),
+                        "out_base": self.allocation[f.bits][1],
+                        "out_words": _ceil_div(out_c, geo.lane)}
+        low.cycles = isa.bconv_cycles(geo.rows, geo.cols, fields["k_words"], fields["m_tiles"],
+                                      fields["out_plane"], threshold, pool) \
             + isa.SEQUENCER_CYCLES - 1
-        return _Lowered(isa.Opcode.BCONV, fields, weights=weights, cycles=cycles,
-                        params=params, post=post)
+        return low
 
     def _maxpool(self, op):
         a = op.attrs
@@ -1032,19 +1226,74 @@ def generate(program, config):
     """
     program = getattr(program, "program", program)
     geo = Geometry.from_config(config)
-    if len(program.ops) > geo.program_depth:
-        raise CompileError(f"program: {len(program.ops)} ops do not fit the PROGRAM memory "
-                           f"({geo.program_depth} descriptors)")
+    program, split = split_for_memories(program, geo)
+    while True:
+        try:
+            return _generate(program, geo, split)
+        except _Overflow as error:
+            if error.memory != "INTS":
+                raise
+            smaller = _split_to_fit(program, geo, error)
+            if smaller is None:
+                raise
+            program, split = smaller[0], {**split, **smaller[1]}
+
+
+def _split_to_fit(program, geo, error):
+    """``(program, split)`` with one int tensor live beside the one that overflowed INTS
+    (``error``; itself included, the largest first) run piece by piece through a smaller one
+    (:func:`.split.split_activation`, as few pieces as needed), such that the allocation gets
+    further than it did; or None."""
+    spans = lifetimes(program)
+    first, last = spans[error.tensor]
+    live = [name for name, (start, end) in spans.items()
+            if program.tensors[name].kind == "int" and not (end < first or last < start)]
+    for name in sorted(live, key=lambda n: -program.tensors[n].elements):
+        for pieces in (2, 4, 8, 16, 32, 64):
+            smaller = split_activation(program, name, pieces, geo)
+            if smaller is None:
+                break
+            try:
+                _place(smaller[0], geo)
+            except _Overflow as again:
+                if again.memory != "INTS" or again.placed > error.placed:
+                    return smaller
+                continue
+            return smaller
+    return None
+
+
+def _place(program, geo):
+    """The bit-plane, conv-to-bits and binary-conv-to-bits plans, the lifetimes and the
+    activation memories' allocation: ``(planes, fallback, to_bits, spans, allocation, peaks,
+    fused, fusion_fallback)``."""
     planes, fallback = _plan_bitplanes(program, geo)
+    to_bits = _plan_conv_to_bits(program, geo, skip={planes.conv} if planes else ())
     spans = lifetimes(program)
     if planes is not None:
         # The BCONV reads the raw image where the golden conv read the input op's output.
         spans[program.input] = (spans[program.input][0],
                                 max(spans[program.input][1], planes.conv_index))
+    for plan in to_bits.values():
+        # The conv writes the threshold's bits, and its own output is never stored.
+        first, last = spans[plan.bits.tensor]
+        spans[plan.bits.tensor] = (min(first, plan.conv_index), last)
+        del spans[plan.y]
     fused, fusion_fallback = _plan_fusion(program, geo, planes)
-    allocation, peaks, spans = _allocate_fused(program, geo, spans, planes, fused,
-                                               fusion_fallback)
-    mapper = _Mapper(program, geo, allocation, planes, fused)
+    allocation, peaks, spans = _allocate_fused(
+        program, geo, spans, planes, fused, fusion_fallback,
+        unstored=[plan.y for plan in to_bits.values()])
+    return planes, fallback, to_bits, spans, allocation, peaks, fused, fusion_fallback
+
+
+def _generate(program, geo, split):
+    """:func:`generate` for a program whose ops' own data fit (``split``: the pieces)."""
+    if len(program.ops) > geo.program_depth:
+        raise CompileError(f"program: {len(program.ops)} ops do not fit the PROGRAM memory "
+                           f"({geo.program_depth} descriptors)")
+    planes, fallback, to_bits, spans, allocation, peaks, fused, fusion_fallback = \
+        _place(program, geo)
+    mapper = _Mapper(program, geo, allocation, planes, to_bits, fused)
     lowered = [mapper.lower(op) for op in program.ops]
 
     capacity = {"WEIGHTS": geo.weight_depth, "COEFS": geo.coef_depth,
@@ -1129,6 +1378,7 @@ def generate(program, config):
         logits_base=allocation[program.logits][1], logits_count=logits.elements,
         allocation=allocation, ints_used=peaks["INTS"], bits_used=peaks["BITS"],
         input_memory=input_memory, bitplanes=planes.conv if planes else None,
-        bitplane_fallback=fallback, lifetimes=spans,
+        bitplane_fallback=fallback, lifetimes=spans, program=program, split=split,
+        convs_to_bits=tuple(to_bits),
         fused={name: (f.threshold, f.pool) for name, f in fused.items()},
         fusion_fallback=fusion_fallback)
