@@ -33,11 +33,10 @@ n]``. With ``planes`` set (lane a multiple of 8) an agreeing bit ``i`` of a word
 
 With a THRESHOLD ``post`` in the descriptor's FIXED half (``sw.isa.BCONV_POST``: ``out_base``,
 ``out_words``, ``param_base`` from there; ``reduce`` MAX for ``pool``) the counts are not
-stored: each is compared with PARAMS ``param_base +
-o`` (as a FIXED THRESHOLD) and the bits written to BITS ``out_base + pix * out_words + o //
-lane`` (the whole words, channels ``>= out_channels`` 0); with ``pool`` as well, a 2x2
-stride-2 max pool (floor) of the counts comes first and ``out_plane`` is ``4 * (OH // 2) *
-(OW // 2)``. The device's requirements of the mode (``add`` 0, ``lane % rows == 0``,
+stored: each is compared with PARAMS ``param_base + o`` (as a FIXED THRESHOLD) and the bits
+written to BITS ``out_base + pix * out_words + o // lane`` (the whole words, channels ``>=
+out_channels`` 0); with ``pool`` as well, a 2x2 stride-2 max pool (floor) of the counts comes
+first and ``out_plane`` is ``4 * (OH // 2) * (OW // 2)``. The device's requirements of the mode (``add`` 0, ``lane % rows == 0``,
 ``sw.isa.bconv_bits_words(cols, pool) <= max(k_words, rows)``, ``cols % 4 == 0`` for
 ``pool``) are checked.
 
