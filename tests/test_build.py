@@ -110,11 +110,12 @@ def test_check_fits_names_logic_cells_on_ice40():
         check_fits(config, board)
 
 
-def test_check_fits_rejects_a_clock_without_pll():
+def test_check_fits_rejects_a_clock_the_ice40_pll_cannot_make():
     board = get_board("icebreaker")
-    config = board.default_config.replace(clock_hz=48_000_000)
-    with pytest.raises(ValueError, match=r"^no PLL for the ice40 yet: the core clock must be "
-                                         r"the oscillator's 12000000 Hz, not 48000000$"):
+    check_fits(board.default_config.replace(clock_hz=18_000_000), board)
+    config = board.default_config.replace(clock_hz=18_100_000)
+    with pytest.raises(ValueError, match=r"^the iCE40 PLL cannot make exactly 18.1 MHz from "
+                                         r"the 12 MHz oscillator"):
         check_fits(config, board)
 
 
