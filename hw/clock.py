@@ -17,7 +17,7 @@ with ``CLKI_DIV`` and ``CLKOP_DIV`` in 1..128 and ``CLKFB_DIV`` in 1..80 (Lattic
 and ECP5-5G sysCLOCK PLL/DLL Design and Usage Guide"; prjtrellis' ``ecppll`` uses the same
 limits, and ``tests/test_clock.py`` checks our choice against it where it is installed).
 
-The iCE40 PLL (``SB_PLL40_CORE``) in its SIMPLE feedback mode (:func:`ice40_pll`)::
+The iCE40 PLL (``SB_PLL40_PAD``) in its SIMPLE feedback mode (:func:`ice40_pll`)::
 
     f_pfd = f_in / (DIVR + 1)        10 .. 133 MHz
     f_vco = f_pfd * (DIVF + 1)       533 .. 1066 MHz
@@ -180,7 +180,7 @@ _ICE40_FILTER = ((17 * _MHZ, 1), (26 * _MHZ, 2), (44 * _MHZ, 3), (66 * _MHZ, 4),
 
 @dataclasses.dataclass(frozen=True)
 class Ice40Pll:
-    """Settings of an iCE40 ``SB_PLL40_CORE`` in SIMPLE feedback mode.
+    """Settings of an iCE40 PLL (``SB_PLL40_PAD``/``SB_PLL40_CORE``) in SIMPLE feedback mode.
 
     ``output_hz`` is exact: ``input_hz * (divf + 1) / ((divr + 1) * 2**divq)``.
     """
@@ -206,15 +206,14 @@ class Ice40Pll:
         return next((value for bound, value in _ICE40_FILTER if self.pfd_hz < bound), 6)
 
     def parameters(self):
-        """The ``SB_PLL40_CORE`` parameters, as :class:`amaranth.hdl.Instance` keyword
-        arguments."""
+        """The PLL's parameters, as :class:`amaranth.hdl.Instance` keyword arguments."""
         return {"p_FEEDBACK_PATH": "SIMPLE", "p_PLLOUT_SELECT": "GENCLK",
                 "p_DIVR": self.divr, "p_DIVF": self.divf, "p_DIVQ": self.divq,
                 "p_FILTER_RANGE": self.filter_range}
 
     def as_dict(self):
         """The settings for a build report."""
-        return {"primitive": "SB_PLL40_CORE", "input_hz": self.input_hz,
+        return {"primitive": "SB_PLL40_PAD", "input_hz": self.input_hz,
                 "output_hz": float(self.output_hz), "vco_hz": float(self.vco_hz),
                 "divr": self.divr, "divf": self.divf, "divq": self.divq,
                 "filter_range": self.filter_range}
@@ -247,7 +246,7 @@ def ice40_frequencies(input_hz, low_hz, high_hz):
 
 
 def ice40_pll(input_hz, output_hz):
-    """The ``SB_PLL40_CORE`` settings that make exactly ``output_hz`` from ``input_hz``.
+    """The iCE40 PLL settings that make exactly ``output_hz`` from ``input_hz``.
 
     Raises
     ------
@@ -291,7 +290,7 @@ class CoreClock(Elaboratable):
     clock_hz : int
         The core clock. Equal to ``oscillator_hz``: the platform's own ``sync`` domain (the
         oscillator, no PLL) is used and this module adds nothing. Otherwise an ``EHXPLLL``
-        (ECP5) or an ``SB_PLL40_CORE`` (iCE40) makes it (:func:`core_pll`; a frequency it
+        (ECP5) or an ``SB_PLL40_PAD`` (iCE40, on the oscillator's pad) makes it (:func:`core_pll`; a frequency it
         cannot make exactly raises
         ``ValueError``) and clocks the ``sync`` domain, which the parent defines from
         :meth:`domains` (Amaranth wants a domain defined where it is used or above). ``sync``
@@ -324,16 +323,18 @@ class CoreClock(Elaboratable):
         if self.pll is None:
             return m
         oscillator = platform.request(platform.default_clk, dir="-")
-        m.submodules.oscillator = oscillator_buffer = io.Buffer("i", oscillator)
         # The PLL's output net, named so that its constraint says what it is.
         core = Signal(name="core_clk")
         if isinstance(self.pll, Ice40Pll):
-            # The global output: the PLL drives a global buffer, as icepll's modules do.
+            # The UP5K's oscillator input (the iCEBreaker's pin 35) is the PLL's own pad,
+            # which cannot also feed an input buffer: the PLL takes the pad (SB_PLL40_PAD)
+            # and drives a global net.
             m.submodules.pll = Instance(
-                "SB_PLL40_CORE",
-                i_REFERENCECLK=oscillator_buffer.i, o_PLLOUTGLOBAL=core, o_LOCK=self.locked,
+                "SB_PLL40_PAD",
+                io_PACKAGEPIN=oscillator.io, o_PLLOUTGLOBAL=core, o_LOCK=self.locked,
                 i_RESETB=1, i_BYPASS=0, **self.pll.parameters())
         else:
+            m.submodules.oscillator = oscillator_buffer = io.Buffer("i", oscillator)
             m.submodules.pll = Instance(
                 "EHXPLLL",
                 i_CLKI=oscillator_buffer.i, o_CLKOP=core, i_CLKFB=core, o_LOCK=self.locked,
