@@ -10,8 +10,15 @@ from pathlib import Path
 
 import pytest
 
-from hw.clock import (CoreClock, Ecp5Pll, Ice40Pll, ecp5_frequencies, ecp5_pll,
-                      ice40_frequencies, ice40_pll)
+from hw.clock import (
+    CoreClock,
+    Ecp5Pll,
+    Ice40Pll,
+    ecp5_frequencies,
+    ecp5_pll,
+    ice40_frequencies,
+    ice40_pll,
+)
 
 MHZ = 1_000_000
 #: Core clocks a ULX3S build might use (all exact from 25 MHz).
