@@ -16,23 +16,24 @@ reference's +1/-1 tensors elementwise (mismatches, ties, mismatches at ties), Br
 (the PyTorch model in eval mode) and ours (the golden model's argmax), and cycles per image from
 the device's timing model (:func:`sw.isa.op_cycles` as code generation predicts the per-op
 counters; the simulated device's counters equal them, tests/test_network_end_to_end.py) with
-images/s at the committed ULX3S build's Fmax.
+images/s at the ULX3S default build's core clock (``clock_hz``; and at the committed build's
+Fmax where that build is for this configuration and clock).
 
 Training: Adam (learning rate 0.02 halved every 5 epochs), cross-entropy on the ``TensorNorm``
 output, batch 100, the weights clipped to [-1, 1] after each step (as BNN-PYNQ's trainer),
 torch seed 0; inputs ``raw / 255`` as torchvision's ``ToTensor``.
 
-A model that does not fit the default build (CNV: its 64x30x30 first-layer sums exceed INTS;
-LFC: its first layer's 1024x784 weights exceed WEIGHTS, and one op's weights cannot be split
-into segments) is compiled, like bench/network_performance.py's CNV, for the same array with
-INTS, WEIGHTS and BITS enlarged (``int_depth`` 65,536, ``weight_depth`` 4,096, ``bits_depth``
-2,048); the JSON records the compiler's error for the default build and the configuration
-used (cycle counts do not depend on the memory sizes).
+Ops whose weights do not fit WEIGHTS run in pieces of output channels, and weights stream in
+segments (docs/compiler.md): LFC's 1024-wide layers fit the default build that way. A model
+that still does not fit the default build (CNV: conv1's 64x30x30 bits need 1,800 BITS words,
+the default has 1,024) is compiled for the same build with BITS enlarged (:data:`LARGER`); the
+JSON records the compiler's error for the default build and the configuration used.
 
-``--device-images N`` also runs the first N test images of each model on a simulated board
-(``python -m sim.board``'s default build, 4x4x32, through :class:`sw.runtime.Accelerator` over
-``socket://``) and records whether every logit equals the golden model's and the device's cycle
-counters; a model that does not fit that build is recorded with the driver's reason.
+``--device-images N`` also runs the first N test images of each model, as one batch, on a
+simulated board of the configuration compiled for (``python -m sim.board``: the ULX3S default
+build, or its enlarged variant, at 4 clock cycles per UART bit, through
+:class:`sw.runtime.Accelerator` over ``socket://``) and records whether every logit equals the
+golden model's and the device's cycle counters.
 ``--update`` replaces only the named models' records in an existing JSON file. Everything is offline: no pretrained checkpoint, no download.
 """
 
@@ -59,9 +60,9 @@ from sw.compile.qonnx import compare_with_reference, compile_onnx, graph_input
 __all__ = ["main", "random_norms", "train"]
 
 MODELS = {"tfc": "tfc_1w1a", "sfc": "sfc_1w1a", "lfc": "lfc_1w1a", "cnv": "cnv_1w1a"}
-#: Memories of the build a model that does not fit the default build is compiled for (the same
-#: array; bench/network_performance.py's CNV configuration).
-LARGER = {"int_depth": 65536, "weight_depth": 4096, "bits_depth": 2048}
+#: What a model that does not fit the default build is compiled for: the default build with
+#: twice the BITS words (the same array and other memories).
+LARGER = {"bits_depth": 2048}
 
 
 def build(name):
@@ -130,32 +131,32 @@ def cnv_images(raw):
     return np.repeat(padded, 3, axis=1)
 
 
-def run_on_device(artifact, raw, count):
-    """Run ``count`` images on a simulated board (sim.board's default build); a record."""
-    from sim.board import BOARD_CONFIG, BoardProcess
+def run_on_device(artifact, raw, count, config, build):
+    """Run ``count`` images as one batch on a simulated board of ``config`` (4 cycles per UART
+    bit); a record."""
+    from sim.board import BoardProcess
     from sw.compile import golden
     from sw.compile.qonnx import raw_to_input
-    from sw.driver import CapacityError, Device
+    from sw.driver import Device
     from sw.runtime import Accelerator
     images = raw_to_input(artifact, raw[:count])
     expected = golden.run(artifact.program, torch.as_tensor(images)).numpy()
-    build = f"{BOARD_CONFIG.rows}x{BOARD_CONFIG.cols}x{BOARD_CONFIG.lane} (sim.board default)"
     start = time.monotonic()
-    with BoardProcess(BOARD_CONFIG, idle_timeout=600, time_limit=3600,
-                      startup_timeout=1800) as board, \
-            Device.open(board.url, timeout=10.0, time_scale=board.time_scale) as device:
-        try:
-            accelerator = Accelerator(device, artifact.program)
-        except CapacityError as error:
-            return {"build": build, "ran": False, "reason": str(error)}
-        predicted = sum(op.cycles for op in accelerator.device_program.ops)
-        results = [accelerator.infer(image) for image in images]
+    with BoardProcess(config.replace(baud=config.clock_hz // 4), connections=1,
+                      idle_timeout=900, time_limit=7200, startup_timeout=1800) as board, \
+            Device.open(board.url, timeout=30.0, time_scale=board.time_scale) as device:
+        accelerator = Accelerator(device, artifact.program)
+        dp = accelerator.device_program
+        predicted = [op.cycles for op in dp.ops]
+        results = accelerator.infer_batch(images)
     return {
         "build": build, "ran": True, "images": count,
         "logits_equal_golden": int(sum(np.array_equal(r.logits, e)
                                        for r, e in zip(results, expected))),
+        "op_counters_equal_timing_model": int(sum(r.op_cycles == predicted for r in results)),
         "cycles_per_image_measured": [r.cycles for r in results],
-        "cycles_per_image_predicted": predicted,
+        "cycles_per_image_predicted": sum(predicted),
+        "weight_segments": len(dp.segments),
         "wall_seconds": round(time.monotonic() - start, 1),
     }
 
@@ -185,6 +186,7 @@ def run_model(name, args, board, workdir):
     from brevitas.export import export_qonnx
     export_qonnx(model, torch.rand(1, *raw.shape[1:]), export_path=str(path))
     config = board.default_config
+    build_name = f"ULX3S-{board.size} default"
     try:
         artifact = compile_onnx(path, config)
         record.update(fits_default_build=True, config_changes={})
@@ -192,6 +194,7 @@ def run_model(name, args, board, workdir):
         print(f"{name}: does not fit the default build: {error}", flush=True)
         config = config.replace(**LARGER)
         artifact = compile_onnx(path, config)
+        build_name += " with " + ", ".join(f"{k} {v}" for k, v in LARGER.items())
         record.update(fits_default_build=False, default_build_error=str(error),
                       config_changes=LARGER)
     print(f"{name}: comparing {len(raw)} images with execute_onnx", flush=True)
@@ -204,7 +207,8 @@ def run_model(name, args, board, workdir):
     cycles = sum(op.cycles for op in dp.ops)
     if args.device_images:
         print(f"{name}: {args.device_images} images on a simulated board", flush=True)
-        record["simulated_device"] = run_on_device(artifact, raw, args.device_images)
+        record["simulated_device"] = run_on_device(artifact, raw, args.device_images, config,
+                                                   build_name)
     record.update({
         "images_compared": report["images"],
         "top1_agreements": report["top1_agreements"],
@@ -220,7 +224,11 @@ def run_model(name, args, board, workdir):
         "compare_seconds": round(compare_seconds, 1),
         "ops": len(artifact.program.ops),
         "weight_segments": len(dp.segments),
+        "ops_split": dp.split,
+        "convs_to_bits": list(dp.convs_to_bits),
         "cycles_per_image": cycles,
+        "clock_hz": config.clock_hz,
+        "images_per_s_at_clock": round(config.clock_hz / cycles, 1),
         "cycles_source": "sw.isa.op_cycles via sw.compile.codegen.generate (the device's "
                          "per-op counters as predicted exactly; weights already loaded)",
     })
@@ -243,6 +251,7 @@ def main(argv=None):
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
     board = get_board("ulx3s", None)
+    # The committed build's Fmax, if it is this configuration's build at this core clock.
     fmax = committed_fmax_mhz(board, board.default_config, layer_program=True)
     records = []
     # Brevitas and torch.onnx warn about deprecations and optional packages.
@@ -259,11 +268,12 @@ def main(argv=None):
         "command": "python -m bench." + pathlib.Path(__file__).stem + " " + " ".join(
             sys.argv[1:] if argv is None else argv),
         "date": datetime.datetime.now(datetime.UTC).strftime("%Y-%m-%d %H:%M UTC"),
-        "host": platform.node(), "board": "ulx3s", "size": board.size, "fmax_mhz": fmax,
+        "host": platform.node(), "board": "ulx3s", "size": board.size,
+        "clock_hz": board.default_config.clock_hz, "fmax_mhz": fmax,
         "fmax_source": "bitstreams/ulx3s/report.json (the committed default build)",
         "config": {k: getattr(board.default_config, k) for k in (
             "rows", "cols", "lane", "max_depth", "weight_depth", "int_depth", "bits_depth",
-            "coef_depth", "param_depth", "program_depth", "fixed_lanes")},
+            "coef_depth", "param_depth", "program_depth", "fixed_lanes", "clock_hz")},
         "versions": {"torch": torch.__version__, **_versions()},
         "models": records,
     }

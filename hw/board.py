@@ -209,13 +209,14 @@ def _icebreaker(size):
         name="icebreaker", size=None, family="ice40",
         platform_class=icebreaker.ICEBreakerPlatform,
         oscillator_hz=12_000_000, capacity=_UP5K,
-        # The FT2232H would do 3 Mbaud, but at 12 MHz that leaves 4 clocks per bit; 1 Mbaud
-        # gives the UART's sampler 12.
+        # The core clock comes from the SB_PLL40 at 18 MHz: the GEMM-only build routes at
+        # 21.41 MHz with it (docs/builds.md). The FT2232H would do 3 Mbaud, but that leaves 6
+        # clocks per bit; 1 Mbaud gives the UART's sampler 18.
         # GEMM-only: the layer program's units and memories exceed the UP5K.
         # A 512-byte receive FIFO: one of the 30 block RAMs (2,048 bytes would take four).
         default_config=DeviceConfig(
             rows=2, cols=2, lane=16, weight_depth=512, activation_depth=512,
-            result_depth=512, clock_hz=12_000_000, baud=1_000_000, layer_program=False,
+            result_depth=512, clock_hz=18_000_000, baud=1_000_000, layer_program=False,
             rx_buffer=512),
         bitstream_suffix=".bin",
         # The iCEBreaker boots from its SPI flash; openFPGALoader writes it over the FT2232H.

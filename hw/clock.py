@@ -16,6 +16,17 @@ The ECP5 PLL with the output fed back (``FEEDBK_PATH="CLKOP"``)::
 with ``CLKI_DIV`` and ``CLKOP_DIV`` in 1..128 and ``CLKFB_DIV`` in 1..80 (Lattice TN1263, "ECP5
 and ECP5-5G sysCLOCK PLL/DLL Design and Usage Guide"; prjtrellis' ``ecppll`` uses the same
 limits, and ``tests/test_clock.py`` checks our choice against it where it is installed).
+
+The iCE40 PLL (``SB_PLL40_PAD``) in its SIMPLE feedback mode (:func:`ice40_pll`)::
+
+    f_pfd = f_in / (DIVR + 1)        10 .. 133 MHz
+    f_vco = f_pfd * (DIVF + 1)       533 .. 1066 MHz
+    f_out = f_vco / 2**DIVQ          16 .. 275 MHz
+
+with ``DIVR`` in 0..15, ``DIVF`` in 0..127, ``DIVQ`` in 1..6 and the loop filter's
+``FILTER_RANGE`` chosen from ``f_pfd`` (Lattice TN1251, "iCE40 sysCLOCK PLL Design and Usage
+Guide"; icestorm's ``icepll`` uses the same limits and ``tests/test_clock.py`` checks our
+choice against it).
 """
 
 import dataclasses
@@ -25,7 +36,8 @@ from amaranth import ClockDomain, ClockSignal, Elaboratable, Instance, Module, S
 from amaranth.lib import io
 from amaranth.lib.cdc import ResetSynchronizer
 
-__all__ = ["CoreClock", "Ecp5Pll", "core_pll", "ecp5_frequencies", "ecp5_pll"]
+__all__ = ["CoreClock", "Ecp5Pll", "Ice40Pll", "core_pll", "ecp5_frequencies", "ecp5_pll",
+           "ice40_frequencies", "ice40_pll"]
 
 _MHZ = 1_000_000
 #: EHXPLLL limits (see the module docstring), in Hz and divider values.
@@ -127,6 +139,21 @@ def ecp5_frequencies(input_hz, low_hz, high_hz):
                   if f.denominator == 1 and low_hz <= f <= high_hz)
 
 
+def _exact(settings, family, input_hz, output_hz):
+    """The settings of ``settings`` (``{frequency: settings}``) that make ``output_hz``, or a
+    ``ValueError`` naming the nearest whole-hertz frequencies made."""
+    exact = settings.get(Fraction(output_hz))
+    if exact is not None:
+        return exact
+    whole = sorted(int(f) for f in settings if f.denominator == 1)
+    below = [f for f in whole if f < output_hz][-2:]
+    above = [f for f in whole if f > output_hz][:2]
+    nearest = ", ".join(f"{f / _MHZ:g}" for f in below + above)
+    raise ValueError(f"the {family} PLL cannot make exactly {output_hz / _MHZ:g} MHz from the "
+                     f"{input_hz / _MHZ:g} MHz oscillator; the nearest frequencies it makes "
+                     f"are {nearest} MHz")
+
+
 def ecp5_pll(input_hz, output_hz):
     """The ``EHXPLLL`` settings that make exactly ``output_hz`` from ``input_hz``.
 
@@ -136,22 +163,104 @@ def ecp5_pll(input_hz, output_hz):
         If no setting makes exactly ``output_hz``; the message names the nearest frequencies
         that can be made (whole hertz).
     """
-    settings = _ecp5_settings(input_hz)
-    exact = settings.get(Fraction(output_hz))
-    if exact is not None:
-        return exact
-    whole = sorted(int(f) for f in settings if f.denominator == 1)
-    below = [f for f in whole if f < output_hz][-2:]
-    above = [f for f in whole if f > output_hz][:2]
-    nearest = ", ".join(f"{f / _MHZ:g}" for f in below + above)
-    raise ValueError(f"the ECP5 PLL cannot make exactly {output_hz / _MHZ:g} MHz from the "
-                     f"{input_hz / _MHZ:g} MHz oscillator; the nearest frequencies it makes "
-                     f"are {nearest} MHz")
+    return _exact(_ecp5_settings(input_hz), "ECP5", input_hz, output_hz)
+
+
+#: SB_PLL40 limits in SIMPLE feedback mode (see the module docstring).
+_ICE40_PFD = (10 * _MHZ, 133 * _MHZ)
+_ICE40_VCO = (533 * _MHZ, 1066 * _MHZ)
+_ICE40_OUT = (16 * _MHZ, 275 * _MHZ)
+_ICE40_DIVR = 15
+_ICE40_DIVF = 127
+_ICE40_DIVQ = (1, 6)
+#: FILTER_RANGE by the phase detector's frequency: the first whose bound exceeds it.
+_ICE40_FILTER = ((17 * _MHZ, 1), (26 * _MHZ, 2), (44 * _MHZ, 3), (66 * _MHZ, 4),
+                 (101 * _MHZ, 5))
+
+
+@dataclasses.dataclass(frozen=True)
+class Ice40Pll:
+    """Settings of an iCE40 PLL (``SB_PLL40_PAD``/``SB_PLL40_CORE``) in SIMPLE feedback mode.
+
+    ``output_hz`` is exact: ``input_hz * (divf + 1) / ((divr + 1) * 2**divq)``.
+    """
+    input_hz: int
+    divr: int
+    divf: int
+    divq: int
+
+    @property
+    def pfd_hz(self):
+        return Fraction(self.input_hz, self.divr + 1)
+
+    @property
+    def vco_hz(self):
+        return self.pfd_hz * (self.divf + 1)
+
+    @property
+    def output_hz(self):
+        return self.vco_hz / (1 << self.divq)
+
+    @property
+    def filter_range(self):
+        return next((value for bound, value in _ICE40_FILTER if self.pfd_hz < bound), 6)
+
+    def parameters(self):
+        """The PLL's parameters, as :class:`amaranth.hdl.Instance` keyword arguments."""
+        return {"p_FEEDBACK_PATH": "SIMPLE", "p_PLLOUT_SELECT": "GENCLK",
+                "p_DIVR": self.divr, "p_DIVF": self.divf, "p_DIVQ": self.divq,
+                "p_FILTER_RANGE": self.filter_range}
+
+    def as_dict(self):
+        """The settings for a build report."""
+        return {"primitive": "SB_PLL40_PAD", "input_hz": self.input_hz,
+                "output_hz": float(self.output_hz), "vco_hz": float(self.vco_hz),
+                "divr": self.divr, "divf": self.divf, "divq": self.divq,
+                "filter_range": self.filter_range}
+
+
+def _ice40_settings(input_hz):
+    """Every valid :class:`Ice40Pll` for ``input_hz``, as ``{output frequency: settings}``
+    (the first in the order DIVR, DIVF, DIVQ ascending, as icepll keeps the first exact
+    one)."""
+    best = {}
+    for divr in range(_ICE40_DIVR + 1):
+        if not _ICE40_PFD[0] <= Fraction(input_hz, divr + 1) <= _ICE40_PFD[1]:
+            continue
+        for divf in range(_ICE40_DIVF + 1):
+            settings = Ice40Pll(input_hz, divr, divf, _ICE40_DIVQ[0])
+            if not _ICE40_VCO[0] <= settings.vco_hz <= _ICE40_VCO[1]:
+                continue
+            for divq in range(_ICE40_DIVQ[0], _ICE40_DIVQ[1] + 1):
+                settings = Ice40Pll(input_hz, divr, divf, divq)
+                if _ICE40_OUT[0] <= settings.output_hz <= _ICE40_OUT[1]:
+                    best.setdefault(settings.output_hz, settings)
+    return best
+
+
+def ice40_frequencies(input_hz, low_hz, high_hz):
+    """The whole-hertz frequencies in ``[low_hz, high_hz]`` an iCE40 PLL makes from
+    ``input_hz``, ascending."""
+    return sorted(int(f) for f in _ice40_settings(input_hz)
+                  if f.denominator == 1 and low_hz <= f <= high_hz)
+
+
+def ice40_pll(input_hz, output_hz):
+    """The iCE40 PLL settings that make exactly ``output_hz`` from ``input_hz``.
+
+    Raises
+    ------
+    ValueError
+        If no setting makes exactly ``output_hz``; the message names the nearest frequencies
+        that can be made (whole hertz).
+    """
+    return _exact(_ice40_settings(input_hz), "iCE40", input_hz, output_hz)
 
 
 def core_pll(family, oscillator_hz, clock_hz):
     """The PLL settings that make the core clock ``clock_hz`` from ``oscillator_hz``: ``None``
-    when they are equal (no PLL), an :class:`Ecp5Pll` on the ECP5.
+    when they are equal (no PLL), an :class:`Ecp5Pll` on the ECP5, an :class:`Ice40Pll` on the
+    iCE40.
 
     Raises
     ------
@@ -163,6 +272,8 @@ def core_pll(family, oscillator_hz, clock_hz):
         return None
     if family == "ecp5":
         return ecp5_pll(oscillator_hz, clock_hz)
+    if family == "ice40":
+        return ice40_pll(oscillator_hz, clock_hz)
     raise ValueError(f"no PLL for the {family} yet: the core clock must be the "
                      f"oscillator's {oscillator_hz} Hz, not {clock_hz}")
 
@@ -178,8 +289,9 @@ class CoreClock(Elaboratable):
         The board's oscillator (the platform's default clock).
     clock_hz : int
         The core clock. Equal to ``oscillator_hz``: the platform's own ``sync`` domain (the
-        oscillator, no PLL) is used and this module adds nothing. Otherwise (ECP5 only) an
-        ``EHXPLLL`` makes it (:func:`core_pll`; a frequency it cannot make exactly raises
+        oscillator, no PLL) is used and this module adds nothing. Otherwise an ``EHXPLLL``
+        (ECP5) or an ``SB_PLL40_PAD`` (iCE40, on the oscillator's pad) makes it (:func:`core_pll`; a frequency it
+        cannot make exactly raises
         ``ValueError``) and clocks the ``sync`` domain, which the parent defines from
         :meth:`domains` (Amaranth wants a domain defined where it is used or above). ``sync``
         is held in reset from configuration until two cycles after the PLL reports lock (a
@@ -188,7 +300,7 @@ class CoreClock(Elaboratable):
 
     Members
     -------
-    pll : :class:`Ecp5Pll` or None
+    pll : :class:`Ecp5Pll`, :class:`Ice40Pll` or None
         The PLL's settings, ``None`` without a PLL.
     locked : Signal
         The PLL's lock output (constant 1 without a PLL).
@@ -211,15 +323,24 @@ class CoreClock(Elaboratable):
         if self.pll is None:
             return m
         oscillator = platform.request(platform.default_clk, dir="-")
-        m.submodules.oscillator = oscillator_buffer = io.Buffer("i", oscillator)
         # The PLL's output net, named so that its constraint says what it is.
         core = Signal(name="core_clk")
-        m.submodules.pll = Instance(
-            "EHXPLLL",
-            i_CLKI=oscillator_buffer.i, o_CLKOP=core, i_CLKFB=core, o_LOCK=self.locked,
-            i_RST=0, i_STDBY=0, i_PHASESEL0=0, i_PHASESEL1=0, i_PHASEDIR=1, i_PHASESTEP=1,
-            i_PHASELOADREG=1, i_PLLWAKESYNC=0, i_ENCLKOP=0,
-            **self.pll.parameters())
+        if isinstance(self.pll, Ice40Pll):
+            # The UP5K's oscillator input (the iCEBreaker's pin 35) is the PLL's own pad,
+            # which cannot also feed an input buffer: the PLL takes the pad (SB_PLL40_PAD)
+            # and drives a global net.
+            m.submodules.pll = Instance(
+                "SB_PLL40_PAD",
+                io_PACKAGEPIN=oscillator.io, o_PLLOUTGLOBAL=core, o_LOCK=self.locked,
+                i_RESETB=1, i_BYPASS=0, **self.pll.parameters())
+        else:
+            m.submodules.oscillator = oscillator_buffer = io.Buffer("i", oscillator)
+            m.submodules.pll = Instance(
+                "EHXPLLL",
+                i_CLKI=oscillator_buffer.i, o_CLKOP=core, i_CLKFB=core, o_LOCK=self.locked,
+                i_RST=0, i_STDBY=0, i_PHASESEL0=0, i_PHASESEL1=0, i_PHASEDIR=1,
+                i_PHASESTEP=1, i_PHASELOADREG=1, i_PLLWAKESYNC=0, i_ENCLKOP=0,
+                **self.pll.parameters())
         m.d.comb += ClockSignal("sync").eq(core)
         platform.add_clock_constraint(core, self.clock_hz)
         m.submodules.reset = ResetSynchronizer(~self.locked, domain="sync")

@@ -110,11 +110,12 @@ def test_check_fits_names_logic_cells_on_ice40():
         check_fits(config, board)
 
 
-def test_check_fits_rejects_a_clock_without_pll():
+def test_check_fits_rejects_a_clock_the_ice40_pll_cannot_make():
     board = get_board("icebreaker")
-    config = board.default_config.replace(clock_hz=48_000_000)
-    with pytest.raises(ValueError, match=r"^no PLL for the ice40 yet: the core clock must be "
-                                         r"the oscillator's 12000000 Hz, not 48000000$"):
+    check_fits(board.default_config.replace(clock_hz=18_000_000), board)
+    config = board.default_config.replace(clock_hz=18_100_000)
+    with pytest.raises(ValueError, match=r"^the iCE40 PLL cannot make exactly 18.1 MHz from "
+                                         r"the 12 MHz oscillator"):
         check_fits(config, board)
 
 
@@ -494,13 +495,14 @@ def test_board_top_prepares(name):
     constraints = "".join(content if isinstance(content, str) else ""
                           for filename, content in plan.files.items()
                           if filename.endswith((".lpf", ".pcf")))
-    # The ULX3S-85F's core clock comes from the PLL, constrained at its frequency; the
-    # iCEBreaker runs from its oscillator.
+    # Both boards' core clocks come from the PLL, constrained at its frequency.
     if name == "ulx3s":
         assert f'FREQUENCY NET "clock.core_clk" {board.default_config.clock_hz:.1f} HZ;' in constraints
         assert "EHXPLLL" in plan.files["accelerator.il"]
     else:
-        assert "SB_PLL40" not in plan.files["accelerator.il"]
+        assert f"set_frequency clock.core_clk {board.default_config.clock_hz / 1e6:.1f}\n" \
+            in constraints
+        assert "SB_PLL40_PAD" in plan.files["accelerator.il"]
     # The UART pins, and no uart_tx_enable (ball L3 is an input from the FT231X).
     if name == "ulx3s":
         assert 'SITE "M1"' in constraints and 'SITE "L4"' in constraints
@@ -538,8 +540,12 @@ def test_icebreaker_loopback_end_to_end(tmp_path):
     assert report["cells"]["ICESTORM_LC"]["available"] == 5_280
     assert 0 < report["cells"]["ICESTORM_LC"]["used"] < 500
     assert report["cells"]["SB_IO"]["used"] >= 4  # clock, rx, tx, LEDs
+    # The core clock from the SB_PLL40 on the oscillator's pad: nextpnr places it and times
+    # the clock it makes.
+    assert report["pll"]["primitive"] == "SB_PLL40_PAD"
+    assert report["clock_hz"] == board.default_config.clock_hz == 18_000_000
     (_clock, fmax), = report["fmax"].items()
-    assert fmax["constraint_mhz"] == 12.0 and fmax["achieved_mhz"] > 12.0
+    assert fmax["constraint_mhz"] == 18.0 and fmax["achieved_mhz"] > 18.0
     assert json.loads((tmp_path / "icebreaker" / "report.json").read_text()) == report
     # The stage logs hold what the tools report: nextpnr's Fmax, Yosys's statistics.
     work = tmp_path / "icebreaker" / "work"

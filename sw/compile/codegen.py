@@ -588,9 +588,10 @@ def _plan_conv_to_bits(program, geo, skip=()):
             mul, bias = int(p["mul"][o]), int(p["bias"][o])
             shift = np.asarray([int(p["shift"][o])])
 
-            def bit(acc, mul=mul, bias=bias, shift=shift, t=t, d=d):
+            def bit(acc, mul=mul, bias=bias, shift=shift, t=t, d=d, relu=a["relu"],
+                    bits=a["bits"]):
                 v = torch.as_tensor(acc * mul + bias).view(1, 1, -1, 1)
-                y_of = requantize(v, shift, a["relu"], a["bits"]).view(-1).numpy()
+                y_of = requantize(v, shift, relu, bits).view(-1).numpy()
                 return y_of >= t if d > 0 else y_of <= t
 
             # The bit as acc grows: rising where y grows towards the compare's side.
@@ -987,9 +988,9 @@ class _Mapper:
                                f"groups")
         base, plane = self.ints(op, src), self.plane(src)
         offsets = [base + (o // (out_c // groups)) * per_group * plane for o in range(out_c)]
-        common = dict(kernel=k, stride=int(a["stride"]), pad=int(a["padding"]),
-                      terms_c=per_group, multiply=1, coef_ostride=per_group * k * k,
-                      in_offsets=offsets)
+        common = {"kernel": k, "stride": int(a["stride"]), "pad": int(a["padding"]),
+                  "terms_c": per_group, "multiply": 1, "coef_ostride": per_group * k * k,
+                  "in_offsets": offsets}
         if to_bits is None:
             low = self.fixed(op, post=isa.Post.REQUANT, relu=int(a["relu"]),
                              bits=int(a["bits"]), **common)

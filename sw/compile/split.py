@@ -29,6 +29,7 @@ tensor, ``<tensor>.piece``, holding one piece's channels.
 """
 
 import dataclasses
+import itertools
 
 import numpy as np
 
@@ -120,7 +121,7 @@ def split_for_memories(program, geo):
         units = _ceil_div(out_c, step)
         per = _ceil_div(units, count) * step
         bounds = list(range(0, out_c, per)) + [out_c]
-        pieces = [_piece(op, lo, hi) for lo, hi in zip(bounds, bounds[1:])]
+        pieces = [_piece(op, lo, hi) for lo, hi in itertools.pairwise(bounds)]
         if len(pieces) == 1:
             ops.append(op)
             continue
