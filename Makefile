@@ -26,9 +26,11 @@ BUILD_OPTIONS ?=
 bitstream: setup
 	$(BIN)/python -m hw.build --board $(BOARD) $(BUILD_OPTIONS)
 
+# One pytest worker per core (pytest-xdist); each test file runs whole on one worker, so that
+# a file's simulated board (a module fixture) is built and started once.
 test: setup
 	$(BIN)/python -m ruff check .
-	$(BIN)/python -m pytest
+	$(BIN)/python -m pytest -n auto --dist loadfile
 
 lint: setup
 	$(BIN)/python -m ruff check .
