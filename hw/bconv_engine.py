@@ -14,6 +14,8 @@ BITS memory: a binary conv followed by a threshold, and optionally a 2x2 max poo
 them (``pool``), is one op whose counts never reach INTS.
 """
 
+import itertools
+
 from amaranth import Cat, Const, Module, Mux, Signal, signed
 from amaranth.lib import data, wiring
 from amaranth.lib.wiring import In, Out
@@ -464,7 +466,7 @@ class BconvEngine(wiring.Component):
         if words > 1:
             with m.Elif(queue_left != 0):
                 m.d.sync += bits_write(queue_live[0], queue_addr, queue[0], queue_group)
-                m.d.sync += [a.eq(b) for a, b in zip(queue, queue[1:])]
+                m.d.sync += [a.eq(b) for a, b in itertools.pairwise(queue)]
                 m.d.sync += [
                     queue_live.eq(queue_live >> 1),
                     queue_left.eq(queue_left - 1),

@@ -7,11 +7,11 @@ import functools
 import re
 import types
 
+import device_programs
 import numpy as np
 import pytest
 import torch
 from compile_nets import CONFIG, NETS, compile_net, raw_images
-import device_programs
 from device_programs import cnv_like_program, fused_program, single_op_program
 
 from sim import isa_model
@@ -867,7 +867,7 @@ def test_fused_pool_of_odd_maps_and_every_direction():
         if found == {-1, 0, 1} and conv.output.channels > CONFIG.rows:
             break
     else:
-        pytest.fail(f"no seed with an odd pooled map, m_tiles > 1 and every direction")
+        pytest.fail("no seed with an odd pooled map, m_tiles > 1 and every direction")
 
 
 def chain_program(*, pool=(2, 2, 0), readers=1, mode="write", sliced=False, kernel=3,
@@ -920,8 +920,8 @@ def chain_program(*, pool=(2, 2, 0), readers=1, mode="write", sliced=False, kern
 
 FUSION_FALLBACKS = {
     "two readers": ({"readers": 2, "pool": None}, {}, r"counts 'conv1' are read by 2 ops"),
-    "pooled, two readers": ({"readers": 2}, {}, r"pooled counts 'conv1.pool' are .* read by "
-                            r"several ops"),
+    "pooled, two readers": ({"readers": 2}, {},
+                            r"pooled counts 'conv1.pool' are .* read by several ops"),
     "3x3 pool": ({"pool": (3, 1, 1)}, {}, r"not a 2x2 stride-2 max pool without padding"),
     "padded pool": ({"pool": (2, 2, 1)}, {}, r"not a 2x2 stride-2 max pool without padding"),
     "add": ({"mode": "add"}, {}, r"added to or written by other ops"),

@@ -657,8 +657,8 @@ def _plan_fusion(program, geo, planes):
         if not any(program.ops[j].kind in ("threshold", "maxpool") for j in consumers):
             continue
 
-        def no(reason):
-            fallback[op.name] = f"{op.name} writes its counts to INTS: {reason}"
+        def no(reason, name=op.name):
+            fallback[name] = f"{name} writes its counts to INTS: {reason}"
 
         if op.mode != "write" or writers.get(y) != [i]:
             no(f"its output {y!r} is added to or written by other ops too")
@@ -724,7 +724,7 @@ def _plan_fusion(program, geo, planes):
                f"({max(k_words, geo.rows)} cycles)")
             continue
         out_words = _ceil_div(spec.shape[0], geo.lane)
-        if out_words >= 1 << dict((n, w) for n, w, _ in isa.FIXED_FIELDS)["out_words"]:
+        if out_words >= 1 << {n: w for n, w, _ in isa.FIXED_FIELDS}["out_words"]:
             no(f"{out_words} BITS words per pixel exceed the out_words field")
             continue
         fused[op.name] = _Fused(op.name, nxt.name, pool.name if pool else None, z,
