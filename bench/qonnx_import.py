@@ -253,6 +253,33 @@ def main(argv=None):
     board = get_board("ulx3s", None)
     # The committed build's Fmax, if it is this configuration's build at this core clock.
     fmax = committed_fmax_mhz(board, board.default_config, layer_program=True)
+    old = json.loads(args.output.read_text()) if args.update and args.output.exists() else None
+    command = "python -m bench." + pathlib.Path(__file__).stem + " " + " ".join(
+        sys.argv[1:] if argv is None else argv)
+
+    def write(records, complete):
+        """The JSON so far: written after each model, so that a failure keeps what ran."""
+        result = {
+            "command": command if old is None else old["command"] + "; then " + command,
+            "complete": complete,
+            "date": datetime.datetime.now(datetime.UTC).strftime("%Y-%m-%d %H:%M UTC"),
+            "host": platform.node(), "board": "ulx3s", "size": board.size,
+            "clock_hz": board.default_config.clock_hz, "fmax_mhz": fmax,
+            "fmax_source": "bitstreams/ulx3s/report.json (the committed default build)",
+            "config": {k: getattr(board.default_config, k) for k in (
+                "rows", "cols", "lane", "max_depth", "weight_depth", "int_depth", "bits_depth",
+                "coef_depth", "param_depth", "program_depth", "fixed_lanes", "clock_hz")},
+            "versions": {"torch": torch.__version__, **_versions()},
+            "models": records,
+        }
+        if old is not None:
+            mine = {r["model"] for r in records}
+            kept = [r for r in old["models"] if r["model"] not in mine]
+            order = [MODELS[n].upper() for n in MODELS]
+            result["models"] = sorted(kept + records, key=lambda r: order.index(r["model"]))
+        args.output.parent.mkdir(parents=True, exist_ok=True)
+        args.output.write_text(json.dumps(result, indent=1) + "\n")
+
     records = []
     # Brevitas and torch.onnx warn about deprecations and optional packages.
     with tempfile.TemporaryDirectory() as workdir, warnings.catch_warnings():
@@ -264,28 +291,7 @@ def main(argv=None):
             records.append(record)
             print(json.dumps({k: v for k, v in record.items() if k != "activations"}),
                   flush=True)
-    result = {
-        "command": "python -m bench." + pathlib.Path(__file__).stem + " " + " ".join(
-            sys.argv[1:] if argv is None else argv),
-        "date": datetime.datetime.now(datetime.UTC).strftime("%Y-%m-%d %H:%M UTC"),
-        "host": platform.node(), "board": "ulx3s", "size": board.size,
-        "clock_hz": board.default_config.clock_hz, "fmax_mhz": fmax,
-        "fmax_source": "bitstreams/ulx3s/report.json (the committed default build)",
-        "config": {k: getattr(board.default_config, k) for k in (
-            "rows", "cols", "lane", "max_depth", "weight_depth", "int_depth", "bits_depth",
-            "coef_depth", "param_depth", "program_depth", "fixed_lanes", "clock_hz")},
-        "versions": {"torch": torch.__version__, **_versions()},
-        "models": records,
-    }
-    if args.update and args.output.exists():
-        old = json.loads(args.output.read_text())
-        mine = {r["model"] for r in records}
-        kept = [r for r in old["models"] if r["model"] not in mine]
-        order = [MODELS[n].upper() for n in MODELS]
-        result["models"] = sorted(kept + records, key=lambda r: order.index(r["model"]))
-        result["command"] = old["command"] + "; then " + result["command"]
-    args.output.parent.mkdir(parents=True, exist_ok=True)
-    args.output.write_text(json.dumps(result, indent=1) + "\n")
+            write(records, complete=len(records) == len(args.models))
     print(f"wrote {args.output}")
     return 0
 
