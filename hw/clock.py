@@ -135,8 +135,13 @@ def _ecp5_settings(input_hz):
 def ecp5_frequencies(input_hz, low_hz, high_hz):
     """The whole-hertz frequencies in ``[low_hz, high_hz]`` an ECP5 PLL makes from
     ``input_hz``, ascending."""
-    return sorted(int(f) for f in _ecp5_settings(input_hz)
-                  if f.denominator == 1 and low_hz <= f <= high_hz)
+    return _whole(_ecp5_settings(input_hz), low_hz, high_hz)
+
+
+def _whole(settings, low_hz=0, high_hz=float("inf")):
+    """The whole-hertz frequencies of ``settings`` (``{frequency: settings}``) in
+    ``[low_hz, high_hz]``, ascending."""
+    return sorted(int(f) for f in settings if f.denominator == 1 and low_hz <= f <= high_hz)
 
 
 def _exact(settings, family, input_hz, output_hz):
@@ -145,7 +150,7 @@ def _exact(settings, family, input_hz, output_hz):
     exact = settings.get(Fraction(output_hz))
     if exact is not None:
         return exact
-    whole = sorted(int(f) for f in settings if f.denominator == 1)
+    whole = _whole(settings)
     below = [f for f in whole if f < output_hz][-2:]
     above = [f for f in whole if f > output_hz][:2]
     nearest = ", ".join(f"{f / _MHZ:g}" for f in below + above)
@@ -241,8 +246,7 @@ def _ice40_settings(input_hz):
 def ice40_frequencies(input_hz, low_hz, high_hz):
     """The whole-hertz frequencies in ``[low_hz, high_hz]`` an iCE40 PLL makes from
     ``input_hz``, ascending."""
-    return sorted(int(f) for f in _ice40_settings(input_hz)
-                  if f.denominator == 1 and low_hz <= f <= high_hz)
+    return _whole(_ice40_settings(input_hz), low_hz, high_hz)
 
 
 def ice40_pll(input_hz, output_hz):
