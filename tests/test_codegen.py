@@ -596,19 +596,16 @@ def test_bitplane_first_layer_is_exact(lane, channels, variant):
     assert 0 < int(act.sum()) < act.numel()        # the thresholds do split the pixels
 
 
-def test_bitplane_thresholds_are_exact_for_every_count():
-    """A 1x1 conv of one channel counts ``x`` (weight +1) or ``255 - x`` (-1): an image of
-    every pixel value reaches every count, so the rewritten thresholds are checked against
-    golden at every count, for requantizations with negative, zero and positive
-    multipliers, rounding shifts, saturation, ReLU, and thresholds inside and beyond the
-    range, in all three directions."""
-    rng = np.random.default_rng(11)
-    checked = 0
+def one_channel_programs(rng, weights, zero):
+    """Per (relu, bits) case, a program: the 16x16 one-channel image through an input op
+    (``x = raw - zero``), a 1x1 conv to 24 channels (``weights(rng, shape)``) with random
+    requantizations (negative, zero and positive multipliers, rounding shifts, saturation,
+    ReLU), thresholds in all three directions inside and beyond the range, and a bconv."""
     for relu, bits in [(0, 4), (1, 4), (0, 12), (1, 9), (0, 6), (1, 2)]:
         out = 24
         tensors = {
             "image": TensorSpec("image", (1, 16, 16), "int", 8, None, False),
-            "x": TensorSpec("x", (1, 16, 16), "int", 9, None, False),
+            "x": TensorSpec("x", (1, 16, 16), "int", 9, None, bool(zero)),
             "y": TensorSpec("y", (out, 16, 16), "int", bits, None, not relu),
             "act": TensorSpec("act", (out, 16, 16), "bits", 1, None, False),
             "logits": TensorSpec("logits", (2, 16, 16), "int", 12, None, False),
@@ -620,11 +617,11 @@ def test_bitplane_thresholds_are_exact_for_every_count():
                              rng.integers(low - 3, high + 4, out))
         ops = [
             Op("input", "input", [Slice("image", 0, 1)], Slice("x", 0, 1),
-               attrs={"shift": 0}, params={"zero": np.zeros(1, np.int64)}),
+               attrs={"shift": 0}, params={"zero": np.full(1, zero, np.int64)}),
             Op("conv", "conv", [Slice("x", 0, 1)], Slice("y", 0, out),
                attrs={"kernel": 1, "stride": 1, "padding": 0, "groups": 1, "relu": relu,
                       "bits": bits},
-               params={"weight": rng.choice([-1, 1], (out, 1, 1, 1)),
+               params={"weight": weights(rng, (out, 1, 1, 1)),
                        "mul": rng.integers(-40, 41, out), "bias": rng.integers(-4000, 4000, out),
                        "shift": rng.integers(0, 6, out)}),
             Op("threshold", "act", [Slice("y", 0, out)], Slice("act", 0, out),
@@ -633,7 +630,18 @@ def test_bitplane_thresholds_are_exact_for_every_count():
                attrs={"kernel": 1, "stride": 1, "padding": 0},
                params={"weight_bits": rng.integers(0, 2, (2, out)).astype(bool)}),
         ]
-        program = Program(tensors, ops, "image", "logits")
+        yield Program(tensors, ops, "image", "logits")
+
+
+def test_bitplane_thresholds_are_exact_for_every_count():
+    """A 1x1 conv of one channel counts ``x`` (weight +1) or ``255 - x`` (-1): an image of
+    every pixel value reaches every count, so the rewritten thresholds are checked against
+    golden at every count, for requantizations with negative, zero and positive
+    multipliers, rounding shifts, saturation, ReLU, and thresholds inside and beyond the
+    range, in all three directions."""
+    rng = np.random.default_rng(11)
+    checked = 0
+    for program in one_channel_programs(rng, lambda r, shape: r.choice([-1, 1], shape), 0):
         dp = generate(program, config(max_depth=4096))
         assert dp.bitplanes == "conv"
         image = np.arange(256).reshape(1, 1, 16, 16)
@@ -705,36 +713,8 @@ def test_conv_to_bits_thresholds_are_exact_for_every_accumulator():
     beyond the range in all three directions."""
     rng = np.random.default_rng(12)
     checked = 0
-    for relu, bits in [(0, 4), (1, 4), (0, 12), (1, 9), (0, 6), (1, 2)]:
-        out = 24
-        tensors = {
-            "image": TensorSpec("image", (1, 16, 16), "int", 8, None, False),
-            "x": TensorSpec("x", (1, 16, 16), "int", 9, None, True),
-            "y": TensorSpec("y", (out, 16, 16), "int", bits, None, not relu),
-            "act": TensorSpec("act", (out, 16, 16), "bits", 1, None, False),
-            "logits": TensorSpec("logits", (2, 16, 16), "int", 12, None, False),
-        }
-        high = (1 << bits) - 1 if relu else (1 << (bits - 1)) - 1
-        low = 0 if relu else -(1 << (bits - 1))
-        direction = rng.choice([-1, 1, 0], out)
-        threshold = np.where(direction == 0, rng.integers(0, 2, out),
-                             rng.integers(low - 3, high + 4, out))
-        ops = [
-            Op("input", "input", [Slice("image", 0, 1)], Slice("x", 0, 1),
-               attrs={"shift": 0}, params={"zero": np.full(1, 128, np.int64)}),
-            Op("conv", "conv", [Slice("x", 0, 1)], Slice("y", 0, out),
-               attrs={"kernel": 1, "stride": 1, "padding": 0, "groups": 1, "relu": relu,
-                      "bits": bits},
-               params={"weight": rng.integers(-3, 4, (out, 1, 1, 1)),
-                       "mul": rng.integers(-40, 41, out), "bias": rng.integers(-4000, 4000, out),
-                       "shift": rng.integers(0, 6, out)}),
-            Op("threshold", "act", [Slice("y", 0, out)], Slice("act", 0, out),
-               params={"threshold": threshold, "direction": direction}),
-            Op("bconv", "logits", [Slice("act", 0, out)], Slice("logits", 0, 2),
-               attrs={"kernel": 1, "stride": 1, "padding": 0},
-               params={"weight_bits": rng.integers(0, 2, (2, out)).astype(bool)}),
-        ]
-        program = Program(tensors, ops, "image", "logits")
+    for program in one_channel_programs(rng, lambda r, shape: r.integers(-3, 4, shape),
+                                        128):
         dp = generate(program, config())
         assert dp.convs_to_bits == ("conv",) and dp.bitplanes is None
         image = np.arange(256).reshape(1, 1, 16, 16)
