@@ -30,10 +30,10 @@ Execution model (details in ``docs/accelerator.md``)
 import enum
 
 __all__ = [
-    "BCONV_FIELDS", "DESCRIPTOR", "FIXED_FIELDS", "FIXED_LATENCY", "PARAM", "SEQUENCER_CYCLES",
-    "BitRecord", "Opcode", "Post", "Reduce", "bconv_cycles", "fixed_cycles", "fixed_lanes",
-    "int_banks",
-    "op_cycles", "window_setup_cycles",
+    "BCONV_FIELDS", "BCONV_POST", "DESCRIPTOR", "FIXED_FIELDS", "FIXED_LATENCY", "PARAM",
+    "SEQUENCER_CYCLES", "BitRecord", "Opcode", "Post", "Reduce", "bconv_bits_words",
+    "bconv_cycles", "bconv_post", "fixed_cycles", "fixed_lanes", "int_banks", "op_cycles",
+    "window_setup_cycles",
 ]
 
 
@@ -184,14 +184,37 @@ BCONV_FIELDS = (
     ("k_words", 16, False),      # kernel * kernel * channel_words
     ("m_tiles", 12, False),      # ceil(out_channels / rows)
     ("out_channels", 12, False),
-    ("out_base", 24, False),     # INTS element address of output channel 0
-    ("out_plane", 24, False),    # OH * OW
+    ("out_base", 24, False),     # INTS element address of output channel 0 (not with post)
+    ("out_plane", 24, False),    # OH * OW (pool: 4 * (OH // 2) * (OW // 2), see BCONV_POST)
     ("add", 1, False),           # 1: add the counts into INTS (ImprovementBlock), 0: write
     # 1: bit-plane mode (lane % 8 == 0): the map holds 8-bit values as bit-planes, a word of
     # lane / 8 channels (sw.packing.pack_bitplanes); the array adds each word's weighted count
     # sum_b 2**b * popcount(xnor) of plane group b (hw.array). Same timing as a plain BCONV.
     ("planes", 1, False),
 )
+
+#: The FIXED fields a BCONV descriptor also uses: with ``post == Post.THRESHOLD`` the binary conv
+#: runs straight to bits (a bconv fused with the threshold op reading its counts; the
+#: descriptor's FIXED half holds that threshold's settings, which the fixed-point unit does not
+#: see on a BCONV). The count of channel ``o`` is compared with ``PARAMS[param_base + o]``
+#: (``threshold``, ``direction``, as a FIXED THRESHOLD) and the bit goes to BITS, ``out_base``
+#: being a BITS word address: bit ``o % lane`` of word ``out_base + pix * out_words + o //
+#: lane`` (``out_words = ceil(out_channels / lane)``); nothing goes to INTS. With ``reduce ==
+#: Reduce.MAX`` as well (``cols % 4 == 0``), a 2x2 stride-2 max pool (floor) comes between
+#: the counts and the threshold: the window visits the conv's output pixels in pool-window
+#: order (:class:`hw.conv_window.ConvWindow`), ``bconv_out_plane = 4 * (OH // 2) * (OW //
+#: 2)``, and the bit of pooled pixel ``pix = py * (OW // 2) + px`` is the OR (direction +1)
+#: or AND (direction -1) of its four counts' compares: ``max >= t``, ``max <= t``. Needs
+#: ``bconv_add == 0``, ``lane % rows == 0`` and ``bconv_bits_words(cols, pool) <=
+#: max(k_words, rows)``. Any other ``post`` or ``reduce`` of a BCONV: counts to INTS.
+BCONV_POST = ("post", "reduce", "out_base", "out_words", "param_base")
+
+
+def bconv_post(descriptor):
+    """``(threshold, pool)`` of a BCONV descriptor (a dict of :data:`DESCRIPTOR` fields)."""
+    threshold = int(descriptor.get("fixed_post", 0) == Post.THRESHOLD)
+    return threshold, int(threshold and descriptor.get("fixed_reduce", 0) == Reduce.MAX)
+
 
 #: One op of the layer program (one PROGRAM word).
 DESCRIPTOR = BitRecord(
@@ -225,12 +248,21 @@ def window_setup_cycles(cols):
     return max(4, cols + 2)
 
 
-def bconv_cycles(rows, cols, k_words, m_tiles, out_plane):
-    """Cycles from the start of a BCONV op to its engine's first idle cycle."""
+def bconv_bits_words(cols, pool):
+    """BITS words a BCONV with ``threshold`` writes per tile of ``cols`` traversed pixels: one
+    per pixel, or one per 2x2 pooling window with ``pool``. They leave one per cycle, the
+    last tile's after its last result row (:class:`hw.bconv_engine.BconvEngine`)."""
+    return cols // 4 if pool else cols
+
+
+def bconv_cycles(rows, cols, k_words, m_tiles, out_plane, threshold=0, pool=0):
+    """Cycles from the start of a BCONV op to its engine's first idle cycle (``threshold``,
+    ``pool``: :func:`bconv_post` of its descriptor)."""
     n_tiles = -(-out_plane // cols)
     p, q = max(k_words, rows), max(k_words + 2, rows)
+    drain = bconv_bits_words(cols, pool) - 1 if threshold else 0
     return (window_setup_cycles(cols) + m_tiles * (n_tiles - 1) * p + (m_tiles - 1) * q
-            + k_words + 2 * rows + cols + 5)
+            + k_words + 2 * rows + cols + 5 + drain)
 
 
 def fixed_lanes(lanes, lane, fields):
@@ -271,6 +303,7 @@ def op_cycles(rows, cols, lane, descriptor, fixed_lanes=0):
         return fixed_cycles(int_banks(cols, fixed_lanes), lane, fields) + SEQUENCER_CYCLES
     if opcode == Opcode.BCONV:
         return bconv_cycles(rows, cols, descriptor["bconv_k_words"],
-                            descriptor["bconv_m_tiles"], descriptor["bconv_out_plane"]) \
+                            descriptor["bconv_m_tiles"], descriptor["bconv_out_plane"],
+                            *bconv_post(descriptor)) \
             + SEQUENCER_CYCLES - 1
     return SEQUENCER_CYCLES - 1
