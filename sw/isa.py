@@ -33,6 +33,7 @@ __all__ = [
     "BCONV_FIELDS", "BCONV_POST", "DESCRIPTOR", "FIXED_FIELDS", "FIXED_LATENCY", "PARAM",
     "SEQUENCER_CYCLES", "BitRecord", "Opcode", "Post", "Reduce", "bconv_bits_words",
     "bconv_cycles", "bconv_post", "fixed_cycles", "fixed_lanes", "int_banks", "op_cycles",
+    "requant_passes", "requant_pipes",
     "window_setup_cycles",
 ]
 
@@ -227,7 +228,8 @@ DESCRIPTOR = BitRecord(
 # The hardware's cycle counts, exactly (the unit tests and the device tests check them against
 # the hardware; code generation uses them for its per-op figures).
 
-#: Pipeline latency of :class:`hw.fixed_unit.FixedUnit`.
+#: Pipeline latency of :class:`hw.fixed_unit.FixedUnit` (posts NONE and THRESHOLD; a REQUANT
+#: write comes :func:`requant_passes` cycles later).
 FIXED_LATENCY = 12
 #: Cycles the sequencer adds to an op's unit time in its counter: fetch, decode, dispatch,
 #: the cycle that sees the unit idle again and the record cycle.
@@ -278,15 +280,39 @@ def fixed_lanes(lanes, lane, fields):
     return 1
 
 
-def fixed_cycles(lanes, lane, fields):
+def requant_pipes(lanes):
+    """Requantizers of a fixed-point unit of ``lanes`` lanes: one per two lanes (one for a
+    single lane). A requantizer (``acc * mul + res * res_mul + bias``, the shift and the
+    saturation, about 67 bits wide) costs five DSP multipliers and most of a lane's logic,
+    while an output element of a convolution takes several cycles of terms: two lanes share
+    one, and only ops of fewer terms than passes wait for it (:func:`requant_passes`)."""
+    return max(lanes // 2, 1)
+
+
+def requant_passes(group, pipes):
+    """Cycles the ``group`` accumulators of an output element take through ``pipes``
+    requantizers (``group`` and ``pipes`` powers of two): a REQUANT op's elements are issued
+    at least this many cycles apart."""
+    return max(group // pipes, 1)
+
+
+def fixed_cycles(lanes, lane, fields, pipes=None):
     """Cycles the fixed-point unit is busy for a FIXED op (``fields``: FIXED_FIELDS names) on
-    a unit of ``lanes`` lanes and ``lane``-bit BITS words."""
+    a unit of ``lanes`` lanes, ``lane``-bit BITS words and ``pipes`` requantizers (default
+    :func:`requant_pipes` ``(lanes)``, as the device has)."""
     terms = fields["terms_c"] * fields["kernel_h"] * fields["kernel_w"]
     if fields["post"] == Post.REQUANT and fields["residual"]:
         terms += 1
     group = fixed_lanes(lanes, lane, fields)
     per_row = -(-fields["out_w"] // group)
-    cycles = fields["out_h"] * per_row * fields["out_channels"] * terms + FIXED_LATENCY
+    elements = fields["out_h"] * per_row * fields["out_channels"]
+    if fields["post"] == Post.REQUANT and elements * terms > 0:
+        # Elements of fewer terms than passes wait (padding slots, but after the last);
+        # the last element's requantizer passes follow its last term.
+        passes = requant_passes(group, requant_pipes(lanes) if pipes is None else pipes)
+        pad = max(passes - terms, 0)
+        return elements * (terms + pad) - pad + FIXED_LATENCY + passes
+    cycles = elements * terms + FIXED_LATENCY
     if fields["post"] == Post.THRESHOLD and fields["out_h"] * fields["out_w"] > 0:
         # The last group's words leave the write queue one per cycle.
         cycles += (fields["out_w"] - 1) % group
