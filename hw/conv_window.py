@@ -28,6 +28,13 @@ Conventions (bit 1 = +1, bit 0 = -1, as :mod:`sw.packing`)
   ``OH = (H + 2p - k) // s + 1``, ``OW = (W + 2p - k) // s + 1`` (floor, as golden); tile
   ``t`` holds pixels ``t * cols + c`` in column ``c``. In the last tile, columns with
   ``n >= OH * OW`` carry meaningless words (their counts must be dropped).
+* With ``pool`` set (only where ``cols % 4 == 0``, else ignored) the pass visits, instead, the
+  pixels a 2x2 stride-2 max pool (floor) of the conv's output reads, in **pool-window order**:
+  traversal index ``n = t * cols + c`` is pixel ``q = c % 4`` (``(2 * py + q // 2, 2 * px +
+  q % 2)``) of pooling window ``j = t * cols // 4 + c // 4``, ``(py, px) = divmod(j, OW // 2)``:
+  the four pixels of a window are four neighbouring columns of one tile, so a consumer pools
+  inside the tile. ``4 * (OH // 2) * (OW // 2)`` pixels (the odd last row and column of the
+  conv output are never computed), ``ceil((OH // 2) * (OW // 2) / (cols // 4))`` tiles.
 """
 
 from amaranth import Module, Mux, Signal, signed
@@ -67,7 +74,7 @@ class ConvWindow(wiring.Component):
         ``base`` (the map's first word: the word of pixel (0, 0), channel word 0),
         ``height``, ``width`` (``H``, ``W``), ``channels`` (``C``), ``channel_words``
         (must be ``ceil(C / lane)``), ``kernel`` (1 or 3), ``stride`` (1 or 2), ``padding``
-        (0 or 1). Requires ``H + 2p >= k`` and ``W + 2p >= k``; other values are unsupported.
+        (0 or 1), ``pool`` (pool-window order, above; needs ``OH, OW >= 2``). Requires ``H + 2p >= k`` and ``W + 2p >= k``; other values are unsupported.
         Hold it stable from :attr:`SETUP_CYCLES` cycles before ``start`` until ``busy``
         falls.
     start : ``In(1)``
@@ -114,6 +121,8 @@ class ConvWindow(wiring.Component):
         self.max_width = max_width
         self.max_height = max_height
         self.max_channel_words = max_channel_words
+        #: Whether ``config.pool`` is honoured (``cols`` a multiple of 4); else it is ignored.
+        self.pool_capable = cols % 4 == 0
         self.depth = max_height * max_width * max_channel_words
         if addr_width is None:
             addr_width = max(1, (self.depth - 1).bit_length())
@@ -128,6 +137,7 @@ class ConvWindow(wiring.Component):
             "kernel": range(4),
             "stride": range(3),
             "padding": range(2),
+            "pool": range(2),
         })
         self.read_signature = wiring.Signature({
             "addr": Out(self.addr_width),
@@ -160,7 +170,14 @@ class ConvWindow(wiring.Component):
             return Signal(shape, name=name)
 
         # ---- Geometry pipeline, stage 1: registered functions of config ------------------
+        # With pool the pipeline works on the *virtual* grid of 2x2 pooling windows: its
+        # "pixels" are the windows (OH // 2 x OW // 2), a step between them is two conv
+        # pixels (2 * stride input pixels), and columns 4j + q add the fixed offset of the
+        # window's pixel q (q // 2 rows and q % 2 columns of the conv) to window j's position.
+        pooling = self.pool_capable
         k3, s2, pad = reg(1, "g_k3"), reg(1, "g_s2"), reg(1, "g_pad")
+        pool = reg(1, "g_pool")
+        sub_x = reg(aw, "g_sub_x")              # s * channel_words: one conv pixel right
         height, width = reg(range(self.max_height + 1), "g_h"), reg(range(self.max_width + 1),
                                                                      "g_w")
         out_h, out_w = reg(pix_shape, "g_out_h"), reg(pix_shape, "g_out_w")
@@ -173,13 +190,19 @@ class ConvWindow(wiring.Component):
         span_h = cfg.height + 2 * cfg.padding - Mux(cfg.kernel == 3, 3, 1)    # H + 2p - k
         span_w = cfg.width + 2 * cfg.padding - Mux(cfg.kernel == 3, 3, 1)
         tail = cfg.channels - (cfg.channel_words - 1) * lane
+        conv_h = Mux(cfg.stride == 2, span_h >> 1, span_h) + 1
+        conv_w = Mux(cfg.stride == 2, span_w >> 1, span_w) + 1
+        pool_cfg = cfg.pool if pooling else 0
+        sub_x_value = Mux(cfg.stride == 2, cfg.channel_words << 1, cfg.channel_words)
         m.d.sync += [
             k3.eq(cfg.kernel == 3), s2.eq(cfg.stride == 2), pad.eq(cfg.padding),
+            pool.eq(pool_cfg),
             height.eq(cfg.height), width.eq(cfg.width),
-            out_h.eq(Mux(cfg.stride == 2, span_h >> 1, span_h) + 1),
-            out_w.eq(Mux(cfg.stride == 2, span_w >> 1, span_w) + 1),
+            out_h.eq(Mux(pool_cfg, conv_h >> 1, conv_h)),
+            out_w.eq(Mux(pool_cfg, conv_w >> 1, conv_w)),
             cw_last_value.eq(cfg.channel_words - 1),
-            step_x.eq(Mux(cfg.stride == 2, cfg.channel_words << 1, cfg.channel_words)),
+            sub_x.eq(sub_x_value),
+            step_x.eq(Mux(pool_cfg, sub_x_value << 1, sub_x_value)),
             row_words.eq(cfg.width * cfg.channel_words),
             kernel_words.eq(Mux(cfg.kernel == 3, cfg.channel_words * 3, cfg.channel_words)),
             base1.eq(cfg.base),
@@ -194,19 +217,26 @@ class ConvWindow(wiring.Component):
         base2 = reg(aw, "g_base2")              # word address of pixel 0's window top-left
         tile_rows = reg(range(cols + 1), "g_tile_rows")     # divmod(cols, OW)
         tile_cols = reg(range(cols + 1), "g_tile_cols")
+        sub_y = reg(aw, "g_sub_y")              # s * W * channel_words: one conv row down
+        vshift = Mux(pool, Mux(s2, 2, 1), Mux(s2, 1, 0))    # log2 of the virtual stride
         m.d.sync += [
-            step_y.eq(Mux(s2, row_words << 1, row_words)),
+            sub_y.eq(Mux(s2, row_words << 1, row_words)),
+            step_y.eq(row_words << vshift),
             row_jump.eq(row_words - kernel_words + 1),
             out_w_words.eq(out_w * step_x),
             base2.eq(base1 - Mux(pad, row_words + cw_last_value + 1, 0)),
         ]
-        # divmod(cols, OW) for the OW that make it nontrivial, (0, cols) for the others.
-        with m.Switch(out_w):
-            for w in range(1, cols + 1):
-                with m.Case(w):
-                    m.d.sync += [tile_rows.eq(cols // w), tile_cols.eq(cols % w)]
-            with m.Default():
-                m.d.sync += [tile_rows.eq(0), tile_cols.eq(cols)]
+        # divmod(cols, OW) for the OW that make it nontrivial, (0, cols) for the others; with
+        # pool divmod(cols // 4, OW // 2): a tile holds cols // 4 pooling windows.
+        for vcols, mode in ((cols, ~pool), (cols // 4, pool)):
+            if vcols == 0 or (vcols != cols and not pooling):
+                continue
+            with m.If(mode), m.Switch(out_w):
+                for w in range(1, vcols + 1):
+                    with m.Case(w):
+                        m.d.sync += [tile_rows.eq(vcols // w), tile_cols.eq(vcols % w)]
+                with m.Default():
+                    m.d.sync += [tile_rows.eq(0), tile_cols.eq(vcols)]
 
         # ---- Stage 3: the address steps of a tile and of the next pixel across a row end ---
         tile_rows_words = reg(aw, "g_tile_rows_words")
@@ -216,10 +246,10 @@ class ConvWindow(wiring.Component):
         dx_step, dx_wrap = reg(coord, "g_dx_step"), reg(coord, "g_dx_wrap")
         dy_step, dy_wrap = reg(coord, "g_dy_step"), reg(coord, "g_dy_wrap")
         m.d.sync += [
-            dx_step.eq(Mux(s2, tile_cols << 1, tile_cols)),
-            dx_wrap.eq(Mux(s2, (tile_cols - out_w) << 1, tile_cols - out_w)),
-            dy_step.eq(Mux(s2, tile_rows << 1, tile_rows)),
-            dy_wrap.eq(Mux(s2, (tile_rows + 1) << 1, tile_rows + 1)),
+            dx_step.eq(tile_cols << vshift),
+            dx_wrap.eq((tile_cols - out_w) << vshift),
+            dy_step.eq(tile_rows << vshift),
+            dy_wrap.eq((tile_rows + 1) << vshift),
             tile_rows_words.eq(tile_rows * step_y),
             tile_cols_words.eq(tile_cols * step_x),
             wrap_one.eq(step_y - out_w_words + step_x),
@@ -242,21 +272,38 @@ class ConvWindow(wiring.Component):
                     "addr": Signal(aw, name=f"{name}_addr")}
 
         s = Mux(s2, 2, 1)
+        vs = 1 << vshift
 
         def step_one(px):
             """The next pixel in raster order."""
             wrap = px["ox"] == out_w - 1
             return {"ox": Mux(wrap, 0, px["ox"] + 1),
                     "oy": Mux(wrap, px["oy"] + 1, px["oy"]),
-                    "ix": Mux(wrap, -pad, px["ix"] + s),
-                    "iy": Mux(wrap, px["iy"] + s, px["iy"]),
+                    "ix": Mux(wrap, -pad, px["ix"] + vs),
+                    "iy": Mux(wrap, px["iy"] + vs, px["iy"]),
                     "addr": px["addr"] + Mux(wrap, wrap_one, step_x)}
 
         # The first tile's pixels, column c at stage 2 + c (column 0 from stage-2 values).
+        # With pool, column 4j + q is window j's pixel q: window j steps from window j - 1
+        # (column 4j - 4), pixel q adds its offset to column 4j.
         first_tile = [{"ox": 0, "oy": 0, "ix": -pad, "iy": -pad, "addr": base2}]
         for c in range(1, cols):
             px = pixel(f"init{c}")
-            m.d.sync += [px[key].eq(value) for key, value in step_one(first_tile[-1]).items()]
+            value = step_one(first_tile[-1])
+            if pooling:
+                q = c % 4
+                if q == 0:
+                    pooled = step_one(first_tile[c - 4])
+                else:
+                    origin = first_tile[c - q]
+                    dy, dx = divmod(q, 2)
+                    pooled = {"ox": origin["ox"], "oy": origin["oy"],
+                              "ix": origin["ix"] + (s if dx else 0),
+                              "iy": origin["iy"] + (s if dy else 0),
+                              "addr": origin["addr"] + (sub_x if dx else 0)
+                              + (sub_y if dy else 0)}
+                value = {key: Mux(pool, pooled[key], value[key]) for key in value}
+            m.d.sync += [px[key].eq(v) for key, v in value.items()]
             first_tile.append(px)
 
         # ---- Pass state ----------------------------------------------------------------------

@@ -10,7 +10,7 @@ from amaranth.hdl import ResetInserter
 from amaranth.lib import fifo, memory, stream, wiring
 from amaranth.lib.wiring import In, Out
 
-from sw import protocol
+from sw import isa, protocol
 from sw.protocol import Command, Memory, Status
 
 from .array import XnorArray, share_array
@@ -140,6 +140,9 @@ class DeviceCore(wiring.Component):
                 fixed.start.eq(sequencer.fixed_start),
                 sequencer.fixed_busy.eq(fixed.busy),
                 bconv.config.eq(sequencer.bconv_config),
+                # A BCONV's threshold to bits (sw.isa.BCONV_POST) is in the FIXED half.
+                *(getattr(bconv.post, name).eq(getattr(sequencer.fixed_config, name))
+                  for name in isa.BCONV_POST),
                 bconv.start.eq(sequencer.bconv_start),
                 sequencer.bconv_busy.eq(bconv.busy),
             ]
@@ -173,16 +176,17 @@ class DeviceCore(wiring.Component):
         def host_selected(mem):
             return mem_id == mem
 
-        def plain_memory(mem, reads=1):
+        def plain_memory(mem, reads=1, granularity=None):
             store = memory.Memory(shape=widths[mem], depth=depths[mem], init=[])
             m.submodules[f"{mem.name.lower()}_memory"] = store
-            return [store.read_port() for _ in range(reads)], store.write_port()
+            return ([store.read_port() for _ in range(reads)],
+                    store.write_port(granularity=granularity))
 
         def host_writes(write, mem):
             m.d.comb += [
                 write.addr.eq(host_addr),
                 write.data.eq(host_data(mem)),
-                write.en.eq(host_write_en & host_selected(mem)),
+                write.en.eq((host_write_en & host_selected(mem)).replicate(len(write.en))),
             ]
 
         def host_reads_from(read, mem):
@@ -217,8 +221,10 @@ class DeviceCore(wiring.Component):
 
         if cfg.layer_program:
             # BITS: one read port per array column for the window generator (port 0 also serves
-            # the host), written by the fixed-point unit's thresholds or the host.
-            bits_reads, bits_write = plain_memory(Memory.BITS, reads=cfg.cols)
+            # the host), written by the fixed-point unit's thresholds, the binary conv engine's
+            # (one write enable per group of `rows` bits: a row tile's bits) or the host.
+            bits_reads, bits_write = plain_memory(
+                Memory.BITS, reads=cfg.cols, granularity=cfg.lane // bconv.bits_groups)
             host_reads[Memory.BITS] = bits_reads[0].data
             for column, read in enumerate(bits_reads):
                 m.d.comb += bconv.rd[column].data.eq(read.data)
@@ -227,22 +233,33 @@ class DeviceCore(wiring.Component):
                                  read.en.eq(bconv.rd[column].en)]
                 with m.Else():
                     host_reads_from(read, Memory.BITS)
-            with m.If(fixed_active):
+            with m.If(bconv_active):
+                m.d.comb += [bits_write.addr.eq(bconv.bits_wr_addr),
+                             bits_write.data.eq(bconv.bits_wr_data),
+                             bits_write.en.eq(bconv.bits_wr_en)]
+            with m.Elif(fixed_active):
                 m.d.comb += [bits_write.addr.eq(fixed.bits_wr_addr),
                              bits_write.data.eq(fixed.bits_wr_data),
-                             bits_write.en.eq(fixed.bits_wr_en)]
+                             bits_write.en.eq(fixed.bits_wr_en.replicate(bconv.bits_groups))]
             with m.Else():
                 host_writes(bits_write, Memory.BITS)
 
-            # COEFS and PARAMS: read by the fixed-point unit.
+            # COEFS and PARAMS: read by the fixed-point unit; PARAMS also by the binary conv
+            # engine's thresholds.
             for mem, prefix in ((Memory.COEFS, "coef"), (Memory.PARAMS, "param")):
                 (read,), write = plain_memory(mem)
                 host_reads[mem] = read.data
                 host_writes(write, mem)
                 m.d.comb += getattr(fixed, f"{prefix}_rd_data").eq(read.data)
+                if mem == Memory.PARAMS:
+                    m.d.comb += bconv.param_rd_data.eq(read.data)
                 with m.If(fixed_active):
                     m.d.comb += [read.addr.eq(getattr(fixed, f"{prefix}_rd_addr")),
                                  read.en.eq(getattr(fixed, f"{prefix}_rd_en"))]
+                if mem == Memory.PARAMS:
+                    with m.Elif(bconv_active):
+                        m.d.comb += [read.addr.eq(bconv.param_rd_addr),
+                                     read.en.eq(bconv.param_rd_en)]
                 with m.Else():
                     host_reads_from(read, mem)
 

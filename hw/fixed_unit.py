@@ -95,7 +95,8 @@ class FixedUnit(wiring.Component):
     Schedule (lanes)
     ----------------
     The unit computes ``L`` consecutive output pixels of one output channel at once, each in
-    its own lane (own accumulator and post-processing; PARAMS and COEFS are shared), where
+    its own lane (own accumulator and threshold compare; PARAMS and COEFS are shared; a
+    requantizer serves ``lanes // requant_pipes`` lanes, see below), where
     ``L`` is (:func:`sw.isa.fixed_lanes`):
 
     * ``lanes`` for stride 1. THRESHOLD lanes set bits of ``L`` different BITS words, which
@@ -142,7 +143,11 @@ class FixedUnit(wiring.Component):
     lanes : int
         Output pixels computed at once (a power of two, default 1): the INTS ports are runs of
         this many elements (the core passes its :class:`~hw.int_memory.IntMemory`'s
-        ``banks``). Each lane costs a term multiplier and the requant multipliers.
+        ``banks``). Each lane costs a term multiplier and an accumulator.
+    requant_pipes : int, optional
+        Requantizers (``acc * mul + res * res_mul + bias``, shift and saturation), a power
+        of two dividing ``lanes``; default :func:`sw.isa.requant_pipes` ``(lanes)``, as the
+        device and its timing model have. Each costs 5 multipliers and a wide datapath.
 
     Members
     -------
@@ -184,11 +189,17 @@ class FixedUnit(wiring.Component):
     ``busy`` is high for exactly ``T + LATENCY`` cycles (``LATENCY = 12``), plus, for
     THRESHOLD, ``(out_w - 1) % L`` cycles in which the last group's queued words are written
     (:func:`sw.isa.fixed_cycles`): the write of the group whose last term (or residual slot)
-    is issued at cycle ``c`` is issued at cycle ``c + LATENCY``. A new op can start in the
-    cycle ``busy`` falls.
+    is issued at cycle ``c`` is issued at cycle ``c + LATENCY``.
+
+    REQUANT: the group's ``L`` accumulators go through the ``requant_pipes`` requantizers in
+    ``S = max(L // requant_pipes, 1)`` passes (:func:`sw.isa.requant_passes`), one per cycle,
+    and the group's write is issued at ``c + LATENCY + S``. An element of fewer than ``S``
+    slots (``E < S``) is followed by ``S - E`` padding slots (none after the op's last), so
+    ``busy`` is high for ``N * max(E, S) - max(S - E, 0) + LATENCY + S`` cycles (``N``
+    elements). A new op can start in the cycle ``busy`` falls.
 
     Pipeline (cycle ``k`` after a term leaves the counters, every stage a register; the
-    per-lane datapath is replicated ``lanes`` times):
+    per-lane datapath of stages 3-7 is replicated ``lanes`` times):
 
     0. counters (incremental addresses: no runtime multiply); PARAMS read issued;
     1. ``P`` valid; the lanes' window bounds, the relative address, the rotation and
@@ -199,38 +210,52 @@ class FixedUnit(wiring.Component):
     4. the lanes' ``x`` and the coefficient registered (the rotator gets no multiplier
        behind it in the same cycle);
     5. ``x * coef`` registered (per lane one ``element_width x 8`` multiplier);
-    6. accumulators (sum or max); in the residual slot, ``res * res_mul`` in registered
-       partial products (as ``acc * mul`` below);
-    7. ``acc * mul`` in registered partial products (17-bit slices of ``acc``, each one
-       18 x 18 DSP with no wide adder behind it in the same cycle), ``res * res_mul``
-       combined, ``bias + half``, the threshold compares;
-    8. partial products combined; ``res * res_mul + bias + half``;
-    9. ``v``; 10. ``v >> shift`` (barrel shifter); 11. the saturation compares;
-    12. the saturation mux, BITS word assembly and queue, the write registers.
+    6. accumulators (sum or max); in the residual slot, the residual run held;
+    7. the threshold compares; for REQUANT the element's accumulators, residuals, ``mul``,
+       ``res_mul``, ``bias + half`` and ``shift`` held for the requantizers' passes
+       (pass ``t`` at cycle ``7 + t`` takes lanes ``t * requant_pipes + j``);
+    8-11. NONE: the accumulators delayed; THRESHOLD: the bits delayed;
+    12. BITS word assembly and queue, the write registers (NONE, THRESHOLD).
+
+    A requantizer, from its pass's cycle ``X``: ``X + 1`` ``acc * mul`` and ``res *
+    res_mul`` in registered partial products (17-bit slices, each one 18 x 18 DSP with no
+    wide adder behind it in the same cycle); ``X + 2`` the products combined, ``res *
+    res_mul + bias + half``; ``X + 3`` ``v``; ``X + 4`` ``v >> shift`` (barrel shifter);
+    ``X + 5`` the saturation compares; ``X + 6`` the saturation mux into the pass's lanes'
+    write registers, and with the last pass the write.
 
     Resources (Yosys ``synth_ecp5`` and nextpnr ``--85k --out-of-context``, seed 1, for
     ``lane=32, int_addr_width=16, bits_addr_width=14, coef_addr_width=16,
     param_addr_width=10, max_terms=4096``), measured before lanes existed (``lanes=1``,
     ``LATENCY = 11``): 9 ``MULT18X18D``, about 2,200 LUT4, 600 CCU2C and 2,270 FFs (most of
     them the per-element parameters and addresses that travel down the pipeline); Fmax
-    121 MHz, the critical path the 66-bit barrel shifter. Each further lane adds its
-    multipliers (7 ``MULT18X18D`` at ``element_width=24``: 2 for ``x * coef``, 3 for
-    ``acc * mul``, 2 for ``res * res_mul``), accumulator, requant datapath and barrel shifter:
-    Yosys ``synth_ecp5`` (before LUT mapping; ``max_terms=65536`` as the core's, otherwise as
-    above) counts 30 ``MULT18X18D`` and 4,900 FFs at ``lanes=4``, 58 and 8,100 at ``lanes=8``
-    (the LFE5U-45F has 72 multipliers).
+    121 MHz, the critical path the 66-bit barrel shifter. Each further lane adds its term
+    multiplier (2 ``MULT18X18D`` at ``element_width=24``) and accumulator, each further
+    requantizer 5 (3 for ``acc * mul``, 2 for ``res * res_mul``), its adders, barrel shifter
+    and compares. With a requantizer per lane (before ``requant_pipes``), Yosys
+    ``synth_ecp5`` of the ULX3S-85F default's unit (``lanes=8``) counted 9,086 LUT4, 2,652
+    CCU2C, 8,538 FFs and 59 ``MULT18X18D``: 43% of the whole device's logic cells, and
+    nextpnr's router2 found most of its overused wires there (docs/builds.md).
+
     """
 
     LATENCY = isa.FIXED_LATENCY
 
     def __init__(self, *, lane, int_addr_width, bits_addr_width, coef_addr_width,
-                 param_addr_width, max_terms, element_width=24, lanes=1):
+                 param_addr_width, max_terms, element_width=24, lanes=1, requant_pipes=None):
         if not isinstance(element_width, int) or not 2 <= element_width <= 63:
             raise ValueError(f"element_width must be an integer in [2, 63], not "
                              f"{element_width!r}")
         if (not isinstance(lanes, int) or isinstance(lanes, bool) or lanes < 1
                 or lanes & (lanes - 1)):
             raise ValueError(f"lanes must be a positive power of two, not {lanes!r}")
+        if requant_pipes is None:
+            requant_pipes = isa.requant_pipes(lanes)
+        if (not isinstance(requant_pipes, int) or isinstance(requant_pipes, bool)
+                or requant_pipes < 1 or lanes % requant_pipes
+                or requant_pipes & (requant_pipes - 1)):
+            raise ValueError(f"requant_pipes must be a power of two that divides lanes "
+                             f"({lanes}), not {requant_pipes!r}")
         for name, value in (("lane", lane), ("int_addr_width", int_addr_width),
                             ("bits_addr_width", bits_addr_width),
                             ("coef_addr_width", coef_addr_width),
@@ -240,6 +265,7 @@ class FixedUnit(wiring.Component):
         self.element_width = element_width
         self.lane = lane
         self.lanes = lanes
+        self.requant_pipes = requant_pipes
         self.int_addr_width = int_addr_width
         self.bits_addr_width = bits_addr_width
         self.coef_addr_width = coef_addr_width
@@ -295,6 +321,12 @@ class FixedUnit(wiring.Component):
         wide = dense | spread
         # Pixels of a group (but the row's last).
         step = Mux(dense, lanes, Mux(spread, max(lanes // 2, 1), 1))
+        # REQUANT: cycles a group's accumulators take through the shared requantizers
+        # (sw.isa.requant_passes); an element of fewer slots is followed by padding slots.
+        pipes = self.requant_pipes
+        max_passes = isa.requant_passes(lanes, pipes)
+        passes = Mux(dense, max_passes,
+                     Mux(spread, isa.requant_passes(max(lanes // 2, 1), pipes), 1))
 
         # ---- Stage 0: the counter chain --------------------------------------------------
         running = Signal()
@@ -324,7 +356,23 @@ class FixedUnit(wiring.Component):
         first0 = (kx == 0) & (ky == 0) & (tc == 0) & ~res_phase
         elem_end = res_phase | (term_last & ~res_mode)
 
-        with m.If(running):
+        # A slot is issued in every running cycle but the padding slots (`wait` of them left)
+        # after a REQUANT element of fewer slots (`slot` + 1 so far) than `passes`.
+        slot = Signal(range(max_passes + 1))
+        wait = Signal(range(max_passes + 1))
+        issue = Signal()
+        m.d.comb += issue.eq(running & (wait == 0))
+        with m.If(running & (wait != 0)):
+            m.d.sync += wait.eq(wait - 1)
+        with m.If(issue):
+            with m.If(elem_end):
+                m.d.sync += slot.eq(0)
+                with m.If(post_requant & (slot + 1 < passes)):
+                    m.d.sync += wait.eq(passes - 1 - slot)
+            with m.Elif(slot < max_passes):
+                m.d.sync += slot.eq(slot + 1)
+
+        with m.If(issue):
             with m.If(~res_phase):
                 m.d.sync += coef_addr.eq(coef_addr + 1)
                 with m.If(kx_last):
@@ -376,7 +424,7 @@ class FixedUnit(wiring.Component):
         m.d.comb += pow_bits.eq(Const(1, 1) << cfg.bits)
         with m.If(self.start & ~self.busy):
             m.d.sync += [
-                running.eq(nonempty), res_phase.eq(0),
+                running.eq(nonempty), res_phase.eq(0), slot.eq(0), wait.eq(0),
                 kx.eq(0), ky.eq(0), tc.eq(0), o.eq(0), oy.eq(0), rem.eq(cfg.out_w),
                 obit.eq(0), oword.eq(0),
                 ix.eq(-cfg.pad), iy.eq(-cfg.pad), ix0.eq(-cfg.pad), iy0.eq(-cfg.pad),
@@ -396,9 +444,9 @@ class FixedUnit(wiring.Component):
         ]
 
         # ---- Stage 1: PARAMS data valid; bounds and relative addresses registered ---------
-        valid = _delay(m, running, self.LATENCY, "valid")
-        first = _delay(m, running & first0, 5, "first")
-        end = _delay(m, running & elem_end, 11, "end")
+        valid = _delay(m, issue, self.LATENCY, "valid")
+        first = _delay(m, issue & first0, 5, "first")
+        end = _delay(m, issue & elem_end, 11, "end")
         res = _delay(m, res_phase, 5, "res")
         iy_inside = (iy >= 0) & (iy < cfg.in_h)
         real1 = Signal(lanes)       # per lane: a real term (not padding), or the residual slot
@@ -493,67 +541,108 @@ class FixedUnit(wiring.Component):
                     m.d.sync += acc6[i].eq(Mux(first[5], term5[i], acc6[i] + term5[i]))
         # The parameters of the element at stage 1 travel with it to stage 6.
         param_line = _delay(m, p1.as_value(), 5, "param")
-        p5 = data.View(self.param_layout, param_line[4])
         p6 = data.View(self.param_layout, param_line[5])
 
-        # res * res_mul in partial products like acc * mul (below): the residual slot is the
-        # element's last, so they are ready when the accumulator is. x4 of the residual slot
-        # (the residual run) is term5's source, registered alongside it.
-        resv5 = [Signal(signed(ew), name=f"resv5_{i}") for i in range(lanes)]
-        m.d.sync += [reg.eq(x) for reg, x in zip(resv5, x4)]
-        res_parts6 = [_partial_products(resv5[i], p5.res_mul, f"res_mul6_{i}")
-                      for i in range(lanes)]
-        with m.If(valid[5] & res[5]):
-            m.d.sync += [reg.eq(product) for parts in res_parts6 for _, reg, product in parts]
-
-        # ---- Stage 7: products, bias + half, threshold compare -----------------------------
-        mul_width = len(p6.mul)
-        bh7 = Signal(signed(max(len(p6.bias), 64) + 1))
-        bit7 = Signal(lanes)
-        half6 = (Const(1, 1) << p6.shift)[1:]     # 2**(shift - 1); 0 when shift == 0
+        # ---- Stage 7: the threshold compares (every lane) ---------------------------------
         thr = p6.threshold
-        m.d.sync += bh7.eq(p6.bias + half6)
+        bit7 = Signal(lanes)
         for i in range(lanes):
             m.d.sync += bit7[i].eq(Mux(p6.direction > 0, acc6[i] >= thr,
                                        Mux(p6.direction < 0, acc6[i] <= thr, thr != 0)))
-        shift = _delay(m, p6.shift, 3, "shift")   # shift[k] is stage k + 6
         bit = _delay(m, bit7, 4, "bit")           # bit[k] is stage k + 7
-        prod_width = aw + mul_width + 1
-        v_width = max(prod_width, ew + len(p6.res_mul) + 1, len(bh7)) + 2
-        outa11 = _delay(m, outa1, 10, "outa")[-1]
+        outa_line = _delay(m, outa1, 10, "outa")
+        outa11 = outa_line[-1]
         bitsa11 = _delay(m, bitsa2, 9, "bitsa")[-1]
         obit11 = _delay(m, obit1, 10, "obit")[-1]
         wlast11 = _delay(m, wlast1, 10, "wlast")[-1]
-        live11 = _delay(m, live1, 10, "live")[-1]
-        for i in range(lanes):
-            # ---- Stage 7, 8, 9: v = acc * mul + res * res_mul + bias + half ---------------
-            mul_parts7 = _partial_products(acc6[i], p6.mul, f"mul7_{i}")
-            m.d.sync += [reg.eq(product) for _, reg, product in mul_parts7]
-            rp7 = Signal(signed(ew + len(p6.res_mul) + 1), name=f"rp7_{i}")
-            m.d.sync += rp7.eq(Mux(cfg.residual, _sum_shifted(res_parts6[i]), 0))
-            a8 = Signal(signed(prod_width), name=f"a8_{i}")
-            b8 = Signal(signed(v_width), name=f"b8_{i}")
-            v9 = Signal(signed(v_width), name=f"v9_{i}")
+        live_line = _delay(m, live1, 10, "live")
+        live11 = live_line[-1]
+
+        # ---- REQUANT: the requantizers, each shared by lanes // pipes lanes ----------------
+        # The element's accumulators, residuals and parameters are held (stage 7, `h*`) when
+        # its last slot leaves stage 6; then `passes` passes (pass t: lanes t * pipes + j in
+        # requantizer j) run through six registered stages:
+        #   X+1 acc * mul and res * res_mul in partial products (17-bit slices, one 18 x 18
+        #       DSP each, no wide adder behind them in the same cycle);
+        #   X+2 the products combined: a = acc * mul, b = res * res_mul + bias + half;
+        #   X+3 v = a + b;  X+4 v >> shift (round half up: the half is in b);
+        #   X+5 the saturation compares (about 66 bits wide: a stage of their own);
+        #   X+6 the saturation mux into the lanes' write registers; the last pass also
+        #       registers the write (address, mask, enable), so every lane's value is in
+        #       place when it is issued.
+        # The holds are stable for the passes: elements are issued at least `passes` slots
+        # apart (stage 0) and a residual is held from its slot (stage 6) until the element
+        # ends. The residual run (x4 of the residual slot) is registered alongside term5.
+        resv5 = [Signal(signed(ew), name=f"resv5_{i}") for i in range(lanes)]
+        m.d.sync += [reg.eq(x) for reg, x in zip(resv5, x4)]
+        res6 = [Signal(signed(ew), name=f"res6_{i}") for i in range(lanes)]
+        with m.If(valid[5] & res[5]):
+            m.d.sync += [reg.eq(x) for reg, x in zip(res6, resv5)]
+        hacc = [Signal(signed(aw), name=f"hacc_{i}") for i in range(lanes)]
+        hres = [Signal(signed(ew), name=f"hres_{i}") for i in range(lanes)]
+        mul_width = len(p6.mul)
+        hmul, hres_mul = Signal.like(p6.mul), Signal.like(p6.res_mul)
+        hbh = Signal(signed(max(len(p6.bias), 64) + 1))     # bias + half
+        hshift = Signal.like(p6.shift)
+        haddr, hlive = Signal(iaw), Signal(lanes)
+        half6 = (Const(1, 1) << p6.shift)[1:]     # 2**(shift - 1); 0 when shift == 0
+        pass_valid = Signal()
+        pass_index = Signal(range(max_passes))
+        with m.If(end[6] & post_requant):
             m.d.sync += [
-                a8.eq(_sum_shifted(mul_parts7)),
-                b8.eq(rp7 + bh7),
-                v9.eq(a8 + b8),
+                *(h.eq(a) for h, a in zip(hacc, acc6)),
+                *(h.eq(Mux(cfg.residual, r, 0)) for h, r in zip(hres, res6)),
+                hmul.eq(p6.mul), hres_mul.eq(p6.res_mul), hbh.eq(p6.bias + half6),
+                hshift.eq(p6.shift), haddr.eq(outa_line[5]), hlive.eq(live_line[5]),
+                pass_valid.eq(1), pass_index.eq(0),
             ]
-            # ---- Stage 10: arithmetic shift (round half up with the half added above) -----
-            y10 = Signal(signed(v_width), name=f"y10_{i}")
-            m.d.sync += y10.eq(v9 >> shift[3])
-            # ---- Stage 11: the saturation compares (66 bits wide: a stage of their own) ---
-            below11, above11 = Signal(name=f"below11_{i}"), Signal(name=f"above11_{i}")
-            y11 = Signal(signed(ew), name=f"y11_{i}")
+        with m.Elif(pass_valid & (pass_index + 1 == passes)):
+            m.d.sync += pass_valid.eq(0)
+        with m.Elif(pass_valid):
+            m.d.sync += pass_index.eq(pass_index + 1)
+
+        def pass_lane(values, j):
+            # Requantizer j's input in pass `pass_index`: lane pass_index * pipes + j.
+            value = values[j]
+            for t in range(1, max_passes):
+                value = Mux(pass_index == t, values[t * pipes + j], value)
+            return value
+
+        pv = _delay(m, pass_valid, 6, "pass_valid")     # pv[k] is stage X + k
+        pindex = _delay(m, pass_index, 6, "pass_index")
+        plast = _delay(m, pass_valid & (pass_index + 1 == passes), 6, "pass_last")
+        pshift = _delay(m, hshift, 4, "pass_shift")
+        paddr = _delay(m, haddr, 5, "pass_addr")
+        plive = _delay(m, hlive, 5, "pass_live")
+        prod_width = aw + mul_width + 1
+        v_width = max(prod_width, ew + len(hres_mul) + 1, len(hbh)) + 2
+        for j in range(pipes):
+            mul_parts = _partial_products(pass_lane(hacc, j), hmul, f"mul_{j}")
+            res_parts = _partial_products(pass_lane(hres, j), hres_mul, f"res_mul_{j}")
+            m.d.sync += [reg.eq(product) for _, reg, product in mul_parts + res_parts]
+            bh1 = Signal.like(hbh, name=f"bh1_{j}")
+            a2 = Signal(signed(prod_width), name=f"a2_{j}")
+            b2 = Signal(signed(v_width), name=f"b2_{j}")
+            v3 = Signal(signed(v_width), name=f"v3_{j}")
+            y4 = Signal(signed(v_width), name=f"y4_{j}")
             m.d.sync += [
-                below11.eq(y10 < sat_lo),
-                above11.eq(y10 > sat_hi),
-                y11.eq(y10),
+                bh1.eq(hbh),
+                a2.eq(_sum_shifted(mul_parts)),
+                b2.eq(_sum_shifted(res_parts) + bh1),
+                v3.eq(a2 + b2),
+                y4.eq(v3 >> pshift[3]),
             ]
-            # ---- Stage 12: saturation, the write registers ---------------------------------
-            acc11 = _delay(m, acc6[i], 5, f"acc_{i}")[-1]
-            sat11 = Mux(below11, sat_lo, Mux(above11, sat_hi, y11))
-            m.d.sync += self.int_wr_data[i].eq(Mux(post_requant, sat11, acc11))
+            below5, above5 = Signal(name=f"below5_{j}"), Signal(name=f"above5_{j}")
+            y5 = Signal(signed(ew), name=f"y5_{j}")
+            m.d.sync += [below5.eq(y4 < sat_lo), above5.eq(y4 > sat_hi), y5.eq(y4)]
+            sat5 = Mux(below5, sat_lo, Mux(above5, sat_hi, y5))
+            for t in range(max_passes):
+                lane_index = t * pipes + j
+                acc11 = _delay(m, acc6[lane_index], 5, f"acc_{lane_index}")[-1]
+                with m.If(~post_requant):
+                    m.d.sync += self.int_wr_data[lane_index].eq(acc11)
+                with m.Elif(pv[5] & (pindex[5] == t)):
+                    m.d.sync += self.int_wr_data[lane_index].eq(sat5)
 
         # BITS words (stage 12): each lane collects its pixel's bits; after a word's last channel
         # the group's words go to a queue that writes one per cycle, lane 0's at once (the
@@ -569,9 +658,9 @@ class FixedUnit(wiring.Component):
         live_count = Signal(range(lanes + 1))   # pixels of the group (its lanes are 0, 1, ...)
         m.d.comb += live_count.eq(sum(live11[i] for i in range(lanes)))
         m.d.sync += [
-            self.int_wr_en.eq(end[11] & ~post_threshold),
-            self.int_wr_addr.eq(outa11),
-            self.int_wr_mask.eq(live11),
+            self.int_wr_en.eq(Mux(post_requant, plast[5], end[11] & ~post_threshold)),
+            self.int_wr_addr.eq(Mux(post_requant, paddr[5], outa11)),
+            self.int_wr_mask.eq(Mux(post_requant, plive[5], live11)),
             self.bits_wr_en.eq(0),
         ]
         with m.If(end[11] & post_threshold):
@@ -598,7 +687,7 @@ class FixedUnit(wiring.Component):
 
         # The queue's writes after the pipeline's last stage keep the unit busy.
         busy = running | self.bits_wr_en
-        for v in valid[1:]:
+        for v in valid[1:] + pv:
             busy = busy | v
         m.d.comb += self.busy.eq(busy)
         return m

@@ -10,7 +10,8 @@ from amaranth.lib import data
 
 from sw import isa
 
-__all__ = ["BCONV_LAYOUT", "DESCRIPTOR_LAYOUT", "FIXED_LAYOUT", "PARAM_LAYOUT", "struct_layout"]
+__all__ = ["BCONV_LAYOUT", "BCONV_POST_LAYOUT", "DESCRIPTOR_LAYOUT", "FIXED_LAYOUT",
+           "PARAM_LAYOUT", "struct_layout"]
 
 
 def struct_layout(fields):
@@ -27,6 +28,9 @@ def struct_layout(fields):
 FIXED_LAYOUT = struct_layout(isa.FIXED_FIELDS)
 BCONV_LAYOUT = struct_layout(isa.BCONV_FIELDS)
 PARAM_LAYOUT = struct_layout(isa.PARAM.fields)
+#: The FIXED fields a BCONV also reads (:data:`sw.isa.BCONV_POST`): its threshold to bits.
+BCONV_POST_LAYOUT = struct_layout([field for field in isa.FIXED_FIELDS
+                                   if field[0] in isa.BCONV_POST])
 #: A descriptor: the opcode, then the FIXED settings, then the BCONV settings.
 DESCRIPTOR_LAYOUT = data.StructLayout({
     "opcode": unsigned(isa.DESCRIPTOR.offsets()["opcode"][1]),

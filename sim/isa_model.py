@@ -31,6 +31,15 @@ channels ``>= channels`` are forced to 1; the weights of row tile ``t`` are WEIG
 n]``. With ``planes`` set (lane a multiple of 8) an agreeing bit ``i`` of a word counts
 ``2 ** (i // (lane / 8))`` instead of 1 (bit-plane mode, :mod:`hw.array`).
 
+With a THRESHOLD ``post`` in the descriptor's FIXED half (``sw.isa.BCONV_POST``: ``out_base``,
+``out_words``, ``param_base`` from there; ``reduce`` MAX for ``pool``) the counts are not
+stored: each is compared with PARAMS ``param_base + o`` (as a FIXED THRESHOLD) and the bits
+written to BITS ``out_base + pix * out_words + o // lane`` (the whole words, channels ``>=
+out_channels`` 0); with ``pool`` as well, a 2x2 stride-2 max pool (floor) of the counts comes
+first and ``out_plane`` is ``4 * (OH // 2) * (OW // 2)``. The device's requirements of the mode (``add`` 0, ``lane % rows == 0``,
+``sw.isa.bconv_bits_words(cols, pool) <= max(k_words, rows)``, ``cols % 4 == 0`` for
+``pool``) are checked.
+
 A program whose ``input_memory`` is ``"BITS"`` gets the raw image as bit-planes
 (:func:`sw.packing.pack_bitplanes`) at BITS ``input_base``.
 """
@@ -148,8 +157,14 @@ class Machine:
             return self._fixed({k[6:]: v for k, v in d.items() if k.startswith("fixed_")},
                                where)
         if opcode == isa.Opcode.BCONV:
-            return self._bconv({k[6:]: v for k, v in d.items() if k.startswith("bconv_")},
-                               where)
+            f = {k[6:]: v for k, v in d.items() if k.startswith("bconv_")}
+            post = {name: d[f"fixed_{name}"] for name in isa.BCONV_POST}
+            f["threshold"], f["pool"] = isa.bconv_post(d)
+            # With a THRESHOLD post its output is the FIXED half's (sw.isa.BCONV_POST).
+            f.update({name: post[name] for name in ("out_words", "param_base")})
+            if f["threshold"]:
+                f["out_base"] = post["out_base"]
+            return self._bconv(f, where)
         raise ValueError(f"{where}: unknown opcode {opcode}")
 
     def _params(self, base, count, where):
@@ -277,7 +292,11 @@ class Machine:
             raise ValueError(f"{where}: {m_tiles} row tiles for {out_c} output channels")
         oh, ow = (h + 2 * pad - k) // stride + 1, (w + 2 * pad - k) // stride + 1
         n_pix, k_words = oh * ow, f["k_words"]
-        if f["out_plane"] < n_pix:
+        if f["pool"] and not f["threshold"]:
+            raise ValueError(f"{where}: BCONV pool without threshold is not modeled")
+        if f["threshold"]:
+            self._check_fused(f, oh, ow, where)
+        elif f["out_plane"] < n_pix:
             raise ValueError(f"{where}: out_plane {f['out_plane']} below {n_pix} pixels")
 
         # Activations (P, k_words, lane), as the conv window emits them.
@@ -314,9 +333,34 @@ class Machine:
         if counts.size and counts.max() >= 1 << acc_width:
             raise ValueError(f"{where}: a count of {int(counts.max())} overflows the array's "
                              f"{acc_width}-bit accumulators")
+        if f["threshold"]:
+            if f["pool"]:
+                ph, pw = oh // 2, ow // 2
+                counts = counts.reshape(out_c, oh, ow)[:, :2 * ph, :2 * pw] \
+                    .reshape(out_c, ph, 2, pw, 2).max(axis=(2, 4)).reshape(out_c, ph * pw)
+            p = self._params(f["param_base"], out_c, where)
+            return self._threshold(f, p, counts, where)
         out_addr = f["out_base"] + np.arange(out_c)[:, None] * f["out_plane"] + \
             np.arange(n_pix)[None]
         self._store(out_addr, counts, where, add=bool(f["add"]))
+
+    def _check_fused(self, f, oh, ow, where):
+        """The device's requirements of a BCONV with ``threshold``."""
+        g = self.geo
+        if f["add"]:
+            raise ValueError(f"{where}: a BCONV cannot both add and threshold")
+        if g.lane % g.rows:
+            raise ValueError(f"{where}: BCONV threshold needs rows ({g.rows}) to divide the "
+                             f"lane ({g.lane})")
+        if f["pool"] and g.cols % 4:
+            raise ValueError(f"{where}: BCONV pool needs a multiple of 4 columns, not {g.cols}")
+        words = isa.bconv_bits_words(g.cols, f["pool"])
+        if words > max(f["k_words"], g.rows):
+            raise ValueError(f"{where}: {words} BITS words per tile exceed max(k_words, rows)")
+        pixels = 4 * (oh // 2) * (ow // 2) if f["pool"] else oh * ow
+        if f["out_plane"] != pixels or pixels == 0:
+            raise ValueError(f"{where}: out_plane {f['out_plane']} is not the {pixels} pixels "
+                             f"the {'pooled ' if f['pool'] else ''}threshold op traverses")
 
 
 def run(device_program, image, *, fill=None):

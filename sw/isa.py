@@ -30,10 +30,11 @@ Execution model (details in ``docs/accelerator.md``)
 import enum
 
 __all__ = [
-    "BCONV_FIELDS", "DESCRIPTOR", "FIXED_FIELDS", "FIXED_LATENCY", "PARAM", "SEQUENCER_CYCLES",
-    "BitRecord", "Opcode", "Post", "Reduce", "bconv_cycles", "fixed_cycles", "fixed_lanes",
-    "int_banks",
-    "op_cycles", "window_setup_cycles",
+    "BCONV_FIELDS", "BCONV_POST", "DESCRIPTOR", "FIXED_FIELDS", "FIXED_LATENCY", "PARAM",
+    "SEQUENCER_CYCLES", "BitRecord", "Opcode", "Post", "Reduce", "bconv_bits_words",
+    "bconv_cycles", "bconv_post", "fixed_cycles", "fixed_lanes", "int_banks", "op_cycles",
+    "requant_passes", "requant_pipes",
+    "window_setup_cycles",
 ]
 
 
@@ -184,14 +185,37 @@ BCONV_FIELDS = (
     ("k_words", 16, False),      # kernel * kernel * channel_words
     ("m_tiles", 12, False),      # ceil(out_channels / rows)
     ("out_channels", 12, False),
-    ("out_base", 24, False),     # INTS element address of output channel 0
-    ("out_plane", 24, False),    # OH * OW
+    ("out_base", 24, False),     # INTS element address of output channel 0 (not with post)
+    ("out_plane", 24, False),    # OH * OW (pool: 4 * (OH // 2) * (OW // 2), see BCONV_POST)
     ("add", 1, False),           # 1: add the counts into INTS (ImprovementBlock), 0: write
     # 1: bit-plane mode (lane % 8 == 0): the map holds 8-bit values as bit-planes, a word of
     # lane / 8 channels (sw.packing.pack_bitplanes); the array adds each word's weighted count
     # sum_b 2**b * popcount(xnor) of plane group b (hw.array). Same timing as a plain BCONV.
     ("planes", 1, False),
 )
+
+#: The FIXED fields a BCONV descriptor also uses: with ``post == Post.THRESHOLD`` the binary conv
+#: runs straight to bits (a bconv fused with the threshold op reading its counts; the
+#: descriptor's FIXED half holds that threshold's settings, which the fixed-point unit does not
+#: see on a BCONV). The count of channel ``o`` is compared with ``PARAMS[param_base + o]``
+#: (``threshold``, ``direction``, as a FIXED THRESHOLD) and the bit goes to BITS, ``out_base``
+#: being a BITS word address: bit ``o % lane`` of word ``out_base + pix * out_words + o //
+#: lane`` (``out_words = ceil(out_channels / lane)``); nothing goes to INTS. With ``reduce ==
+#: Reduce.MAX`` as well (``cols % 4 == 0``), a 2x2 stride-2 max pool (floor) comes between
+#: the counts and the threshold: the window visits the conv's output pixels in pool-window
+#: order (:class:`hw.conv_window.ConvWindow`), ``bconv_out_plane = 4 * (OH // 2) * (OW //
+#: 2)``, and the bit of pooled pixel ``pix = py * (OW // 2) + px`` is the OR (direction +1)
+#: or AND (direction -1) of its four counts' compares: ``max >= t``, ``max <= t``. Needs
+#: ``bconv_add == 0``, ``lane % rows == 0`` and ``bconv_bits_words(cols, pool) <=
+#: max(k_words, rows)``. Any other ``post`` or ``reduce`` of a BCONV: counts to INTS.
+BCONV_POST = ("post", "reduce", "out_base", "out_words", "param_base")
+
+
+def bconv_post(descriptor):
+    """``(threshold, pool)`` of a BCONV descriptor (a dict of :data:`DESCRIPTOR` fields)."""
+    threshold = int(descriptor.get("fixed_post", 0) == Post.THRESHOLD)
+    return threshold, int(threshold and descriptor.get("fixed_reduce", 0) == Reduce.MAX)
+
 
 #: One op of the layer program (one PROGRAM word).
 DESCRIPTOR = BitRecord(
@@ -204,7 +228,8 @@ DESCRIPTOR = BitRecord(
 # The hardware's cycle counts, exactly (the unit tests and the device tests check them against
 # the hardware; code generation uses them for its per-op figures).
 
-#: Pipeline latency of :class:`hw.fixed_unit.FixedUnit`.
+#: Pipeline latency of :class:`hw.fixed_unit.FixedUnit` (posts NONE and THRESHOLD; a REQUANT
+#: write comes :func:`requant_passes` cycles later).
 FIXED_LATENCY = 12
 #: Cycles the sequencer adds to an op's unit time in its counter: fetch, decode, dispatch,
 #: the cycle that sees the unit idle again and the record cycle.
@@ -225,12 +250,21 @@ def window_setup_cycles(cols):
     return max(4, cols + 2)
 
 
-def bconv_cycles(rows, cols, k_words, m_tiles, out_plane):
-    """Cycles from the start of a BCONV op to its engine's first idle cycle."""
+def bconv_bits_words(cols, pool):
+    """BITS words a BCONV with ``threshold`` writes per tile of ``cols`` traversed pixels: one
+    per pixel, or one per 2x2 pooling window with ``pool``. They leave one per cycle, the
+    last tile's after its last result row (:class:`hw.bconv_engine.BconvEngine`)."""
+    return cols // 4 if pool else cols
+
+
+def bconv_cycles(rows, cols, k_words, m_tiles, out_plane, threshold=0, pool=0):
+    """Cycles from the start of a BCONV op to its engine's first idle cycle (``threshold``,
+    ``pool``: :func:`bconv_post` of its descriptor)."""
     n_tiles = -(-out_plane // cols)
     p, q = max(k_words, rows), max(k_words + 2, rows)
+    drain = bconv_bits_words(cols, pool) - 1 if threshold else 0
     return (window_setup_cycles(cols) + m_tiles * (n_tiles - 1) * p + (m_tiles - 1) * q
-            + k_words + 2 * rows + cols + 5)
+            + k_words + 2 * rows + cols + 5 + drain)
 
 
 def fixed_lanes(lanes, lane, fields):
@@ -246,15 +280,39 @@ def fixed_lanes(lanes, lane, fields):
     return 1
 
 
-def fixed_cycles(lanes, lane, fields):
+def requant_pipes(lanes):
+    """Requantizers of a fixed-point unit of ``lanes`` lanes: one per two lanes (one for a
+    single lane). A requantizer (``acc * mul + res * res_mul + bias``, the shift and the
+    saturation, about 67 bits wide) costs five DSP multipliers and most of a lane's logic,
+    while an output element of a convolution takes several cycles of terms: two lanes share
+    one, and only ops of fewer terms than passes wait for it (:func:`requant_passes`)."""
+    return max(lanes // 2, 1)
+
+
+def requant_passes(group, pipes):
+    """Cycles the ``group`` accumulators of an output element take through ``pipes``
+    requantizers (``group`` and ``pipes`` powers of two): a REQUANT op's elements are issued
+    at least this many cycles apart."""
+    return max(group // pipes, 1)
+
+
+def fixed_cycles(lanes, lane, fields, pipes=None):
     """Cycles the fixed-point unit is busy for a FIXED op (``fields``: FIXED_FIELDS names) on
-    a unit of ``lanes`` lanes and ``lane``-bit BITS words."""
+    a unit of ``lanes`` lanes, ``lane``-bit BITS words and ``pipes`` requantizers (default
+    :func:`requant_pipes` ``(lanes)``, as the device has)."""
     terms = fields["terms_c"] * fields["kernel_h"] * fields["kernel_w"]
     if fields["post"] == Post.REQUANT and fields["residual"]:
         terms += 1
     group = fixed_lanes(lanes, lane, fields)
     per_row = -(-fields["out_w"] // group)
-    cycles = fields["out_h"] * per_row * fields["out_channels"] * terms + FIXED_LATENCY
+    elements = fields["out_h"] * per_row * fields["out_channels"]
+    if fields["post"] == Post.REQUANT and elements * terms > 0:
+        # Elements of fewer terms than passes wait (padding slots, but after the last);
+        # the last element's requantizer passes follow its last term.
+        passes = requant_passes(group, requant_pipes(lanes) if pipes is None else pipes)
+        pad = max(passes - terms, 0)
+        return elements * (terms + pad) - pad + FIXED_LATENCY + passes
+    cycles = elements * terms + FIXED_LATENCY
     if fields["post"] == Post.THRESHOLD and fields["out_h"] * fields["out_w"] > 0:
         # The last group's words leave the write queue one per cycle.
         cycles += (fields["out_w"] - 1) % group
@@ -271,6 +329,7 @@ def op_cycles(rows, cols, lane, descriptor, fixed_lanes=0):
         return fixed_cycles(int_banks(cols, fixed_lanes), lane, fields) + SEQUENCER_CYCLES
     if opcode == Opcode.BCONV:
         return bconv_cycles(rows, cols, descriptor["bconv_k_words"],
-                            descriptor["bconv_m_tiles"], descriptor["bconv_out_plane"]) \
+                            descriptor["bconv_m_tiles"], descriptor["bconv_out_plane"],
+                            *bconv_post(descriptor)) \
             + SEQUENCER_CYCLES - 1
     return SEQUENCER_CYCLES - 1

@@ -74,7 +74,7 @@ __all__ = [
 
 REQUEST_SYNC = 0xA5
 REPLY_SYNC = 0x5A
-PROTOCOL_VERSION = 4
+PROTOCOL_VERSION = 5
 #: Command byte used in error replies when the request's command byte was never received.
 NO_COMMAND = 0x00
 #: Sync, command/status and two length bytes.

@@ -6,7 +6,7 @@ import numpy as np
 
 from sw.compile.ir import Op, Program, Slice, TensorSpec
 
-__all__ = ["KINDS", "cnv_like_program", "single_op_program"]
+__all__ = ["KINDS", "cnv_like_program", "fused_program", "single_op_program"]
 
 KINDS = ("conv", "requant", "threshold-bconv", "maxpool", "gap", "shuffle", "combine",
          "bconv-add")
@@ -148,7 +148,8 @@ def single_op_program(kind, seed):
 
 
 def cnv_like_program(seed, *, channels=3, pad=0, stride=1, shift=0, zero=False, out1=8,
-                     weights="sign", consumer="threshold", image_bits=8, groups=1):
+                     weights="sign", consumer="threshold", image_bits=8, groups=1,
+                     pool_readers=1):
     """``(program, raw images (4, C, S, S))``: CNV-W1A1 in miniature, its first layer
     possibly running on the array as bit-planes (sw.compile.codegen).
 
@@ -160,7 +161,8 @@ def cnv_like_program(seed, *, channels=3, pad=0, stride=1, shift=0, zero=False, 
     logits (10 counts). ``consumer="maxpool"`` pools conv1's output (3x3, stride 1, padding
     1) before its threshold (then conv1 cannot run as bit-planes). The image size ``S`` is
     chosen so that conv1 makes 8x8. The images are random, with one all-0 and one all-255
-    (the largest pixel) image.
+    (the largest pixel) image. ``pool_readers=2`` adds a second threshold of conv2's pooled
+    counts (its bits unused), so that conv2 cannot run straight to bits.
     """
     b = _Builder(seed)
     rng = b.rng
@@ -211,9 +213,89 @@ def cnv_like_program(seed, *, channels=3, pad=0, stride=1, shift=0, zero=False, 
             b.op("threshold", f"{name}.act", [counts], bits,
                  params={"threshold": rng.integers(fan_in // 3, 2 * fan_in // 3 + 1, out_c),
                          "direction": np.ones(out_c, np.int64)})
+            if name == "conv2" and pool_readers > 1:
+                copy = b.tensor("conv2.copy", (out_c, side, side), kind="bits", bits=1,
+                                signed=False)
+                b.op("threshold", "conv2.copy", [counts], copy,
+                     params={"threshold": np.full(out_c, fan_in // 2),
+                             "direction": np.ones(out_c, np.int64)})
         channels_in = out_c
     program = Program(b.tensors, b.ops, "image", "logits")
     top = (1 << image_bits) - 1
     images = rng.integers(0, top + 1, (4, channels, size, size))
     images[2], images[3] = 0, top
     return program, images
+
+
+def fused_program(seed, *, layers=3, pool=0.6, size=None, max_channels=40):
+    """``(program, raw images (3, C, S, S))``: binary convs whose counts a threshold reads,
+    directly or through a 2x2 stride-2 max pool (the pattern the code generator runs straight
+    to bits), with seeded random shapes: kernel 1 or 3, stride 1 or 2, padding 0 or 1, odd
+    maps (a pool of an odd map drops the last row and column), channel counts up to
+    ``max_channels`` (not multiples of the array or the lane), thresholds of all three
+    directions near the middle of the counts and at their extremes.
+
+    ``image`` -> ``input`` -> 1x1 int8 ``conv0`` -> ``act0`` threshold -> ``layers`` x
+    (``convN`` bconv -> [``convN.pool``] -> ``actN`` threshold) -> ``fc`` bconv 1x1 = the
+    logits (counts of a whole map, so every pixel of the last bits is checked).
+    """
+    b = _Builder(seed)
+    rng = b.rng
+    c = int(rng.integers(1, 4))
+    side = size or int(rng.integers(7, 12))
+    image = b.tensor("image", (c, side, side), bits=8, signed=False)
+    x = b.tensor("input", (c, side, side), bits=12)
+    b.op("input", "input", [image], x, attrs={"shift": 0}, params={"zero": rng.integers(0, 60,
+                                                                                       c)})
+    channels = int(rng.integers(1, max_channels + 1))
+    wide = b.tensor("conv0", (channels, side, side), bits=12)
+    b.op("conv", "conv0", [x], wide,
+         attrs={"kernel": 1, "stride": 1, "padding": 0, "groups": 1, "relu": 0, "bits": 12},
+         params={"weight": rng.integers(-127, 128, (channels, c, 1, 1)),
+                 **b.requant_params(channels, shift_high=6)})
+    bits = b.tensor("act0", (channels, side, side), kind="bits", bits=1, signed=False)
+    b.op("threshold", "act0", [wide], bits, params=b.thresholds(channels, -300, 300))
+    for index in range(1, layers + 1):
+        k = int(rng.choice([1, 3]))
+        pad = int(rng.integers(0, 2)) if k == 3 else 0
+        stride = int(rng.choice([1, 1, 2]))
+        if (side + 2 * pad - k) // stride + 1 < 2:
+            stride = 1
+        if (side + 2 * pad - k) // stride + 1 < 2:
+            k, pad = 1, 0
+        oh = (side + 2 * pad - k) // stride + 1
+        out_c = int(rng.integers(1, max_channels + 1))
+        name = f"conv{index}"
+        counts = b.tensor(name, (out_c, oh, oh), bits=12)
+        b.op("bconv", name, [bits], counts, attrs={"kernel": k, "stride": stride,
+                                                    "padding": pad},
+             params={"weight_bits": rng.integers(0, 2, (out_c, channels * k * k))
+                     .astype(bool)})
+        side = oh
+        if oh >= 2 and rng.random() < pool:
+            side = oh // 2
+            pooled = b.tensor(f"{name}.pool", (out_c, side, side), bits=12)
+            b.op("maxpool", f"{name}.pool", [counts], pooled,
+                 attrs={"kernel": 2, "stride": 2, "padding": 0})
+            counts = pooled
+        n = channels * k * k
+        params = b.thresholds(out_c, n // 2 - 3, n // 2 + 3)
+        extremes = rng.integers(0, out_c, 2)
+        params["threshold"][extremes[0]] = int(rng.choice([0, n]))
+        params["direction"][extremes[0]] = int(rng.choice([-1, 1]))
+        params["threshold"][extremes[1]] = int(rng.choice([-1, n + 1]))
+        params["direction"][extremes[1]] = int(rng.choice([-1, 1]))
+        bits = b.tensor(f"act{index}", (out_c, side, side), kind="bits", bits=1, signed=False)
+        b.op("threshold", f"act{index}", [counts], bits, params=params)
+        channels = out_c
+    out = b.tensor("logits", (10, side, side), bits=14)
+    b.op("bconv", "fc", [bits], out, attrs={"kernel": 1, "stride": 1, "padding": 0},
+         params={"weight_bits": rng.integers(0, 2, (10, channels)).astype(bool)})
+    program = Program(b.tensors, b.ops, "image", "logits")
+    images = rng.integers(0, 256, (3, c, side_of(program, "image"), side_of(program, "image")))
+    images[2] = 255
+    return program, images
+
+
+def side_of(program, tensor):
+    return program.tensors[tensor].shape[-1]

@@ -7,11 +7,12 @@ import functools
 import re
 import types
 
+import device_programs
 import numpy as np
 import pytest
 import torch
 from compile_nets import CONFIG, NETS, compile_net, raw_images
-from device_programs import cnv_like_program, single_op_program
+from device_programs import cnv_like_program, fused_program, single_op_program
 
 from sim import isa_model
 from sw import isa
@@ -167,11 +168,13 @@ def test_single_ops_split_by_output_channels(kind):
 def test_counts_too_big_for_ints_run_piece_by_piece(seed):
     """CNV's pattern, a binary conv's counts read only by the max pool after it: with INTS one
     element too small for the whole program, the conv and the pool run piece by piece through
-    a tensor of half the channels (whole row tiles); exact."""
+    a tensor of half the channels (whole row tiles); exact. (Three columns: the pool cannot
+    run inside the conv's tiles, so conv2 does not go straight to bits and its counts do go
+    to INTS.)"""
     program, images = cnv_like_program(60 + seed, weights="int8")
-    full = generate(program, config(max_depth=8192))
-    assert full.convs_to_bits == ("conv1",)
-    dp = generate(program, config(max_depth=8192, int_depth=full.ints_used - 1))
+    full = generate(program, config(max_depth=8192, cols=3))
+    assert full.convs_to_bits == ("conv1",) and "conv2" in full.fusion_fallback
+    dp = generate(program, config(max_depth=8192, cols=3, int_depth=full.ints_used - 1))
     assert set(dp.split) == {"conv2", "conv2.pool"}
     assert program.tensors["conv2"].shape[0] > dp.program.tensors["conv2.piece"].shape[0]
     assert dp.program.tensors["conv2.piece"].shape[0] % CONFIG.rows == 0
@@ -769,3 +772,191 @@ def test_bitplane_program_streams_its_weights():
     conv = [op.name for op in dp.ops].index("conv1")
     assert dp.lifetimes["image"] == (-1, conv)
     check_exact(program, dp, torch.as_tensor(images[:2]))
+
+
+# -- binary convs straight to bits -------------------------------------------------------------
+
+FUSED_GEOMETRIES = {
+    "4x4x32": {},
+    "2x4x8": {"rows": 2, "cols": 4, "lane": 8},
+    "8x4x32": {"rows": 8, "cols": 4, "lane": 32},
+    "4x8x16": {"rows": 4, "cols": 8, "lane": 16},
+    "1x4x4": {"rows": 1, "cols": 4, "lane": 4},
+}
+
+
+def check_fused_descriptors(program, dp):
+    """Each fused conv is one BCONV with ``threshold`` (``pool`` for a pooled one) writing its
+    threshold's bits; the threshold and the pool are NOPs; the counts are not stored; every
+    op's cycles are the timing model's."""
+    ops = {op.name: (index, op) for index, op in enumerate(program.ops)}
+    geo = dp.geometry
+    for conv, (threshold, pool) in dp.fused.items():
+        index, op = ops[conv]
+        f = dp.ops[index].fields
+        assert dp.ops[index].opcode == isa.Opcode.BCONV
+        assert isa.bconv_post(f) == (1, int(pool is not None))
+        assert f["fixed_post"] == isa.Post.THRESHOLD
+        assert f["fixed_out_words"] == -(-op.output.channels // geo.lane)
+        bits = ops[threshold][1].output.tensor
+        assert f["fixed_out_base"] == dp.allocation[bits][1]
+        assert op.output.tensor not in dp.allocation
+        assert dp.lifetimes[bits][0] == index
+        for name in (threshold, pool):
+            if name:
+                assert dp.ops[ops[name][0]].opcode == isa.Opcode.NOP
+                assert dp.ops[ops[name][0]].cycles == isa.SEQUENCER_CYCLES - 1
+        _, oh, ow = program.tensors[op.output.tensor].shape
+        assert f["bconv_out_plane"] == (4 * (oh // 2) * (ow // 2) if pool else oh * ow)
+        assert dp.ops[index].param_words == op.output.channels
+    for info in dp.ops:
+        assert info.cycles == isa.op_cycles(geo.rows, geo.cols, geo.lane, info.fields,
+                                            geo.fixed_lanes), info.name
+
+
+@pytest.mark.parametrize("seed", range(5))
+@pytest.mark.parametrize("geometry", list(FUSED_GEOMETRIES))
+def test_fused_programs_are_exact(geometry, seed):
+    """Random chains of bconv -> [2x2 max pool] -> threshold (odd maps, strides, padding,
+    channels not multiples of the rows or the lane, all three directions): every bits tensor
+    and the logits equal golden's with stale memories, with the convs straight to bits."""
+    program, images = fused_program(seed)
+    dp = generate(program, config(weight_depth=4096, bits_depth=4096,
+                                  **FUSED_GEOMETRIES[geometry]))
+    check_fused_descriptors(program, dp)
+    if geometry in ("4x4x32", "8x4x32"):
+        # Every conv but the logits' fc fuses (a tile's words: at most 4 <= rows).
+        assert sorted(dp.fused) == [f"conv{i}" for i in (1, 2, 3)], dp.fusion_fallback
+    check_every_tensor(program, dp, images, fill=seed)
+
+
+def test_fused_pool_of_odd_maps_and_every_direction():
+    """A pooled 7x7 conv output (floor: 3x3) with m_tiles > 1, thresholds of direction -1
+    (AND of the compares), +1 (OR) and 0 (constant), and counts at the extremes."""
+    found = set()
+    for seed in range(40):
+        program, images = fused_program(seed, size=9, pool=1.0, layers=1)
+        conv = program.ops[3]
+        if program.tensors[conv.output.tensor].shape[1] % 2 == 0:
+            continue
+        dp = generate(program, config(weight_depth=4096, bits_depth=4096))
+        assert dp.fused == {"conv1": ("act1", "conv1.pool")}
+        directions = set(program.ops[5].params["direction"].tolist())
+        found |= directions
+        check_every_tensor(program, dp, images)
+        if found == {-1, 0, 1} and conv.output.channels > CONFIG.rows:
+            break
+    else:
+        pytest.fail("no seed with an odd pooled map, m_tiles > 1 and every direction")
+
+
+def chain_program(*, pool=(2, 2, 0), readers=1, mode="write", sliced=False, kernel=3,
+                  channels=40, side=9):
+    """image -> input -> conv0 -> act0 -> bconv conv1 (``kernel``; ``sliced``: a slice of a
+    wider tensor; ``mode="add"``: written, then added into) -> [maxpool ``pool`` = (kernel,
+    stride, padding), or none] -> act1 threshold (``readers`` > 1: more thresholds read the
+    counts) -> fc -> logits."""
+    b = device_programs._Builder(7)
+    rng = b.rng
+    image = b.tensor("image", (2, side, side), bits=8, signed=False)
+    x = b.tensor("input", (2, side, side), bits=12)
+    b.op("input", "input", [image], x, attrs={"shift": 0}, params={"zero": np.zeros(2)})
+    wide = b.tensor("conv0", (channels, side, side), bits=12)
+    b.op("conv", "conv0", [x], wide,
+         attrs={"kernel": 1, "stride": 1, "padding": 0, "groups": 1, "relu": 0, "bits": 12},
+         params={"weight": rng.integers(-127, 128, (channels, 2, 1, 1)),
+                 **b.requant_params(channels, shift_high=6)})
+    bits = b.tensor("act0", (channels, side, side), kind="bits", bits=1, signed=False)
+    b.op("threshold", "act0", [wide], bits, params=b.thresholds(channels, -300, 300))
+    side1 = side - kernel + 1
+    out_c = 12
+    counts = b.tensor("conv1", (out_c + 4 * sliced, side1, side1), bits=12)
+    target = Slice("conv1", 4, out_c + 4) if sliced else counts
+    weights = rng.integers(0, 2, (out_c, channels * kernel * kernel)).astype(bool)
+    attrs = {"kernel": kernel, "stride": 1, "padding": 0}
+    if mode == "add":
+        b.op("bconv", "conv1.first", [bits], Slice("conv1", 0, out_c), attrs=attrs,
+             params={"weight_bits": weights})
+    b.op("bconv", "conv1", [bits], target, mode=mode, attrs=attrs,
+         params={"weight_bits": weights})
+    src = target
+    if pool:
+        k, stride, pad = pool
+        side1 = (side1 + 2 * pad - k) // stride + 1
+        src = b.tensor("conv1.pool", (out_c, side1, side1), bits=12)
+        b.op("maxpool", "conv1.pool", [target], src,
+             attrs={"kernel": k, "stride": stride, "padding": pad})
+    n = channels * kernel * kernel
+    for r in range(readers):
+        out = b.tensor(f"act1.{r}", (out_c, side1, side1), kind="bits", bits=1, signed=False)
+        b.op("threshold", f"act1.{r}", [src], out, params=b.thresholds(out_c, n // 2 - 4,
+                                                                         n // 2 + 4))
+    logits = b.tensor("logits", (10, side1, side1), bits=14)
+    b.op("bconv", "fc", [out], logits, attrs={"kernel": 1, "stride": 1, "padding": 0},
+         params={"weight_bits": rng.integers(0, 2, (10, out_c)).astype(bool)})
+    program = Program(b.tensors, b.ops, "image", "logits")
+    return program, rng.integers(0, 256, (2, 2, side, side))
+
+
+FUSION_FALLBACKS = {
+    "two readers": ({"readers": 2, "pool": None}, {}, r"counts 'conv1' are read by 2 ops"),
+    "pooled, two readers": ({"readers": 2}, {},
+                            r"pooled counts 'conv1.pool' are .* read by several ops"),
+    "3x3 pool": ({"pool": (3, 1, 1)}, {}, r"not a 2x2 stride-2 max pool without padding"),
+    "padded pool": ({"pool": (2, 2, 1)}, {}, r"not a 2x2 stride-2 max pool without padding"),
+    "add": ({"mode": "add"}, {}, r"added to or written by other ops"),
+    "slice": ({"sliced": True}, {}, r"writes a channel slice of 'conv1'"),
+    "3 columns": ({}, {"cols": 3}, r"multiple of 4 columns, not 3"),
+    "rows vs lane": ({"pool": None}, {"rows": 3}, r"rows \(3\) do not divide the lane"),
+    "slow words": ({"pool": None, "kernel": 1, "channels": 20}, {"rows": 2, "lane": 32},
+                   r"4 BITS words do not leave before the next tile's \(2 cycles\)"),
+    "BITS overflow": ({"side": 11}, {"bits_depth": 250},
+                      r"straight to bits the memories overflow .*BITS"),
+}
+
+
+@pytest.mark.parametrize("name", list(FUSION_FALLBACKS))
+def test_fusion_fallbacks_keep_the_counts_in_ints(name):
+    """Where the pattern or the device's conditions do not hold, the conv writes its counts
+    to INTS and the threshold (and the pool) stay fixed-point ops; the device program says
+    why, and it is exact."""
+    variant, geometry, reason = FUSION_FALLBACKS[name]
+    program, images = chain_program(**variant)
+    dp = generate(program, config(**geometry))
+    assert "conv1" not in dp.fused
+    assert re.search(reason, dp.fusion_fallback["conv1"]), dp.fusion_fallback
+    ops = {op.name: op for op in dp.ops}
+    assert ops["act1.0"].opcode == isa.Opcode.FIXED
+    assert isa.bconv_post(ops["conv1"].fields) == (0, 0)
+    check_exact(program, dp, torch.as_tensor(images), fill=3)
+    # The same program without the obstacle fuses.
+    if name in ("3 columns", "rows vs lane", "slow words", "BITS overflow"):
+        fused = generate(program, config(bits_depth=1024))
+        assert "conv1" in fused.fused
+        check_exact(program, fused, torch.as_tensor(images), fill=3)
+
+
+def test_cnv_like_program_runs_every_binary_conv_straight_to_bits():
+    """cnv_like_program: the bit-plane conv1 and its threshold, conv2 with its 2x2 pool and
+    threshold, conv3 with its threshold fuse; only the logits' fc writes INTS."""
+    program, images = cnv_like_program(11)
+    dp = generate(program, CONFIG)
+    assert dp.bitplanes == "conv1"
+    assert dp.fused == {"conv1": ("conv1.act", None), "conv2": ("conv2.act", "conv2.pool"),
+                        "conv3": ("conv3.act", None)}
+    assert dp.ints_used == 10
+    check_fused_descriptors(program, dp)
+    check_every_tensor(program, dp, images, fill=1)
+
+
+def test_cnv_w1a1_fits_the_default_ints():
+    """FINN's CNV-W1A1 (bench.networks) on the ULX3S default: straight to bits its counts never
+    reach INTS (only the logits do); BITS must hold the bit-plane image beside conv1's bits."""
+    from bench.networks import cnv_w1a1_program
+    from hw.board import get_board
+    default = get_board("ulx3s", None).default_config
+    program, images = cnv_w1a1_program()
+    dp = generate(program, default.replace(bits_depth=4096, weight_depth=4096))
+    assert len(dp.fused) == 8 and not dp.fusion_fallback
+    assert dp.ints_used == 10 and dp.bits_used == 2824
+    check_exact(program, dp, torch.as_tensor(images[:1]))

@@ -81,8 +81,10 @@ def run_pass(dut, init, config, stall, seed, passes=1):
         # needs SETUP_CYCLES cycles before the first start.
         decoy = {"base": 5, "height": dut.max_height, "width": dut.max_width,
                  "channels": dut.max_channel_words * dut.lane,
-                 "channel_words": dut.max_channel_words, "kernel": 3, "stride": 2, "padding": 1}
+                 "channel_words": dut.max_channel_words, "kernel": 3, "stride": 2, "padding": 1,
+                 "pool": int(dut.pool_capable and not config.get("pool", 0))}
         config.setdefault("base", 0)
+        config.setdefault("pool", 0)
         for settings in (decoy, config):
             for name, value in settings.items():
                 ctx.set(getattr(dut.config, name), value)
@@ -232,6 +234,58 @@ def test_passes_repeat():
     runs, _ = run_pass(dut, pack_map(bits, lane, rng), config, stall=0.5, seed=3, passes=3)
     assert len(runs[0]) == 2 * 9 * 2
     assert runs[0] == runs[1] == runs[2]
+
+
+def pool_order(n, cols, pw):
+    """The conv pixel ``(y, x)`` that traversal index ``n`` of a pool-mode pass visits: tile
+    ``t = n // cols``, column ``c``: pixel ``c % 4`` of pooling window ``t * cols // 4 + c // 4``
+    (windows in raster order over ``(OH // 2, OW // 2)``)."""
+    t, c = divmod(n, cols)
+    py, px = divmod(t * (cols // 4) + c // 4, pw)
+    dy, dx = divmod(c % 4, 2)
+    return 2 * py + dy, 2 * px + dx
+
+
+# (kernel, stride, padding, cols, lane, C, H, W): odd conv outputs (floor pooling), stride 2,
+# windows per tile 1 and 2 (cols 4 and 8), one window per row, a last partial tile.
+POOL_CASES = [
+    (3, 1, 1, 4, 8, 11, 7, 5),
+    (3, 1, 0, 4, 4, 5, 9, 8),
+    (3, 2, 1, 4, 8, 13, 9, 7),
+    (1, 1, 0, 8, 4, 6, 5, 7),
+    (3, 1, 1, 8, 4, 3, 6, 3),
+    (1, 2, 0, 8, 4, 7, 7, 9),
+]
+
+
+@pytest.mark.parametrize("kernel,stride,padding,cols,lane,c_total,h,w", POOL_CASES)
+def test_pool_order(kernel, stride, padding, cols, lane, c_total, h, w):
+    """With ``pool`` the window visits the conv pixels that a 2x2 stride-2 pool (floor) reads,
+    four per pooling window, windows in raster order; each count is the golden count."""
+    rng = random.Random(kernel * 100 + cols * 10 + h)
+    out_channels = rng.randint(1, 4)
+    bits = [[[rng.randint(0, 1) for _ in range(w)] for _ in range(h)] for _ in range(c_total)]
+    weight_bits = [[rng.randint(0, 1) for _ in range(c_total * kernel * kernel)]
+                   for _ in range(out_channels)]
+    expected = golden_bconv(bits, weight_bits, kernel, stride, padding)
+    _, oh, ow = expected.shape
+    ph, pw = oh // 2, ow // 2
+    words = (c_total + lane - 1) // lane
+    base = rng.randint(0, 40)
+    dut = ConvWindow(cols, lane, max_width=9, max_height=9, max_channel_words=words + 1,
+                     addr_width=10)
+    init = [rng.getrandbits(lane) for _ in range(base)] + pack_map(bits, lane, rng)
+    config = {"base": base, "height": h, "width": w, "channels": c_total, "channel_words": words,
+              "kernel": kernel, "stride": stride, "padding": padding, "pool": 1}
+    beats, _ = run_pass(dut, init, config, stall=0.3, seed=rng.randint(0, 1 << 30))
+    n_pixels = 4 * ph * pw
+    counts, tiles = array_counts(beats, pack_weights(weight_bits, c_total, kernel, lane),
+                                 cols, lane, n_pixels)
+    assert tiles == -(-n_pixels // cols)
+    for o in range(out_channels):
+        for n in range(n_pixels):
+            y, x = pool_order(n, cols, pw)
+            assert counts[(o, n)] == int(expected[o, y, x]), (o, n, y, x)
 
 
 def test_bad_parameters():

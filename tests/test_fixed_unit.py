@@ -208,10 +208,10 @@ def lower(op, inputs, dut, rng, *, in_base=3, param_base=2, coef_base=5):
         for o in range(oc):
             for pix in range(oh * ow):
                 words[out_base + o * oh * ow + pix] = wrap(expected[o][pix // ow][pix % ow], ew)
-    return cfg, ints, coefs, packed, words, cycles(cfg, dut.lanes, lane)
+    return cfg, ints, coefs, packed, words, cycles(cfg, dut.lanes, lane, dut.requant_pipes)
 
 
-def cycles(cfg, lanes, lane):
+def cycles(cfg, lanes, lane, pipes):
     """The issue cycles of an op (``busy`` is high for them plus LATENCY): the docstring's
     formula, written independently of the unit's counters."""
     threshold = cfg["post"] == isa.Post.THRESHOLD
@@ -228,7 +228,15 @@ def cycles(cfg, lanes, lane):
     e = (cfg["terms_c"] * cfg["kernel_h"] * cfg["kernel_w"]
          + cfg["residual"] * (cfg["post"] == isa.Post.REQUANT))
     queue_tail = (cfg["out_w"] - 1) % step if threshold else 0
-    return cfg["out_h"] * groups * cfg["out_channels"] * e + queue_tail
+    elements = cfg["out_h"] * groups * cfg["out_channels"]
+    if cfg["post"] == isa.Post.REQUANT:
+        # The step's accumulators pass `pipes` at a time through the requantizers; each
+        # element but the last takes at least that many slots, and the write follows the
+        # last element's passes.
+        passes = max(step // pipes, 1)
+        slots = max(e, passes)
+        return (elements - 1) * slots + e + passes
+    return elements * e + queue_tail
 
 
 def run_jobs(dut, jobs, seed, int_memory="banked"):
@@ -286,7 +294,7 @@ def run_jobs(dut, jobs, seed, int_memory="banked"):
             assert cycles == issue + dut.LATENCY, (
                 f"{name}: busy for {cycles} cycles, expected {issue} + {dut.LATENCY}")
             # The host's timing model (code generation's per-op figures) agrees.
-            assert cycles == isa.fixed_cycles(dut.lanes, dut.lane, cfg), name
+            assert cycles == isa.fixed_cycles(dut.lanes, dut.lane, cfg, dut.requant_pipes), name
             assert not ctx.get(dut.int_wr_en) and not ctx.get(dut.bits_wr_en), (
                 f"{name}: write after busy fell")
             threshold = cfg["post"] == isa.Post.THRESHOLD
@@ -530,17 +538,19 @@ def random_ops(rng, ew, lane, count):
     return ops
 
 
-@pytest.mark.parametrize("element_width, lane, int_addr_width, seed, lanes", [
-    (24, 8, 10, 1, 1),
-    (24, 8, 10, 1, 4),
-    (10, 3, 10, 2, 1),    # narrow elements (more saturation), lane not a power of two
-    (10, 3, 10, 2, 4),
-    (24, 8, 10, 3, 8),
+@pytest.mark.parametrize("element_width, lane, int_addr_width, seed, lanes, pipes", [
+    (24, 8, 10, 1, 1, None),
+    (24, 8, 10, 1, 4, None),
+    (10, 3, 10, 2, 1, None),    # narrow elements (more saturation), lane not a power of two
+    (10, 3, 10, 2, 4, None),
+    (24, 8, 10, 3, 8, None),
+    (24, 8, 10, 4, 4, 1),       # one requantizer: four passes
+    (24, 8, 10, 5, 8, 8),       # one requantizer per lane: one pass
 ])
-def test_ops_match_golden(element_width, lane, int_addr_width, seed, lanes):
+def test_ops_match_golden(element_width, lane, int_addr_width, seed, lanes, pipes):
     dut = FixedUnit(element_width=element_width, lane=lane, int_addr_width=int_addr_width,
                     bits_addr_width=7, coef_addr_width=9, param_addr_width=5, max_terms=147,
-                    lanes=lanes)
+                    lanes=lanes, requant_pipes=pipes)
     rng = random.Random(seed)
     jobs = []
     for name, op, inputs in (ops_for(rng, element_width, lane)

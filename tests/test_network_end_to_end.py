@@ -29,7 +29,7 @@ from sw.protocol import Memory
 from sw.runtime import Accelerator
 from tests import boards
 from tests.compile_nets import compile_net, raw_images
-from tests.device_programs import KINDS, cnv_like_program, single_op_program
+from tests.device_programs import KINDS, cnv_like_program, fused_program, single_op_program
 
 #: A 4x4x32 array with eight fixed-point lanes (INTS banks: twice the columns, as in the
 #: ULX3S-85F default), memories that hold the test networks, 4 clock cycles per UART bit (the
@@ -178,8 +178,9 @@ def test_ops_split_to_fit_the_weight_memory_are_bit_exact(board, kind):
 def test_counts_too_big_for_ints_run_piece_by_piece_on_the_device(board):
     """A binary conv's counts and the max pool reading them (CNV's pattern) run piece by piece
     through a tensor of half the channels when INTS is a little too small for the whole
-    program (sw.compile.split.split_activation); logits and counters exact."""
-    program, images = cnv_like_program(61, weights="int8")
+    program (sw.compile.split.split_activation); logits and counters exact. (A second reader
+    of the pooled counts keeps conv2 from running straight to bits.)"""
+    program, images = cnv_like_program(61, weights="int8", pool_readers=2)
     full = generate(program, CONFIG)
     # The INTS depth must be a multiple of the banks (8).
     small = CONFIG.replace(int_depth=(full.ints_used - 1) // 8 * 8)
@@ -197,7 +198,8 @@ def test_counts_too_big_for_ints_run_piece_by_piece_on_the_device(board):
 def test_cnv_shaped_network_with_a_bit_plane_first_layer(board):
     """CNV-W1A1 in miniature (tests/device_programs.cnv_like_program, here with padding and
     stride 2): 8-bit pixels, a 3x3 conv with +-1 weights as bit-planes on the array,
-    thresholds, binary convs, a max pool and a fully connected layer. The image goes to BITS
+    thresholds, binary convs, a max pool and a fully connected layer; every conv but the
+    logits' runs straight to bits (the thresholds and the pool fused into it). The image goes to BITS
     as bit-planes; every image's logits and the first layer's bits (read back after running
     only the first three ops) equal golden's, and every counter equals the timing model."""
     program, images = cnv_like_program(21, pad=1, stride=2)
@@ -206,6 +208,9 @@ def test_cnv_shaped_network_with_a_bit_plane_first_layer(board):
         accelerator = Accelerator(device, program)
         dp = accelerator.device_program
         assert dp.bitplanes == "conv1" and dp.input_memory == "BITS"
+        # conv1, conv2 (with its pool) and conv3 run straight to bits.
+        assert dp.fused == {"conv1": ("conv1.act", None), "conv2": ("conv2.act", "conv2.pool"),
+                            "conv3": ("conv3.act", None)}
         for index, image in enumerate(images):
             result = accelerator.infer(image)
             assert np.array_equal(result.logits, expected[index].numpy())
@@ -221,6 +226,19 @@ def test_cnv_shaped_network_with_a_bit_plane_first_layer(board):
             words = device.read_words(Memory.BITS, base, size)
             bits = np.array([[(word >> i) & 1 for i in range(c)] for word in words])
             assert np.array_equal(bits.T.reshape(c, h, w), steps["conv1.act"][index].numpy())
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_binary_convs_straight_to_bits(board, seed):
+    """Random chains of bconv -> [2x2 max pool] -> threshold (tests/device_programs.
+    fused_program: odd maps pooled with floor, strides, padding, channels not multiples of the
+    rows or the lane, m_tiles > 1, all three threshold directions) run as BCONVs straight to
+    bits: logits equal golden's, every counter equals the timing model (a fused BCONV's
+    drain, the NOPs of the fused threshold and pool)."""
+    program, images = fused_program(seed)
+    dp = generate(program, CONFIG)
+    assert dp.fused and any(pool for _, pool in dp.fused.values())
+    check_network(board, types.SimpleNamespace(program=program), images)
 
 
 def test_a_fixed_point_conv_writes_its_thresholds_bits(board):

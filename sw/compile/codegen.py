@@ -184,6 +184,14 @@ class DeviceProgram:
         The fixed-point ``conv`` ops that write their threshold's bits themselves (post
         THRESHOLD on the accumulator; the threshold op is a NOP and the conv's output is not
         stored).
+    fused : dict
+        ``{conv: (threshold, maxpool or None)}``: the binary convs (a ``bconv`` or the
+        bit-plane conv) that write their threshold's bits themselves (a BCONV with a THRESHOLD
+        post, :data:`sw.isa.BCONV_POST`, pooling with a 2x2 max pool between them); the
+        threshold and the pool are NOP descriptors and their inputs are not stored.
+    fusion_fallback : dict
+        ``{conv: reason}``: why a binary conv whose counts reach a threshold or a max pool
+        still writes them to INTS.
     lifetimes : dict
         ``{tensor: (first op, last op)}`` as allocated (:func:`.plan.lifetimes`, the raw image
         living until the bit-plane conv reads it): the tensors live across a segment start
@@ -207,6 +215,8 @@ class DeviceProgram:
     program: object = None
     split: dict = dataclasses.field(default_factory=dict)
     convs_to_bits: tuple = ()
+    fused: dict = None
+    fusion_fallback: dict = None
 
     def input_words(self, image):
         """The words of one raw image ``(C, H, W)`` for ``input_memory`` at ``input_base``:
@@ -596,6 +606,157 @@ def _plan_conv_to_bits(program, geo, skip=()):
     return plans
 
 
+# -- binary conv straight to bits -------------------------------------------------------------
+
+@dataclasses.dataclass
+class _Fused:
+    """A ``bconv`` (or the bit-plane conv) whose counts only a threshold reads, directly or
+    through a 2x2 stride-2 max pool: one BCONV with ``threshold`` (and ``pool``) writes the
+    threshold's bits; the threshold and the pool become NOPs and the counts (and the pooled
+    counts) are never stored."""
+    conv: str
+    threshold: str
+    pool: str               # the maxpool op, or None
+    bits: str               # the threshold's output (written by the BCONV)
+    skipped: tuple          # tensors not stored: the counts, the pooled counts
+    conv_index: int
+
+
+def _plan_fusion(program, geo, planes):
+    """``(fused, fallback)``: ``{conv name: _Fused}`` for each binary conv the device can run
+    straight to bits, and ``{conv name: reason}`` for each one whose counts reach a
+    ``threshold`` or a ``maxpool`` but that keeps them in INTS.
+
+    The pattern: a ``bconv`` (or the bit-plane conv of ``planes``) writing (not adding) a
+    whole tensor that is not the logits and that no other op writes, read by exactly one op:
+    a ``threshold`` of the whole tensor, or a ``maxpool`` (kernel 2, stride 2, no padding) of
+    the whole tensor into a whole tensor that only one ``threshold`` reads (whole) and no
+    other op writes; the threshold writes a whole bits tensor that no other op writes. The
+    device's conditions (``sw.isa.BCONV_FIELDS``): ``rows`` divides ``lane``; with a pool
+    ``cols`` is a multiple of 4 and the pooled map at least 1 x 1; the BITS words of a tile
+    (:func:`sw.isa.bconv_bits_words`) at most ``max(k_words, rows)``; ``ceil(C / lane)``
+    words per pixel fit the 8-bit ``out_words``.
+    """
+    readers, writers = {}, {}
+    for i, op in enumerate(program.ops):
+        for sl in op.inputs:
+            readers.setdefault(sl.tensor, []).append(i)
+        writers.setdefault(op.output.tensor, []).append(i)
+
+    def whole(sl):
+        return sl.start == 0 and sl.stop == program.tensors[sl.tensor].shape[0]
+
+    index_of = {op.name: i for i, op in enumerate(program.ops)}
+    fused, fallback = {}, {}
+    for i, op in enumerate(program.ops):
+        bitplane = planes is not None and op.name == planes.conv
+        if op.kind != "bconv" and not bitplane:
+            continue
+        y = op.output.tensor
+        consumers = readers.get(y, [])
+        if not any(program.ops[j].kind in ("threshold", "maxpool") for j in consumers):
+            continue
+
+        def no(reason, name=op.name):
+            fallback[name] = f"{name} writes its counts to INTS: {reason}"
+
+        if op.mode != "write" or writers.get(y) != [i]:
+            no(f"its output {y!r} is added to or written by other ops too")
+            continue
+        if not whole(op.output) or y == program.logits:
+            no(f"it writes a channel slice of {y!r} or the logits")
+            continue
+        if len(consumers) != 1:
+            no(f"its counts {y!r} are read by {len(consumers)} ops")
+            continue
+        j = consumers[0]
+        nxt, pool, skipped = program.ops[j], None, [y]
+        if not whole(nxt.inputs[0]) or len(nxt.inputs) != 1:
+            no(f"{nxt.name} reads a channel slice of {y!r}")
+            continue
+        if nxt.kind == "maxpool":
+            a = nxt.attrs
+            if (int(a["kernel"]), int(a["stride"]), int(a["padding"])) != (2, 2, 0):
+                no(f"{nxt.name} is not a 2x2 stride-2 max pool without padding (kernel "
+                   f"{a['kernel']}, stride {a['stride']}, padding {a['padding']})")
+                continue
+            pooled = nxt.output.tensor
+            if nxt.mode != "write" or not whole(nxt.output) or writers.get(pooled) != [j] \
+                    or pooled == program.logits or len(readers.get(pooled, [])) != 1:
+                no(f"the pooled counts {pooled!r} are a slice, written by another op, the "
+                   f"logits or read by several ops")
+                continue
+            pool, skipped = nxt, [y, pooled]
+            nxt = program.ops[readers[pooled][0]]
+            if nxt.kind != "threshold" or not whole(nxt.inputs[0]):
+                no(f"the pooled counts {pooled!r} are read by {nxt.name} ({nxt.kind}), not a "
+                   f"threshold of the whole tensor")
+                continue
+        if nxt.kind != "threshold":
+            no(f"its counts are read by {nxt.name} ({nxt.kind})")
+            continue
+        z = nxt.output.tensor
+        spec = program.tensors[z]
+        if spec.kind != "bits" or not whole(nxt.output) or writers.get(z) != [
+                index_of[nxt.name]]:
+            no(f"{nxt.name} writes a slice of {z!r}, or {z!r} has other writers")
+            continue
+        _, oh, ow = program.tensors[y].shape
+        if geo.lane % geo.rows:
+            no(f"the array's rows ({geo.rows}) do not divide the lane ({geo.lane})")
+            continue
+        if pool is not None and geo.cols % 4:
+            no(f"{pool.name}: pooling inside a tile needs a multiple of 4 columns, not "
+               f"{geo.cols}")
+            continue
+        if pool is not None and (oh < 2 or ow < 2):
+            no(f"{pool.name}: a {oh}x{ow} map has no 2x2 pooling window")
+            continue
+        if bitplane:
+            k_words = op.attrs["kernel"] ** 2 * packing.bitplane_channel_words(
+                program.tensors[planes.image].shape[0], geo.lane)
+        else:
+            c = program.tensors[op.inputs[0].tensor].shape[0]
+            k_words = op.attrs["kernel"] ** 2 * _ceil_div(c, geo.lane)
+        words = isa.bconv_bits_words(geo.cols, pool is not None)
+        if words > max(k_words, geo.rows):
+            no(f"a tile's {words} BITS words do not leave before the next tile's "
+               f"({max(k_words, geo.rows)} cycles)")
+            continue
+        out_words = _ceil_div(spec.shape[0], geo.lane)
+        if out_words >= 1 << {n: w for n, w, _ in isa.FIXED_FIELDS}["out_words"]:
+            no(f"{out_words} BITS words per pixel exceed the out_words field")
+            continue
+        fused[op.name] = _Fused(op.name, nxt.name, pool.name if pool else None, z,
+                                tuple(skipped), i)
+    return fused, fallback
+
+
+def _allocate_fused(program, geo, spans, planes, fused, fallback, unstored=()):
+    """``(allocation, peaks, spans)`` with the ``fused`` convs' lifetimes: their bits live from
+    the conv on (the conv reads its input while it writes them, in every row tile's pass, so
+    the two never share addresses), their counts not at all (nor the ``unstored`` tensors).
+    Where that overflows BITS (the bits now live beside the conv's input), the first fused
+    conv falls back to its INTS counts, with the reason in ``fallback``, until it fits
+    (``fused`` is updated); other overflows are raised."""
+    while True:
+        adjusted = dict(spans)
+        for f in fused.values():
+            adjusted[f.bits] = (f.conv_index, adjusted[f.bits][1])
+            for name in f.skipped:
+                adjusted.pop(name, None)
+        try:
+            allocation, peaks = _allocate(program, geo, adjusted, planes, unstored)
+            return allocation, peaks, adjusted
+        except _Overflow as error:
+            if not fused or error.memory != "BITS":
+                raise
+            first = min(fused.values(), key=lambda f: f.conv_index)
+            del fused[first.conv]
+            fallback[first.conv] = (f"{first.conv} writes its counts to INTS: straight to "
+                                    f"bits the memories overflow ({error})")
+
+
 # -- allocation --------------------------------------------------------------------------------
 
 class _Overflow(CompileError):
@@ -673,6 +834,7 @@ class _Lowered:
     params: list = dataclasses.field(default_factory=list)   # PARAM field dicts
     weights: tuple = None   # (key, words) of a bconv
     cycles: int = 0
+    post: dict = None       # a bconv straight to bits: its FIXED fields (isa.BCONV_POST)
 
 
 #: Largest value of the FIXED fields in_w and out_w, plus one.
@@ -681,7 +843,7 @@ _FIELD_LIMIT = 1 << min(width for name, width, _ in isa.FIXED_FIELDS
 
 
 class _Mapper:
-    def __init__(self, program, geo, allocation, planes=None, to_bits=None):
+    def __init__(self, program, geo, allocation, planes=None, to_bits=None, fused=None):
         self.program = program
         self.geo = geo
         self.allocation = allocation
@@ -689,6 +851,11 @@ class _Mapper:
         #: {conv name: _ConvToBits}, and the threshold ops they absorb.
         self.to_bits = to_bits or {}
         self.absorbed = {plan.threshold for plan in self.to_bits.values()}
+        #: {conv name: _Fused}, and the threshold and pool ops they absorb.
+        self.fused = fused or {}
+        self.nops = {name for f in self.fused.values() for name in (f.threshold, f.pool)
+                     if name}
+        self.ops = {op.name: op for op in program.ops}
 
     def spec(self, s):
         return self.program.tensors[s.tensor]
@@ -774,6 +941,9 @@ class _Mapper:
             return self._conv(op, self.to_bits[op.name])
         if op.name in self.absorbed:
             # The conv before it wrote its bits (_plan_conv_to_bits).
+            return _Lowered(isa.Opcode.NOP, {}, cycles=isa.SEQUENCER_CYCLES - 1)
+        if op.name in self.nops:
+            # Fused into the binary conv before it, which writes the threshold's bits.
             return _Lowered(isa.Opcode.NOP, {}, cycles=isa.SEQUENCER_CYCLES - 1)
         method = getattr(self, f"_{kind}", None)
         if method is None:
@@ -870,6 +1040,41 @@ class _Mapper:
                                    f"PARAM threshold field [{low_t}, {high_t}]")
             param.update(threshold=t, direction=d)
 
+    def fuse(self, op, fields, weights):
+        """The BCONV of a binary conv (``fields``: its BCONV fields but ``out_base``); for a
+        fused one (:func:`_plan_fusion`) straight to its threshold's bits: the threshold's
+        settings in the descriptor's FIXED half (:data:`sw.isa.BCONV_POST`, ``param_base``
+        added by :func:`_generate`) and one PARAMS record per channel, the threshold op's
+        compare encoded as for the fixed-point unit (the counts, below ``2**acc_width``, are
+        inside the ``element_width`` range; the bit-plane conv's rewritten thresholds)."""
+        geo = self.geo
+        f = self.fused.get(op.name)
+        low = _Lowered(isa.Opcode.BCONV, fields, weights=weights)
+        threshold = pool = 0
+        if f is None:
+            fields["out_base"] = self.ints(op, op.output)
+        else:
+            out_c = fields["out_channels"]
+            _, oh, ow = self.spec(op.output).shape
+            pool = int(f.pool is not None)
+            threshold = 1
+            thr_op = self.ops[f.threshold]
+            thr = np.asarray(thr_op.params["threshold"]).reshape(-1)
+            direction = np.asarray(thr_op.params["direction"]).reshape(-1)
+            if self.planes is not None and thr_op.name in self.planes.thresholds:
+                thr, direction = np.array(self.planes.thresholds[thr_op.name], np.int64).T
+            low.params = [{} for _ in range(out_c)]
+            self.threshold_params(low, thr_op, thr, direction, width=geo.element_width)
+            fields.update(out_base=0, out_plane=4 * (oh // 2) * (ow // 2) if pool else oh * ow)
+            low.post = {"post": int(isa.Post.THRESHOLD),
+                        "reduce": int(isa.Reduce.MAX if pool else isa.Reduce.SUM),
+                        "out_base": self.allocation[f.bits][1],
+                        "out_words": _ceil_div(out_c, geo.lane)}
+        low.cycles = isa.bconv_cycles(geo.rows, geo.cols, fields["k_words"], fields["m_tiles"],
+                                      fields["out_plane"], threshold, pool) \
+            + isa.SEQUENCER_CYCLES - 1
+        return low
+
     def _maxpool(self, op):
         a = op.attrs
         return self.fixed(op, kernel=int(a["kernel"]), stride=int(a["stride"]),
@@ -960,12 +1165,10 @@ class _Mapper:
         fields = {
             "in_base": self.allocation[src.tensor][1], "in_h": h, "in_w": w, "channels": c,
             "channel_words": cw, "kernel": k, "stride": stride, "pad": pad, "k_words": k_words,
-            "m_tiles": m_tiles, "out_channels": out_c, "out_base": self.ints(op, op.output),
-            "out_plane": oh * ow, "add": int(op.mode == "add"),
+            "m_tiles": m_tiles, "out_channels": out_c, "out_plane": oh * ow,
+            "add": int(op.mode == "add"),
         }
-        cycles = isa.bconv_cycles(geo.rows, geo.cols, k_words, m_tiles, oh * ow) \
-            + isa.SEQUENCER_CYCLES - 1
-        return _Lowered(isa.Opcode.BCONV, fields, weights=(key, words), cycles=cycles)
+        return self.fuse(op, fields, (key, words))
 
 
     def _bitplane_conv(self, op):
@@ -993,12 +1196,10 @@ class _Mapper:
             "in_base": self.allocation[self.planes.image][1], "in_h": h, "in_w": w,
             "channels": cw * geo.lane, "channel_words": cw, "kernel": k, "stride": stride,
             "pad": pad, "k_words": k_words, "m_tiles": m_tiles, "out_channels": out_c,
-            "out_base": self.ints(op, op.output), "out_plane": oh * ow, "add": 0, "planes": 1,
+            "out_plane": oh * ow, "add": 0, "planes": 1,
         }
-        cycles = isa.bconv_cycles(geo.rows, geo.cols, k_words, m_tiles, oh * ow) \
-            + isa.SEQUENCER_CYCLES - 1
         key = ("planes", weight.shape, weight.tobytes())
-        return _Lowered(isa.Opcode.BCONV, fields, weights=(key, words), cycles=cycles)
+        return self.fuse(op, fields, (key, words))
 
 
 # -- segments and descriptors ------------------------------------------------------------------
@@ -1064,8 +1265,9 @@ def _split_to_fit(program, geo, error):
 
 
 def _place(program, geo):
-    """The bit-plane and conv-to-bits plans, the lifetimes and the activation memories'
-    allocation: ``(planes, fallback, to_bits, spans, allocation, peaks)``."""
+    """The bit-plane, conv-to-bits and binary-conv-to-bits plans, the lifetimes and the
+    activation memories' allocation: ``(planes, fallback, to_bits, spans, allocation, peaks,
+    fused, fusion_fallback)``."""
     planes, fallback = _plan_bitplanes(program, geo)
     to_bits = _plan_conv_to_bits(program, geo, skip={planes.conv} if planes else ())
     spans = lifetimes(program)
@@ -1078,9 +1280,11 @@ def _place(program, geo):
         first, last = spans[plan.bits.tensor]
         spans[plan.bits.tensor] = (min(first, plan.conv_index), last)
         del spans[plan.y]
-    allocation, peaks = _allocate(program, geo, spans, planes,
-                                  unstored=[plan.y for plan in to_bits.values()])
-    return planes, fallback, to_bits, spans, allocation, peaks
+    fused, fusion_fallback = _plan_fusion(program, geo, planes)
+    allocation, peaks, spans = _allocate_fused(
+        program, geo, spans, planes, fused, fusion_fallback,
+        unstored=[plan.y for plan in to_bits.values()])
+    return planes, fallback, to_bits, spans, allocation, peaks, fused, fusion_fallback
 
 
 def _generate(program, geo, split):
@@ -1088,8 +1292,9 @@ def _generate(program, geo, split):
     if len(program.ops) > geo.program_depth:
         raise CompileError(f"program: {len(program.ops)} ops do not fit the PROGRAM memory "
                            f"({geo.program_depth} descriptors)")
-    planes, fallback, to_bits, spans, allocation, peaks = _place(program, geo)
-    mapper = _Mapper(program, geo, allocation, planes, to_bits)
+    planes, fallback, to_bits, spans, allocation, peaks, fused, fusion_fallback = \
+        _place(program, geo)
+    mapper = _Mapper(program, geo, allocation, planes, to_bits, fused)
     lowered = [mapper.lower(op) for op in program.ops]
 
     capacity = {"WEIGHTS": geo.weight_depth, "COEFS": geo.coef_depth,
@@ -1150,6 +1355,10 @@ def _generate(program, geo, split):
             prefix = "bconv_"
         named = {"opcode": int(low.opcode)}
         named.update({prefix + name: int(value) for name, value in fields.items()})
+        if low.post is not None:
+            # A BCONV straight to bits: its threshold in the FIXED half (isa.BCONV_POST).
+            named.update({f"fixed_{name}": int(value) for name, value in
+                          dict(low.post, param_base=bases["PARAMS"]).items()})
         descriptors.append(_pack(op, isa.DESCRIPTOR, "the descriptor", **named))
         infos.append(OpInfo(op.name, op.kind, low.opcode, named, len(segments), weight_words,
                             len(low.coefs), len(low.params), low.cycles))
@@ -1171,4 +1380,6 @@ def _generate(program, geo, split):
         allocation=allocation, ints_used=peaks["INTS"], bits_used=peaks["BITS"],
         input_memory=input_memory, bitplanes=planes.conv if planes else None,
         bitplane_fallback=fallback, lifetimes=spans, program=program, split=split,
-        convs_to_bits=tuple(to_bits))
+        convs_to_bits=tuple(to_bits),
+        fused={name: (f.threshold, f.pool) for name, f in fused.items()},
+        fusion_fallback=fusion_fallback)
