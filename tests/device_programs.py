@@ -9,7 +9,7 @@ from sw.compile.ir import Op, Program, Slice, TensorSpec
 __all__ = ["KINDS", "cnv_like_program", "fused_program", "single_op_program"]
 
 KINDS = ("conv", "requant", "threshold-bconv", "maxpool", "gap", "shuffle", "combine",
-         "bconv-add")
+         "bconv-add", "requant-maxpool")
 
 
 class _Builder:
@@ -109,6 +109,22 @@ def single_op_program(kind, seed):
         oh, ow = (h + 2 * pad - k) // stride + 1, (w + 2 * pad - k) // stride + 1
         out = b.tensor("logits", (c, oh, ow), bits=12)
         b.op("maxpool", "maxpool", [x], out, attrs={"kernel": k, "stride": stride,
+                                                   "padding": pad})
+    elif kind == "requant-maxpool":
+        # A requant that only a max pool reads (MeliusNet's transitions): with every mul >= 0
+        # (three seeds in four) the pool requantizes its maxima instead (codegen).
+        relu = int(rng.integers(0, 2))
+        params = b.requant_params(c)
+        if rng.random() < 0.75:
+            params["mul"] = np.abs(params["mul"])
+        y = b.tensor("y", (c, h, w), bits=8, signed=not relu)
+        b.op("requant", "requant", [x], y, attrs={"relu": relu, "bits": 8}, params=params)
+        k = int(rng.choice([2, 3]))
+        stride = int(rng.integers(1, 3))
+        pad = int(rng.integers(0, 2)) if k == 3 else 0
+        oh, ow = (h + 2 * pad - k) // stride + 1, (w + 2 * pad - k) // stride + 1
+        out = b.tensor("logits", (c, oh, ow), bits=8, signed=not relu)
+        b.op("maxpool", "maxpool", [y], out, attrs={"kernel": k, "stride": stride,
                                                    "padding": pad})
     elif kind == "gap":
         out = b.tensor("logits", (c, 1, 1), bits=20)

@@ -164,6 +164,45 @@ def test_single_ops_split_by_output_channels(kind):
     check_exact(program, dp, torch.as_tensor(images))
 
 
+@pytest.mark.parametrize("seed", [0, 2, 3, 4, 5, 15, 16, 19])   # 15, 16, 19: a mul < 0
+def test_a_requant_only_a_max_pool_reads_runs_after_the_pool(seed):
+    """requant -> maxpool (random window, stride, padding, ReLU, saturation): with every
+    ``mul >= 0`` the pool reads the requant's input and requantizes its maxima (the requant
+    is a NOP and its output is not stored); with a negative ``mul`` nothing changes. Exact
+    either way, also at the pixel range's ends."""
+    program, images = single_op_program("requant-maxpool", seed)
+    requant = next(op for op in program.ops if op.kind == "requant")
+    dp = generate(program, CONFIG)
+    ops = {op.name: op for op in dp.ops}
+    if np.all(np.asarray(requant.params["mul"]) >= 0):
+        assert dp.requants_after_pools == {"requant": "maxpool"}
+        assert ops["requant"].opcode == isa.Opcode.NOP and "y" not in dp.allocation
+        assert ops["maxpool"].fields["fixed_post"] == isa.Post.REQUANT
+        assert ops["maxpool"].fields["fixed_reduce"] == isa.Reduce.MAX
+    else:
+        assert dp.requants_after_pools == {} and "y" in dp.allocation
+        assert ops["requant"].opcode == isa.Opcode.FIXED
+    images = torch.as_tensor(images)
+    check_exact(program, dp, torch.cat([images, torch.zeros_like(images[:1]),
+                                        torch.full_like(images[:1], 255)]))
+
+
+def test_a_requant_read_by_another_op_too_stays():
+    """The requant's output read by the pool and by another op: it is stored, and the pool
+    pools it."""
+    program, images = single_op_program("requant-maxpool", 0)
+    requant = next(op for op in program.ops if op.kind == "requant")
+    assert np.all(np.asarray(requant.params["mul"]) >= 0)
+    extra = Op("gap", "gap", [requant.output], Slice("sums", 0, requant.output.stop),
+               "write", {}, {})
+    tensors = dict(program.tensors)
+    tensors["sums"] = TensorSpec("sums", (requant.output.stop, 1, 1), "int", 16, None, True)
+    two = Program(tensors, [*program.ops, extra], program.input, program.logits)
+    dp = generate(two, CONFIG)
+    assert dp.requants_after_pools == {} and "y" in dp.allocation
+    check_exact(two, dp, torch.as_tensor(images))
+
+
 @pytest.mark.parametrize("seed", [0, 1, 2])
 def test_counts_too_big_for_ints_run_piece_by_piece(seed):
     """CNV's pattern, a binary conv's counts read only by the max pool after it: with INTS one

@@ -192,6 +192,10 @@ class DeviceProgram:
     fusion_fallback : dict
         ``{conv: reason}``: why a binary conv whose counts reach a threshold or a max pool
         still writes them to INTS.
+    requants_after_pools : dict
+        ``{requant: maxpool}``: the requant ops whose max pool reads their input and
+        requantizes its maxima instead (post REQUANT); the requant is a NOP descriptor and its
+        output is not stored.
     lifetimes : dict
         ``{tensor: (first op, last op)}`` as allocated (:func:`.plan.lifetimes`, the raw image
         living until the bit-plane conv reads it): the tensors live across a segment start
@@ -217,6 +221,7 @@ class DeviceProgram:
     convs_to_bits: tuple = ()
     fused: dict = None
     fusion_fallback: dict = None
+    requants_after_pools: dict = dataclasses.field(default_factory=dict)
 
     def input_words(self, image):
         """The words of one raw image ``(C, H, W)`` for ``input_memory`` at ``input_base``:
@@ -609,6 +614,57 @@ def _plan_conv_to_bits(program, geo, skip=()):
 # -- binary conv straight to bits -------------------------------------------------------------
 
 @dataclasses.dataclass
+class _PoolRequant:
+    """A ``requant`` run after the max pool that reads it, as the pool's REQUANT post."""
+    requant: str        # the requant op (a NOP descriptor)
+    pool: str           # the maxpool op, which reads ``x`` and requantizes its maxima
+    x: str              # the requant's input tensor, read by the pool
+    y: str              # the requant's output, never stored
+    pool_index: int
+
+
+def _plan_pool_requant(program):
+    """``{maxpool name: _PoolRequant}`` for each ``requant`` whose output only a max pool reads.
+
+    The pattern: a ``requant`` (no residual) writes a whole int tensor ``y`` (mode write, not
+    the logits, no other writer) from a whole input tensor ``x``, every channel's ``mul`` is
+    at least 0, and exactly one op reads ``y``: a ``maxpool`` of all of it (mode write). The
+    golden requantization (:func:`.golden.requantize` of ``acc * mul + bias``: round half up,
+    saturation, ReLU) is then a non-decreasing function ``f`` of its input, so the maximum of
+    ``f`` over a window is ``f`` of the window's maximum (padding never wins either way): the
+    pool reads ``x`` and requantizes its maxima (post REQUANT), and the requant op, which
+    took one slot per element of the whole map, becomes a NOP. MeliusNet's transitions
+    (BatchNorm, then a 2x2 max pool) have this shape.
+    """
+    readers, writers = {}, {}
+    for i, op in enumerate(program.ops):
+        for sl in op.inputs:
+            readers.setdefault(sl.tensor, []).append(i)
+        writers.setdefault(op.output.tensor, []).append(i)
+
+    def whole(sl):
+        return sl.start == 0 and sl.stop == program.tensors[sl.tensor].shape[0]
+
+    plans = {}
+    for index, op in enumerate(program.ops):
+        if op.kind != "requant" or op.mode != "write" or len(op.inputs) != 1:
+            continue
+        y = op.output.tensor
+        users = readers.get(y, [])
+        if not whole(op.output) or writers.get(y) != [index] or y == program.logits \
+                or len(users) != 1 or "res_mul" in op.params \
+                or np.any(np.asarray(op.params["mul"]) < 0):
+            continue
+        pool = program.ops[users[0]]
+        if pool.kind != "maxpool" or pool.mode != "write" or users[0] < index \
+                or len(pool.inputs) != 1 or not whole(pool.inputs[0]):
+            continue
+        plans[pool.name] = _PoolRequant(requant=op.name, pool=pool.name,
+                                        x=op.inputs[0].tensor, y=y, pool_index=users[0])
+    return plans
+
+
+@dataclasses.dataclass
 class _Fused:
     """A ``bconv`` (or the bit-plane conv) whose counts only a threshold reads, directly or
     through a 2x2 stride-2 max pool: one BCONV with ``threshold`` (and ``pool``) writes the
@@ -843,7 +899,8 @@ _FIELD_LIMIT = 1 << min(width for name, width, _ in isa.FIXED_FIELDS
 
 
 class _Mapper:
-    def __init__(self, program, geo, allocation, planes=None, to_bits=None, fused=None):
+    def __init__(self, program, geo, allocation, planes=None, to_bits=None, fused=None,
+                 pool_requant=None):
         self.program = program
         self.geo = geo
         self.allocation = allocation
@@ -855,6 +912,9 @@ class _Mapper:
         self.fused = fused or {}
         self.nops = {name for f in self.fused.values() for name in (f.threshold, f.pool)
                      if name}
+        #: {maxpool name: _PoolRequant}, and the requant ops the pools run after them.
+        self.pool_requant = pool_requant or {}
+        self.hoisted = {plan.requant for plan in self.pool_requant.values()}
         self.ops = {op.name: op for op in program.ops}
 
     def spec(self, s):
@@ -944,6 +1004,9 @@ class _Mapper:
             return _Lowered(isa.Opcode.NOP, {}, cycles=isa.SEQUENCER_CYCLES - 1)
         if op.name in self.nops:
             # Fused into the binary conv before it, which writes the threshold's bits.
+            return _Lowered(isa.Opcode.NOP, {}, cycles=isa.SEQUENCER_CYCLES - 1)
+        if op.name in self.hoisted:
+            # The max pool after it requantizes its maxima (_plan_pool_requant).
             return _Lowered(isa.Opcode.NOP, {}, cycles=isa.SEQUENCER_CYCLES - 1)
         method = getattr(self, f"_{kind}", None)
         if method is None:
@@ -1077,9 +1140,18 @@ class _Mapper:
 
     def _maxpool(self, op):
         a = op.attrs
-        return self.fixed(op, kernel=int(a["kernel"]), stride=int(a["stride"]),
-                          pad=int(a["padding"]), reduce=isa.Reduce.MAX,
-                          in_offsets=self._elementwise_offsets(op))
+        window = {"kernel": int(a["kernel"]), "stride": int(a["stride"]),
+                  "pad": int(a["padding"]), "reduce": isa.Reduce.MAX}
+        plan = self.pool_requant.get(op.name)
+        if plan is None:
+            return self.fixed(op, **window, in_offsets=self._elementwise_offsets(op))
+        # The requant before it, on the window's maximum of its input (_plan_pool_requant).
+        requant = self.ops[plan.requant]
+        low = self.fixed(op, **window, post=isa.Post.REQUANT, relu=int(requant.attrs["relu"]),
+                         bits=int(requant.attrs["bits"]), src=requant.inputs[0],
+                         in_offsets=self._elementwise_offsets(requant))
+        self.requant_params(low, requant, op.output.channels)
+        return low
 
     def _gap(self, op):
         return self.fixed(op, whole=True, in_offsets=self._elementwise_offsets(op))
@@ -1265,9 +1337,9 @@ def _split_to_fit(program, geo, error):
 
 
 def _place(program, geo):
-    """The bit-plane, conv-to-bits and binary-conv-to-bits plans, the lifetimes and the
-    activation memories' allocation: ``(planes, fallback, to_bits, spans, allocation, peaks,
-    fused, fusion_fallback)``."""
+    """The bit-plane, conv-to-bits, binary-conv-to-bits and pool-requant plans, the lifetimes
+    and the activation memories' allocation: ``(planes, fallback, to_bits, spans, allocation,
+    peaks, fused, fusion_fallback, pool_requant)``."""
     planes, fallback = _plan_bitplanes(program, geo)
     to_bits = _plan_conv_to_bits(program, geo, skip={planes.conv} if planes else ())
     spans = lifetimes(program)
@@ -1280,11 +1352,19 @@ def _place(program, geo):
         first, last = spans[plan.bits.tensor]
         spans[plan.bits.tensor] = (min(first, plan.conv_index), last)
         del spans[plan.y]
+    pool_requant = _plan_pool_requant(program)
+    for plan in pool_requant.values():
+        # The pool reads the requant's input, and the requant's output is never stored.
+        first, last = spans[plan.x]
+        spans[plan.x] = (first, max(last, plan.pool_index))
+        del spans[plan.y]
     fused, fusion_fallback = _plan_fusion(program, geo, planes)
     allocation, peaks, spans = _allocate_fused(
         program, geo, spans, planes, fused, fusion_fallback,
-        unstored=[plan.y for plan in to_bits.values()])
-    return planes, fallback, to_bits, spans, allocation, peaks, fused, fusion_fallback
+        unstored=[plan.y for plan in to_bits.values()]
+        + [plan.y for plan in pool_requant.values()])
+    return (planes, fallback, to_bits, spans, allocation, peaks, fused, fusion_fallback,
+            pool_requant)
 
 
 def _generate(program, geo, split):
@@ -1292,9 +1372,9 @@ def _generate(program, geo, split):
     if len(program.ops) > geo.program_depth:
         raise CompileError(f"program: {len(program.ops)} ops do not fit the PROGRAM memory "
                            f"({geo.program_depth} descriptors)")
-    planes, fallback, to_bits, spans, allocation, peaks, fused, fusion_fallback = \
-        _place(program, geo)
-    mapper = _Mapper(program, geo, allocation, planes, to_bits, fused)
+    planes, fallback, to_bits, spans, allocation, peaks, fused, fusion_fallback, \
+        pool_requant = _place(program, geo)
+    mapper = _Mapper(program, geo, allocation, planes, to_bits, fused, pool_requant)
     lowered = [mapper.lower(op) for op in program.ops]
 
     capacity = {"WEIGHTS": geo.weight_depth, "COEFS": geo.coef_depth,
@@ -1382,4 +1462,5 @@ def _generate(program, geo, split):
         bitplane_fallback=fallback, lifetimes=spans, program=program, split=split,
         convs_to_bits=tuple(to_bits),
         fused={name: (f.threshold, f.pool) for name, f in fused.items()},
-        fusion_fallback=fusion_fallback)
+        fusion_fallback=fusion_fallback,
+        requants_after_pools={plan.requant: plan.pool for plan in pool_requant.values()})
