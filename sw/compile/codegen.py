@@ -538,14 +538,8 @@ def _plan_conv_to_bits(program, geo, skip=()):
 
     from .golden import requantize
 
-    readers, writers = {}, {}
-    for i, op in enumerate(program.ops):
-        for sl in op.inputs:
-            readers.setdefault(sl.tensor, []).append(i)
-        writers.setdefault(op.output.tensor, []).append(i)
-
-    def whole(sl):
-        return sl.start == 0 and sl.stop == program.tensors[sl.tensor].shape[0]
+    readers, writers = program.uses()
+    whole = program.is_whole
 
     plans = {}
     for index, conv in enumerate(program.ops):
@@ -636,14 +630,8 @@ def _plan_pool_requant(program):
     took one slot per element of the whole map, becomes a NOP. MeliusNet's transitions
     (BatchNorm, then a 2x2 max pool) have this shape.
     """
-    readers, writers = {}, {}
-    for i, op in enumerate(program.ops):
-        for sl in op.inputs:
-            readers.setdefault(sl.tensor, []).append(i)
-        writers.setdefault(op.output.tensor, []).append(i)
-
-    def whole(sl):
-        return sl.start == 0 and sl.stop == program.tensors[sl.tensor].shape[0]
+    readers, writers = program.uses()
+    whole = program.is_whole
 
     plans = {}
     for index, op in enumerate(program.ops):
@@ -693,14 +681,8 @@ def _plan_fusion(program, geo, planes):
     (:func:`sw.isa.bconv_bits_words`) at most ``max(k_words, rows)``; ``ceil(C / lane)``
     words per pixel fit the 8-bit ``out_words``.
     """
-    readers, writers = {}, {}
-    for i, op in enumerate(program.ops):
-        for sl in op.inputs:
-            readers.setdefault(sl.tensor, []).append(i)
-        writers.setdefault(op.output.tensor, []).append(i)
-
-    def whole(sl):
-        return sl.start == 0 and sl.stop == program.tensors[sl.tensor].shape[0]
+    readers, writers = program.uses()
+    whole = program.is_whole
 
     index_of = {op.name: i for i, op in enumerate(program.ops)}
     fused, fallback = {}, {}

@@ -118,3 +118,17 @@ class Program:
 
     def tensor(self, name):
         return self.tensors[name]
+
+    def is_whole(self, sl):
+        """Whether the :class:`Slice` ``sl`` covers all channels of its tensor."""
+        return sl.start == 0 and sl.stop == self.tensors[sl.tensor].shape[0]
+
+    def uses(self):
+        """``(readers, writers)``: ``{tensor: [indices of the ops that read it]}`` and the
+        same for the ops that write it, in program order."""
+        readers, writers = {}, {}
+        for i, op in enumerate(self.ops):
+            for sl in op.inputs:
+                readers.setdefault(sl.tensor, []).append(i)
+            writers.setdefault(op.output.tensor, []).append(i)
+        return readers, writers

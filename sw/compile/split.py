@@ -152,9 +152,7 @@ def split_activation(program, tensor, pieces, geo):
     index = writers[0]
     writer, reader = ops[index], ops[index + 1]
     channels = spec.shape[0]
-
-    def whole(sl):
-        return sl.start == 0 and sl.stop == program.tensors[sl.tensor].shape[0]
+    whole = program.is_whole
 
     if writer.kind not in ("bconv", "conv") or writer.mode != "write" \
             or not whole(writer.output) \
