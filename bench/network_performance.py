@@ -14,11 +14,9 @@ answer. The UART runs at 4 clock cycles per bit in the simulation (the cycle cou
 depend on it; loading is just faster to simulate).
 
 Networks (:mod:`bench.networks`, random weights): ``meliusnet`` (``meliusnet-small`` at
-28x28x1) and ``cnv`` (FINN's CNV-W1A1 topology at 32x32x3). CNV does not fit the default
-build's BITS memory (the bit-plane image and conv1's 64x30x30 bits need 2,824 words, the
-default has 1,024), so it runs on the default build with :data:`CNV_CHANGES` (BITS 4,096
-words; its binary convs write bits, so INTS holds little more than the logits, and its weights
-stream in segments, conv6 split in two for WEIGHTS); the JSON records the configuration used.
+28x28x1) and ``cnv`` (FINN's CNV-W1A1 topology at 32x32x3), both on the same configuration,
+every weight resident (one segment). ``--cols`` and ``--fixed-lanes`` simulate a variant of
+it; the JSON records the configuration used.
 
 Figures per op: cycles (hardware counter), useful binary MACs and fixed-point MACs,
 utilization of binary convs (bit-MACs / (cycles * rows * cols * lane)), share of the total.
@@ -56,8 +54,6 @@ from sw.protocol import Memory
 from sw.runtime import Accelerator
 
 ROOT = Path(__file__).resolve().parent.parent
-#: What CNV-W1A1 needs beyond the default build (module docstring).
-CNV_CHANGES = {"bits_depth": 4096}
 
 
 def op_figures(program, dp, config):
@@ -257,13 +253,11 @@ def main(argv=None):
     for name in args.networks:
         if name == "meliusnet":
             program, images = meliusnet_program(config)
-            run_config = config
         else:
             program, images = cnv_w1a1_program()
-            run_config = config.replace(**CNV_CHANGES)
         print(f"{name}: simulating (the first run of a configuration builds it with "
               f"Verilator)", flush=True)
-        record = run_network(name, program, images, run_config, args.images, args.batch)
+        record = run_network(name, program, images, config, args.images, args.batch)
         records.append(record)
         png = args.output_dir / f"network_performance_{name}{suffix}.png"
         plot(record, png)

@@ -165,19 +165,21 @@ def _ulx3s(size):
         "45F": DeviceConfig(rows=8, cols=4, lane=32, weight_depth=1024, activation_depth=128,
                             result_depth=128, int_depth=16384, bits_depth=512,
                             coef_depth=8192, param_depth=1024, program_depth=128),
-        # 85F: INTS, WEIGHTS, COEFS and PARAMS hold all of MeliusNet-small at 28x28 (peaks of
-        # 45,472 elements, 1,152, 16,912 and 1,931 words), so that its weights load once;
-        # BITS has half the 2,048 words of the builds before (its peak is 588). Four columns:
-        # nextpnr's router has not converged on the 8 x 8 x 32 array (`--cols 8`), while this
-        # one routes; docs/builds.md. Eight fixed-point lanes: the fixed-point ops (stem,
-        # transitions, CNV's first layer) take most of a network's cycles, and the lanes'
-        # multipliers are plentiful (68 of 156). COEFS has 24,576 words, not 32,768: with
-        # 156 block RAMs the static placer's block-RAM overlap stayed at 15.4%, above the 15%
-        # at which it legalises them, so placement never ended; with 152 it places.
-        "85F": DeviceConfig(rows=8, cols=4, lane=32, weight_depth=1536, activation_depth=256,
-                            result_depth=256, int_depth=49152, bits_depth=1024,
-                            coef_depth=24576, param_depth=2048, program_depth=128,
-                            fixed_lanes=8),
+        # 85F: every weight of CNV-W1A1 and of MeliusNet-small at 28x28 is resident (one
+        # segment): WEIGHTS 6,144 words (CNV's 1.56 Mbit need 6,104; 87 of the 208 block
+        # RAMs), BITS 3,072 (CNV's bit-plane image and conv1's bits: 2,824), COEFS and PARAMS
+        # MeliusNet's 16,912 and 1,931 words. INTS holds MeliusNet's peak (26,656 elements)
+        # in 18-bit elements: two 2048 x 9 block RAMs wide where 24 bits took three, so the
+        # INTS banks take 32 block RAMs, not 72 (every count, activation and logit of both
+        # networks fits 18 signed bits; the compiler refuses a tensor that does not). 194
+        # block RAMs in all; the static placer legalises them. Four columns: nextpnr's router
+        # has not converged on the 8 x 8 x 32 array (`--cols 8`), while this one routes;
+        # docs/builds.md. Eight fixed-point lanes: the fixed-point ops (stem, transitions)
+        # take most of MeliusNet's cycles, and the lanes' multipliers are plentiful.
+        "85F": DeviceConfig(rows=8, cols=4, lane=32, weight_depth=6144, activation_depth=256,
+                            result_depth=256, int_depth=32768, element_width=18,
+                            bits_depth=3072, coef_depth=24576, param_depth=2048,
+                            program_depth=128, fixed_lanes=8),
     }[size]
     return Board(
         name="ulx3s", size=size, family="ecp5",

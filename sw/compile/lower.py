@@ -20,8 +20,9 @@ __all__ = ["INPUT_SHIFT", "LOGIT_BITS", "CompileError", "calibrate", "lower"]
 #: Raw pixels are shifted left by this many bits before the mean is subtracted, so that the
 #: rounded mean is within 1/32 of a pixel step.
 INPUT_SHIFT = 4
-#: Width of the logits.
-LOGIT_BITS = 24
+#: Width of the logits: 16 bits (of the 18 of the ULX3S-85F default's INTS elements) resolve
+#: the largest calibrated logit into 32,768 steps, far finer than the top-1 decision needs.
+LOGIT_BITS = 16
 #: Signed width of the ABC-Net combination coefficients.
 COEF_BITS = 8
 
