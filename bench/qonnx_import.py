@@ -25,9 +25,10 @@ torch seed 0; inputs ``raw / 255`` as torchvision's ``ToTensor``.
 
 Ops whose weights do not fit WEIGHTS run in pieces of output channels, and weights stream in
 segments (docs/compiler.md): LFC's 1024-wide layers fit the default build that way. A model
-that still does not fit the default build (CNV: conv1's 64x30x30 bits need 1,800 BITS words,
-the default has 1,024) is compiled for the same build with BITS enlarged (:data:`LARGER`); the
-JSON records the compiler's error for the default build and the configuration used.
+that still does not fit the default build (none of the four: CNV's conv1 bits, 64x30x30, need
+1,800 BITS words and the default has 3,072) is compiled for the same build with BITS enlarged
+(:data:`LARGER`); the JSON records the compiler's error for the default build and the
+configuration used.
 
 ``--device-images N`` also runs the first N test images of each model, as one batch, on a
 simulated board of the configuration compiled for (``python -m sim.board``: the ULX3S default
@@ -61,8 +62,9 @@ __all__ = ["main", "random_norms", "train"]
 
 MODELS = {"tfc": "tfc_1w1a", "sfc": "sfc_1w1a", "lfc": "lfc_1w1a", "cnv": "cnv_1w1a"}
 #: What a model that does not fit the default build is compiled for: the default build with
-#: twice the BITS words (the same array and other memories).
-LARGER = {"bits_depth": 2048}
+#: twice its BITS words (the same array and other memories). None of the four needs it since
+#: the ULX3S-85F default holds CNV's bits (BITS 3,072 words); it stays for models that do.
+LARGER = {"bits_depth": 2 * get_board("ulx3s", "85F").default_config.bits_depth}
 
 
 def build(name):
