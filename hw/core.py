@@ -115,8 +115,12 @@ class DeviceCore(wiring.Component):
         sequencer = fixed = bconv = None
         fixed_active = bconv_active = Const(0)
         # A RUN that exceeds its cycle limit is aborted: the sequencer and the units are reset
-        # (the memories keep their contents), so no descriptor can hang the device.
+        # (the memories keep their contents), so no descriptor can hang the device. The reset
+        # comes from a register (the cycle after the limit is seen), so that its net, which
+        # reaches every flip-flop of the units across the die, starts at a flip-flop and not
+        # behind the limit's 32-bit compare (a routed build's critical path).
         run_abort = Signal()
+        m.d.sync += run_abort.eq(0)             # one cycle, when the FSM below sets it
         if cfg.layer_program:
             sequencer = Sequencer(cfg.program_depth)
             m.submodules.sequencer = ResetInserter(run_abort)(sequencer)
@@ -350,6 +354,8 @@ class DeviceCore(wiring.Component):
         run_count = Signal(16)
         run_limit = Signal(32)
         run_elapsed = Signal(32)
+        # run_elapsed >= run_limit, registered along with run_elapsed.
+        run_over = Signal()
         reply_cycles = Signal(32)
 
         m.d.comb += [
@@ -564,17 +570,18 @@ class DeviceCore(wiring.Component):
                             sequencer.first.eq(run_first),
                             sequencer.count.eq(run_count),
                         ]
-                        m.d.sync += run_elapsed.eq(0)
+                        m.d.sync += [run_elapsed.eq(0), run_over.eq(0)]  # run_limit > 0
                         m.next = "Run program"
                 # The sequencer raises busy the cycle after its start.
                 with m.State("Run program"):
-                    m.d.sync += run_elapsed.eq(run_elapsed + 1)
+                    m.d.sync += [run_elapsed.eq(run_elapsed + 1),
+                                 run_over.eq(run_elapsed + 1 >= run_limit)]
                     with m.If(~sequencer.busy):
                         m.d.sync += reply_cycles.eq(sequencer.cycles)
                         reply(Status.OK, protocol.RUN_REPLY.size,
                               payload_states.index("Send cycles"))
-                    with m.Elif(run_elapsed >= run_limit):
-                        m.d.comb += run_abort.eq(1)
+                    with m.Elif(run_over):
+                        m.d.sync += run_abort.eq(1)
                         fail(Status.ABORTED)
 
             with m.State("Reply header"):

@@ -186,7 +186,7 @@ class FixedUnit(wiring.Component):
     REQUANT) spends one extra cycle per group and channel reading the residual run through the
     same INTS port. With ``E = terms_c * kernel_h * kernel_w + (1 if post == REQUANT and
     residual else 0)``, ``L`` as above and ``T = out_h * ceil(out_w / L) * out_channels * E``,
-    ``busy`` is high for exactly ``T + LATENCY`` cycles (``LATENCY = 12``), plus, for
+    ``busy`` is high for exactly ``T + LATENCY`` cycles (``LATENCY = 13``), plus, for
     THRESHOLD, ``(out_w - 1) % L`` cycles in which the last group's queued words are written
     (:func:`sw.isa.fixed_cycles`): the write of the group whose last term (or residual slot)
     is issued at cycle ``c`` is issued at cycle ``c + LATENCY``.
@@ -206,7 +206,10 @@ class FixedUnit(wiring.Component):
        ``pix * out_words`` (one registered multiply, for the BITS address) registered;
     2. INTS address ``P.in_offset + relative`` (or the residual's) and COEFS address issued;
        the BITS address registered;
-    3. INTS run and COEFS data valid; the run rotated into lane order;
+    3. INTS run and COEFS data valid; the run registered as it leaves the block RAMs
+       (:attr:`RUN_REGISTERS`: their outputs are not registered), then rotated into lane
+       order. Every stage from 4 on comes ``RUN_REGISTERS`` cycles later than its number
+       says (the code's names keep the numbers);
     4. the lanes' ``x`` and the coefficient registered (the rotator gets no multiplier
        behind it in the same cycle);
     5. ``x * coef`` registered (per lane one ``element_width x 8`` multiplier);
@@ -240,6 +243,8 @@ class FixedUnit(wiring.Component):
     """
 
     LATENCY = isa.FIXED_LATENCY
+    #: Registers between the INTS memory's read data and the run's rotation (pipeline stage 3).
+    RUN_REGISTERS = 1
 
     def __init__(self, *, lane, int_addr_width, bits_addr_width, coef_addr_width,
                  param_addr_width, max_terms, element_width=24, lanes=1, requant_pipes=None):
@@ -444,10 +449,14 @@ class FixedUnit(wiring.Component):
         ]
 
         # ---- Stage 1: PARAMS data valid; bounds and relative addresses registered ---------
+        # Stages from 4 on come R cycles later than their names (and the docstring's
+        # numbers) say: R = RUN_REGISTERS registers hold the INTS run between the block
+        # RAMs and the rotator.
+        R = self.RUN_REGISTERS
         valid = _delay(m, issue, self.LATENCY, "valid")
-        first = _delay(m, issue & first0, 5, "first")
-        end = _delay(m, issue & elem_end, 11, "end")
-        res = _delay(m, res_phase, 5, "res")
+        first = _delay(m, issue & first0, 5 + R, "first")
+        end = _delay(m, issue & elem_end, 11 + R, "end")
+        res = _delay(m, res_phase, 5 + R, "res")
         iy_inside = (iy >= 0) & (iy < cfg.in_h)
         real1 = Signal(lanes)       # per lane: a real term (not padding), or the residual slot
         live1 = Signal(lanes)       # per lane: a pixel of the group (the write mask)
@@ -480,7 +489,7 @@ class FixedUnit(wiring.Component):
             obit1.eq(obit),
             wlast1.eq((obit == lane - 1) | o_last),
         ]
-        real = _delay(m, real1, 4, "real")      # real[k] is stage k + 1
+        real = _delay(m, real1, 4 + R, "real")  # real[k] is stage k + 1 (k + 1 - R from 4 on)
         p1 = self.param_rd_data
 
         # ---- Stage 2: memory addresses ----------------------------------------------------
@@ -500,48 +509,49 @@ class FixedUnit(wiring.Component):
             self.coef_rd_en.eq(valid[2] & any2 & ~res[2] & cfg.multiply),
         ]
 
-        # ---- Stage 3 -> 4: the run back in lane order, registered ahead of the multiply ----
-        rot3 = Signal(rot_width)
-        m.d.sync += rot3.eq(rot2)
-        run3 = [self.int_rd_data[i] for i in range(lanes)]
+        # ---- Stage 3 (+ R) -> 4: the run back in lane order, registered ahead of the multiply
+        # The run is registered as it leaves IntMemory (whose block RAM outputs are not
+        # registered), so that the rotator below starts from a register.
+        rot3 = _delay(m, rot2, 1 + R, "rot")[-1]
+        run3 = [_delay(m, self.int_rd_data[i], R, f"run_{i}")[-1] for i in range(lanes)]
         x4 = [Signal(signed(ew), name=f"x4_{i}") for i in range(lanes)]
         c4 = Signal(signed(8))
         # Stride 2: lane i's term is element 2 * i of the rotated run (the residual run is
         # consecutive pixels, as for stride 1).
-        spread3 = Signal()
-        m.d.sync += spread3.eq(spread & ~res[2])
+        spread3 = _delay(m, spread & ~res[2], 1 + R, "spread")[-1]
         rotated = rotate_up(m, run3, rot3, "rot")
         for i, reg in enumerate(x4):
             if 2 * i < lanes:
                 m.d.sync += reg.eq(Mux(spread3, rotated[2 * i], rotated[i]))
             else:
                 m.d.sync += reg.eq(rotated[i])
-        m.d.sync += c4.eq(self.coef_rd_data)
+        # The coefficient (COEFS latency 1) waits for the run's registers.
+        m.d.sync += c4.eq(_delay(m, self.coef_rd_data, R, "coef")[-1])
 
         # ---- Stage 4 -> 5: the terms (registered multiplies, one per lane) -----------------
         term5 = [Signal(signed(self.term_width), name=f"term5_{i}") for i in range(lanes)]
         for i in range(lanes):
-            m.d.sync += term5[i].eq(Mux(real[3][i], Mux(cfg.multiply, x4[i] * c4, x4[i]), 0))
+            m.d.sync += term5[i].eq(Mux(real[3 + R][i], Mux(cfg.multiply, x4[i] * c4, x4[i]), 0))
 
         # ---- Stage 6: accumulators ----------------------------------------------------------
         aw = self.acc_width
         acc6 = [Signal(signed(aw), name=f"acc6_{i}") for i in range(lanes)]
         most_negative = Const(-(1 << (aw - 1)), signed(aw))
-        with m.If(valid[5] & ~res[5]):
+        with m.If(valid[5 + R] & ~res[5 + R]):
             for i in range(lanes):
-                real5 = real[4][i]
+                real5 = real[4 + R][i]
                 with m.If(is_max):
-                    with m.If(first[5]):
+                    with m.If(first[5 + R]):
                         # Padding never wins: a padded first term starts from the most negative.
                         m.d.sync += acc6[i].eq(Mux(real5, term5[i], most_negative))
                     with m.Elif(real5 & (term5[i] > acc6[i])):
                         m.d.sync += acc6[i].eq(term5[i])
                 with m.Else():
                     # Padding terms are 0 here (stage 5).
-                    m.d.sync += acc6[i].eq(Mux(first[5], term5[i], acc6[i] + term5[i]))
+                    m.d.sync += acc6[i].eq(Mux(first[5 + R], term5[i], acc6[i] + term5[i]))
         # The parameters of the element at stage 1 travel with it to stage 6.
-        param_line = _delay(m, p1.as_value(), 5, "param")
-        p6 = data.View(self.param_layout, param_line[5])
+        param_line = _delay(m, p1.as_value(), 5 + R, "param")
+        p6 = data.View(self.param_layout, param_line[5 + R])
 
         # ---- Stage 7: the threshold compares (every lane) ---------------------------------
         thr = p6.threshold
@@ -550,12 +560,12 @@ class FixedUnit(wiring.Component):
             m.d.sync += bit7[i].eq(Mux(p6.direction > 0, acc6[i] >= thr,
                                        Mux(p6.direction < 0, acc6[i] <= thr, thr != 0)))
         bit = _delay(m, bit7, 4, "bit")           # bit[k] is stage k + 7
-        outa_line = _delay(m, outa1, 10, "outa")
+        outa_line = _delay(m, outa1, 10 + R, "outa")
         outa11 = outa_line[-1]
-        bitsa11 = _delay(m, bitsa2, 9, "bitsa")[-1]
-        obit11 = _delay(m, obit1, 10, "obit")[-1]
-        wlast11 = _delay(m, wlast1, 10, "wlast")[-1]
-        live_line = _delay(m, live1, 10, "live")
+        bitsa11 = _delay(m, bitsa2, 9 + R, "bitsa")[-1]
+        obit11 = _delay(m, obit1, 10 + R, "obit")[-1]
+        wlast11 = _delay(m, wlast1, 10 + R, "wlast")[-1]
+        live_line = _delay(m, live1, 10 + R, "live")
         live11 = live_line[-1]
 
         # ---- REQUANT: the requantizers, each shared by lanes // pipes lanes ----------------
@@ -576,7 +586,7 @@ class FixedUnit(wiring.Component):
         resv5 = [Signal(signed(ew), name=f"resv5_{i}") for i in range(lanes)]
         m.d.sync += [reg.eq(x) for reg, x in zip(resv5, x4)]
         res6 = [Signal(signed(ew), name=f"res6_{i}") for i in range(lanes)]
-        with m.If(valid[5] & res[5]):
+        with m.If(valid[5 + R] & res[5 + R]):
             m.d.sync += [reg.eq(x) for reg, x in zip(res6, resv5)]
         hacc = [Signal(signed(aw), name=f"hacc_{i}") for i in range(lanes)]
         hres = [Signal(signed(ew), name=f"hres_{i}") for i in range(lanes)]
@@ -588,12 +598,12 @@ class FixedUnit(wiring.Component):
         half6 = (Const(1, 1) << p6.shift)[1:]     # 2**(shift - 1); 0 when shift == 0
         pass_valid = Signal()
         pass_index = Signal(range(max_passes))
-        with m.If(end[6] & post_requant):
+        with m.If(end[6 + R] & post_requant):
             m.d.sync += [
                 *(h.eq(a) for h, a in zip(hacc, acc6)),
                 *(h.eq(Mux(cfg.residual, r, 0)) for h, r in zip(hres, res6)),
                 hmul.eq(p6.mul), hres_mul.eq(p6.res_mul), hbh.eq(p6.bias + half6),
-                hshift.eq(p6.shift), haddr.eq(outa_line[5]), hlive.eq(live_line[5]),
+                hshift.eq(p6.shift), haddr.eq(outa_line[5 + R]), hlive.eq(live_line[5 + R]),
                 pass_valid.eq(1), pass_index.eq(0),
             ]
         with m.Elif(pass_valid & (pass_index + 1 == passes)):
@@ -658,14 +668,14 @@ class FixedUnit(wiring.Component):
         live_count = Signal(range(lanes + 1))   # pixels of the group (its lanes are 0, 1, ...)
         m.d.comb += live_count.eq(sum(live11[i] for i in range(lanes)))
         m.d.sync += [
-            self.int_wr_en.eq(Mux(post_requant, plast[5], end[11] & ~post_threshold)),
+            self.int_wr_en.eq(Mux(post_requant, plast[5], end[11 + R] & ~post_threshold)),
             self.int_wr_addr.eq(Mux(post_requant, paddr[5], outa11)),
             self.int_wr_mask.eq(Mux(post_requant, plive[5], live11)),
             self.bits_wr_en.eq(0),
         ]
-        with m.If(end[11] & post_threshold):
+        with m.If(end[11 + R] & post_threshold):
             m.d.sync += [word.eq(nxt) for word, nxt in zip(words, word_next)]
-        with m.If(end[11] & wlast11 & post_threshold):
+        with m.If(end[11 + R] & wlast11 & post_threshold):
             m.d.sync += [
                 self.bits_wr_en.eq(1),
                 self.bits_wr_addr.eq(bitsa11),

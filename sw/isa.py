@@ -229,8 +229,9 @@ DESCRIPTOR = BitRecord(
 # the hardware; code generation uses them for its per-op figures).
 
 #: Pipeline latency of :class:`hw.fixed_unit.FixedUnit` (posts NONE and THRESHOLD; a REQUANT
-#: write comes :func:`requant_passes` cycles later).
-FIXED_LATENCY = 12
+#: write comes :func:`requant_passes` cycles later): its 12 stages plus the register that holds
+#: the INTS run between the block RAMs and the rotator (``FixedUnit.RUN_REGISTERS``).
+FIXED_LATENCY = 13
 #: Cycles the sequencer adds to an op's unit time in its counter: fetch, decode, dispatch,
 #: the cycle that sees the unit idle again and the record cycle.
 SEQUENCER_CYCLES = 5
