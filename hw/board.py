@@ -143,9 +143,9 @@ class Board:
 
 
 #: Core clock of the ULX3S defaults that have been routed with the PLL (hw.clock.ecp5_pll makes
-#: it exactly from the 25 MHz oscillator: 25 MHz * 8 / 5). 40 MHz leaves a tenth of margin below
-#: the 44.69 MHz the 85F default reached before (docs/builds.md).
-_ULX3S_CLOCK_HZ = {"85F": 40_000_000}
+#: it exactly from the 25 MHz oscillator: 25 MHz * 2). The 85F default was routed with 50 MHz
+#: as its constraint and met it (50.11 MHz, docs/builds.md).
+_ULX3S_CLOCK_HZ = {"85F": 50_000_000}
 
 
 def _ulx3s(size):
