@@ -249,6 +249,7 @@ def main(argv=None):
         suffix = f"_{config.rows}x{config.cols}x{config.lane}"
         if config.int_banks != isa.int_banks(config.cols):
             suffix += f"_lanes{config.int_banks}"
+    args.output_dir.mkdir(parents=True, exist_ok=True)
     records = []
     for name in args.networks:
         if name == "meliusnet":
