@@ -988,14 +988,29 @@ def test_cnv_like_program_runs_every_binary_conv_straight_to_bits():
     check_every_tensor(program, dp, images, fill=1)
 
 
-def test_cnv_w1a1_fits_the_default_ints():
-    """FINN's CNV-W1A1 (bench.networks) on the ULX3S default: straight to bits its counts never
-    reach INTS (only the logits do); BITS must hold the bit-plane image beside conv1's bits."""
+def test_cnv_w1a1_is_resident_on_the_default():
+    """FINN's CNV-W1A1 (bench.networks) on the ULX3S-85F default itself, every weight resident
+    (one segment, conv6 whole): straight to bits its counts never reach INTS (only the logits
+    do); BITS holds the bit-plane image beside conv1's bits."""
     from bench.networks import cnv_w1a1_program
     from hw.board import get_board
-    default = get_board("ulx3s", None).default_config
+    default = get_board("ulx3s", "85F").default_config
     program, images = cnv_w1a1_program()
-    dp = generate(program, default.replace(bits_depth=4096, weight_depth=4096))
+    dp = generate(program, default)
+    assert len(dp.segments) == 1 and not dp.split
     assert len(dp.fused) == 8 and not dp.fusion_fallback
-    assert dp.ints_used == 10 and dp.bits_used == 2824
+    assert dp.ints_used == 10 and dp.bits_used == 2824 <= default.bits_depth
+    check_exact(program, dp, torch.as_tensor(images[:1]))
+
+
+def test_meliusnet_small_is_resident_on_the_default():
+    """meliusnet-small at 28x28 (bench.networks) fits the ULX3S-85F default in one segment,
+    every tensor within its 18-bit INTS elements (the compiler refuses a wider one)."""
+    from bench.networks import meliusnet_program
+    from hw.board import get_board
+    default = get_board("ulx3s", "85F").default_config
+    program, images = meliusnet_program(default)
+    dp = generate(program, default)
+    assert len(dp.segments) == 1 and not dp.split
+    assert dp.ints_used <= default.int_depth and default.element_width == 18
     check_exact(program, dp, torch.as_tensor(images[:1]))
