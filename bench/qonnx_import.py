@@ -27,7 +27,7 @@ Ops whose weights do not fit WEIGHTS run in pieces of output channels, and weigh
 segments (docs/compiler.md): LFC's 1024-wide layers fit the default build that way. A model
 that still does not fit the default build (none of the four: CNV's conv1 bits, 64x30x30, need
 1,800 BITS words and the default has 3,072) is compiled for the same build with BITS enlarged
-(:data:`LARGER`); the JSON records the compiler's error for the default build and the
+(:func:`larger`); the JSON records the compiler's error for the default build and the
 configuration used.
 
 ``--device-images N`` also runs the first N test images of each model, as one batch, on a
@@ -61,10 +61,13 @@ from sw.compile.qonnx import compare_with_reference, compile_onnx, graph_input
 __all__ = ["main", "random_norms", "train"]
 
 MODELS = {"tfc": "tfc_1w1a", "sfc": "sfc_1w1a", "lfc": "lfc_1w1a", "cnv": "cnv_1w1a"}
-#: What a model that does not fit the default build is compiled for: the default build with
-#: twice its BITS words (the same array and other memories). None of the four needs it since
-#: the ULX3S-85F default holds CNV's bits (BITS 3,072 words); it stays for models that do.
-LARGER = {"bits_depth": 2 * get_board("ulx3s", "85F").default_config.bits_depth}
+
+
+def larger(config):
+    """What a model that does not fit the default build is compiled for: the default build with
+    twice its BITS words (the same array and other memories). None of the four needs it since
+    the ULX3S-85F default holds CNV's bits (BITS 3,072 words)."""
+    return {"bits_depth": 2 * config.bits_depth}
 
 
 def build(name):
@@ -194,11 +197,12 @@ def run_model(name, args, board, workdir):
         record.update(fits_default_build=True, config_changes={})
     except CompileError as error:
         print(f"{name}: does not fit the default build: {error}", flush=True)
-        config = config.replace(**LARGER)
+        changes = larger(config)
+        config = config.replace(**changes)
         artifact = compile_onnx(path, config)
-        build_name += " with " + ", ".join(f"{k} {v}" for k, v in LARGER.items())
+        build_name += " with " + ", ".join(f"{k} {v}" for k, v in changes.items())
         record.update(fits_default_build=False, default_build_error=str(error),
-                      config_changes=LARGER)
+                      config_changes=changes)
     print(f"{name}: comparing {len(raw)} images with execute_onnx", flush=True)
     start = time.monotonic()
     report = compare_with_reference(artifact, path, raw)

@@ -244,7 +244,7 @@ class FixedUnit(wiring.Component):
 
     LATENCY = isa.FIXED_LATENCY
     #: Registers between the INTS memory's read data and the run's rotation (pipeline stage 3).
-    RUN_REGISTERS = 1
+    RUN_REGISTERS = isa.FIXED_RUN_REGISTERS
 
     def __init__(self, *, lane, int_addr_width, bits_addr_width, coef_addr_width,
                  param_addr_width, max_terms, element_width=24, lanes=1, requant_pipes=None):

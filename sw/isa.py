@@ -228,10 +228,12 @@ DESCRIPTOR = BitRecord(
 # The hardware's cycle counts, exactly (the unit tests and the device tests check them against
 # the hardware; code generation uses them for its per-op figures).
 
+#: Registers of :class:`hw.fixed_unit.FixedUnit` between the INTS block RAMs' (unregistered)
+#: outputs and its run rotator.
+FIXED_RUN_REGISTERS = 1
 #: Pipeline latency of :class:`hw.fixed_unit.FixedUnit` (posts NONE and THRESHOLD; a REQUANT
-#: write comes :func:`requant_passes` cycles later): its 12 stages plus the register that holds
-#: the INTS run between the block RAMs and the rotator (``FixedUnit.RUN_REGISTERS``).
-FIXED_LATENCY = 13
+#: write comes :func:`requant_passes` cycles later): its 12 stages and the run registers.
+FIXED_LATENCY = 12 + FIXED_RUN_REGISTERS
 #: Cycles the sequencer adds to an op's unit time in its counter: fetch, decode, dispatch,
 #: the cycle that sees the unit idle again and the record cycle.
 SEQUENCER_CYCLES = 5
