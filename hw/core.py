@@ -173,12 +173,25 @@ class DeviceCore(wiring.Component):
         host_write_data = Signal(8 * max_word_bytes)
         host_reads = {}        # Memory -> the word a host read returns (the cycle after en)
 
-        def host_data(mem):
-            # The executor's writes land at the top of the word; shift them down.
-            return host_write_data >> (8 * (max_word_bytes - word_bytes[mem]))
-
         def host_selected(mem):
             return mem_id == mem
+
+        # A host write reaches its memory one cycle after the executor issues it, from
+        # registers: one write enable per memory, the address and the word. Driven straight
+        # from the executor's state, the enables of the WEIGHTS block RAMs (which span much of
+        # the chip) were the critical path of the 16-row array (docs/builds.md). The executor
+        # issues a word at most every third cycle, and nothing reads a memory right behind a
+        # write (the next request is a whole frame away), so the delay is invisible.
+        host_write_q = {mem: Signal(name=f"host_write_{mem.name.lower()}") for mem in Memory}
+        host_write_addr_q = Signal.like(host_addr)
+        host_write_data_q = Signal.like(host_write_data)
+        m.d.sync += [host_write_addr_q.eq(host_addr), host_write_data_q.eq(host_write_data)]
+        for mem, enable in host_write_q.items():
+            m.d.sync += enable.eq(host_write_en & host_selected(mem))
+
+        def host_data(mem):
+            # The executor's writes land at the top of the word; shift them down.
+            return host_write_data_q >> (8 * (max_word_bytes - word_bytes[mem]))
 
         def plain_memory(mem, reads=1, granularity=None):
             store = memory.Memory(shape=widths[mem], depth=depths[mem], init=[])
@@ -188,9 +201,9 @@ class DeviceCore(wiring.Component):
 
         def host_writes(write, mem):
             m.d.comb += [
-                write.addr.eq(host_addr),
+                write.addr.eq(host_write_addr_q),
                 write.data.eq(host_data(mem)),
-                write.en.eq((host_write_en & host_selected(mem)).replicate(len(write.en))),
+                write.en.eq(host_write_q[mem].replicate(len(write.en))),
             ]
 
         def host_reads_from(read, mem):
@@ -306,11 +319,12 @@ class DeviceCore(wiring.Component):
                 m.d.comb += [
                     ints.rd_addr.eq(host_addr),
                     ints.rd_en.eq(host_read_en & host_selected(Memory.INTS)),
-                    ints.wr_addr.eq(host_addr),
-                    ints.wr_en.eq(host_write_en & host_selected(Memory.INTS)),
+                    ints.wr_addr.eq(host_write_addr_q),
+                    ints.wr_en.eq(host_write_q[Memory.INTS]),
                     ints.wr_mask.eq(1),
-                    # A WRITE8's byte (shifted in at the top of `word`) is zero-extended.
-                    ints.wr_data[0].eq(Mux(narrow, word[-8:], host_data(Memory.INTS))),
+                    # A WRITE8's byte (shifted in at the top of the word) is zero-extended.
+                    ints.wr_data[0].eq(Mux(narrow, host_write_data_q[-8:],
+                                           host_data(Memory.INTS))),
                 ]
             m.d.comb += [bconv.int_rd_data.eq(ints.rd_data), fixed.int_rd_data.eq(ints.rd_data)]
 
