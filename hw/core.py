@@ -336,12 +336,17 @@ class DeviceCore(wiring.Component):
         # router could not clear; without the registers the block RAM output, the byte select
         # (a 57:1 multiplexer for PROGRAM's words) and the memory mux each limited Fmax in turn
         # (docs/builds.md).
+        # The word itself is registered first, as it leaves the memory: the byte select of a
+        # wide word (64 bytes of WEIGHTS on the 16-row array) straight behind a block RAM's
+        # output was the critical path (docs/builds.md). The register takes the word in
+        # "Latch word", the cycle its read data appear, and holds it: the port is not enabled
+        # again until the word has been sent.
         memory_byte_q = {}
         for mem, data in host_reads.items():
-            padded = Signal(8 * word_bytes[mem], name=f"host_read_{mem.name.lower()}")
+            word_q = Signal(8 * word_bytes[mem], name=f"host_read_{mem.name.lower()}")
             memory_byte_q[mem] = Signal(8, name=f"host_read_{mem.name.lower()}_byte")
-            m.d.comb += padded.eq(data)
-            m.d.sync += memory_byte_q[mem].eq(padded.word_select(word_byte, 8))
+            m.d.sync += word_q.eq(data)
+            m.d.sync += memory_byte_q[mem].eq(word_q.word_select(word_byte, 8))
         read_byte_q = Signal(8)
         with m.Switch(mem_id):
             for mem, byte_q in memory_byte_q.items():
@@ -667,8 +672,9 @@ class DeviceCore(wiring.Component):
                 ]
                 m.next = "Select byte"
             with m.State("Select byte"):
-                # The memory's byte register takes byte `word_byte` at the end of this cycle,
-                # read_byte_q at the end of the next.
+                # The memory's word register took the word at the end of "Latch word"; its
+                # byte register takes byte `word_byte` at the end of this cycle, read_byte_q at
+                # the end of the next.
                 m.next = "Select memory"
             with m.State("Select memory"):
                 m.next = "Send word"
