@@ -175,13 +175,13 @@ def _ulx3s(size):
         # block RAMs in all; the static placer legalises them. 16 rows, four columns: more
         # rows cost no block RAM (WEIGHTS keeps its bits), while each column needs a BITS copy
         # (6 block RAMs), and nextpnr's router has not converged on 8 x 8 x 32 (`--cols 8`);
-        # docs/builds.md. 16 fixed-point lanes: the fixed-point ops (stem, transitions) take
-        # most of MeliusNet's cycles; 16 INTS banks of 2,048 elements take the same 32 block
-        # RAMs as 8 of 4,096, and the lanes' multipliers are plentiful.
+        # docs/builds.md. Eight fixed-point lanes: the fixed-point ops (stem, transitions) take
+        # most of MeliusNet's cycles, and the lanes' multipliers are plentiful; with 16 lanes
+        # as well (47,180 LUT4) router2 did not converge (docs/builds.md).
         "85F": DeviceConfig(rows=16, cols=4, lane=32, weight_depth=3072, activation_depth=256,
                             result_depth=256, int_depth=32768, element_width=18,
                             bits_depth=3072, coef_depth=24576, param_depth=2048,
-                            program_depth=128, fixed_lanes=16),
+                            program_depth=128, fixed_lanes=8),
     }[size]
     return Board(
         name="ulx3s", size=size, family="ecp5",
