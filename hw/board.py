@@ -177,7 +177,8 @@ def _ulx3s(size):
         # (6 block RAMs), and nextpnr's router has not converged on 8 x 8 x 32 (`--cols 8`);
         # docs/builds.md. Eight fixed-point lanes: the fixed-point ops (stem, transitions) take
         # most of MeliusNet's cycles, and the lanes' multipliers are plentiful; with 16 lanes
-        # as well (47,180 LUT4) router2 did not converge (docs/builds.md).
+        # as well (47,180 LUT4) router2 still had 6,351 overused wires after 20 iterations
+        # (docs/builds.md).
         "85F": DeviceConfig(rows=16, cols=4, lane=32, weight_depth=3072, activation_depth=256,
                             result_depth=256, int_depth=32768, element_width=18,
                             bits_depth=3072, coef_depth=24576, param_depth=2048,
