@@ -150,8 +150,16 @@ class DeviceCore(wiring.Component):
                 bconv.start.eq(sequencer.bconv_start),
                 sequencer.bconv_busy.eq(bconv.busy),
             ]
-            fixed_active = fixed.busy | sequencer.fixed_start
-            bconv_active = bconv.busy | sequencer.bconv_start
+            # Which unit the memories' ports serve, from registers: a unit owns them from the
+            # cycle after its start until the cycle after its busy falls. Neither touches a
+            # memory in its start cycle (the fixed-point unit reads from the next, the binary
+            # conv engine after its window's setup), and the sequencer starts the next op at
+            # the earliest in the cycle busy falls. Decoded from the units' busy terms (an OR
+            # of a dozen pipeline stages) in the same cycle, the select of every memory's
+            # address multiplexer was a critical path (docs/builds.md).
+            fixed_active, bconv_active = Signal(), Signal()
+            m.d.sync += [fixed_active.eq(fixed.busy | sequencer.fixed_start),
+                         bconv_active.eq(bconv.busy | sequencer.bconv_start)]
 
         # Executor state.
         event = Signal.like(receiver.event.payload)
@@ -341,12 +349,19 @@ class DeviceCore(wiring.Component):
         # output was the critical path (docs/builds.md). The register takes the word in
         # "Latch word", the cycle its read data appear, and holds it: the port is not enabled
         # again until the word has been sent.
+        # Each memory selects its byte with its own copy of `word_byte`, next to it: the one
+        # counter fanned out to every memory's select across the die was a critical path.
+        # The copies count in the same states as `word_byte` (only the selected memory's:
+        # copies with equal inputs would be merged back into one).
         memory_byte_q = {}
+        read_byte_index = {}
         for mem, data in host_reads.items():
             word_q = Signal(8 * word_bytes[mem], name=f"host_read_{mem.name.lower()}")
             memory_byte_q[mem] = Signal(8, name=f"host_read_{mem.name.lower()}_byte")
+            read_byte_index[mem] = index_q = Signal.like(word_byte,
+                                                         name=f"host_read_{mem.name.lower()}_at")
             m.d.sync += word_q.eq(data)
-            m.d.sync += memory_byte_q[mem].eq(word_q.word_select(word_byte, 8))
+            m.d.sync += memory_byte_q[mem].eq(word_q.word_select(index_q, 8))
         read_byte_q = Signal(8)
         with m.Switch(mem_id):
             for mem, byte_q in memory_byte_q.items():
@@ -665,6 +680,9 @@ class DeviceCore(wiring.Component):
                     m.d.comb += host_read_en.eq(1)
                     m.next = "Latch word"
             with m.State("Latch word"):
+                for mem, index_q in read_byte_index.items():
+                    with m.If(host_selected(mem)):
+                        m.d.sync += index_q.eq(0)
                 m.d.sync += [
                     word_byte.eq(0),
                     host_addr.eq(host_addr + 1),
@@ -685,6 +703,9 @@ class DeviceCore(wiring.Component):
                 ]
                 with m.If(taken):
                     m.d.sync += word_byte.eq(word_byte + 1)
+                    for mem, index_q in read_byte_index.items():
+                        with m.If(host_selected(mem)):
+                            m.d.sync += index_q.eq(index_q + 1)
                     m.next = "Select byte"
                     with m.If(word_byte + 1 == selected_word_bytes):
                         m.next = "Send memory"

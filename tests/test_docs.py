@@ -301,9 +301,12 @@ def test_walkthrough(board, scratch, trained):
     output = shell(compile_command, scratch)
     page = compile_block.splitlines()
     assert output.splitlines()[:3] == page[1:4], output
-    clock_mhz = f"{get_board('ulx3s').default_config.clock_hz / 1e6:g}"
-    assert re.search(rf"^array 8x4x32, 8 fixed-point lanes, at {re.escape(clock_mhz)} MHz: ",
-                     output, re.MULTILINE)
+    config = get_board('ulx3s').default_config
+    clock_mhz = f"{config.clock_hz / 1e6:g}"
+    shape = f"{config.rows}x{config.cols}x{config.lane}"
+    assert re.search(rf"^array {shape}, {config.int_banks} fixed-point lanes, at "
+                     rf"{re.escape(clock_mhz)} MHz: ", output, re.MULTILINE)
+    assert f"array {shape}, " in compile_block, "the page shows another array"
     assert f"at {clock_mhz} MHz: " in compile_block, "the page shows another clock"
 
     (pictures,) = commands(block('$ python -c "'))
