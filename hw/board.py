@@ -143,9 +143,10 @@ class Board:
 
 
 #: Core clock of the ULX3S defaults that have been routed with the PLL (hw.clock.ecp5_pll makes
-#: it exactly from the 25 MHz oscillator: 25 MHz * 2). The 85F default was routed with 50 MHz
-#: as its constraint and met it (50.11 MHz, docs/builds.md).
-_ULX3S_CLOCK_HZ = {"85F": 50_000_000}
+#: it exactly from the 25 MHz oscillator: 25 MHz * 9 / 5). The 85F default (16 x 4 x 32) was
+#: routed with 45 MHz as its constraint and met it (47.87 MHz); with 50 MHz it reached 48.98
+#: (docs/builds.md).
+_ULX3S_CLOCK_HZ = {"85F": 45_000_000}
 
 
 def _ulx3s(size):

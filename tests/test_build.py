@@ -130,7 +130,7 @@ def test_check_fits_rejects_a_clock_the_pll_cannot_make():
 
 def test_ulx3s_85f_default_runs_from_the_pll():
     board = get_board("ulx3s", "85F")
-    assert (board.oscillator_hz, board.default_config.clock_hz) == (25_000_000, 50_000_000)
+    assert (board.oscillator_hz, board.default_config.clock_hz) == (25_000_000, 45_000_000)
     for size in ("12F", "25F", "45F"):
         assert get_board("ulx3s", size).default_config.clock_hz == 25_000_000
 
@@ -387,11 +387,11 @@ def test_make_report_fields():
     assert report["config"]["rows"] == config.rows and report["config"]["baud"] == 3_000_000
     assert report["peak_bit_macs_per_cycle"] == config.rows * config.cols * config.lane
     # The core clock, the oscillator and the PLL that makes one from the other.
-    assert (report["clock_hz"], report["oscillator_hz"]) == (50_000_000, 25_000_000)
-    assert report["peak_bit_macs_per_second"] == report["peak_bit_macs_per_cycle"] * 50_000_000
+    assert (report["clock_hz"], report["oscillator_hz"]) == (45_000_000, 25_000_000)
+    assert report["peak_bit_macs_per_second"] == report["peak_bit_macs_per_cycle"] * 45_000_000
     assert report["pll"] == {"primitive": "EHXPLLL", "input_hz": 25_000_000,
-                             "output_hz": 50_000_000.0, "vco_hz": 600_000_000.0,
-                             "clki_div": 1, "clkfb_div": 2, "clkop_div": 12,
+                             "output_hz": 45_000_000.0, "vco_hz": 585_000_000.0,
+                             "clki_div": 5, "clkfb_div": 9, "clkop_div": 13,
                              "clkop_cphase": 6}
     oscillator = build.make_report(board, config.replace(clock_hz=25_000_000), sample_nextpnr())
     assert oscillator["pll"] is None and oscillator["clock_hz"] == 25_000_000
