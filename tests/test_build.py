@@ -269,13 +269,13 @@ def test_board_nextpnr_options_and_seed_reach_nextpnr_unless_overridden(tmp_path
     """The ULX3S's own options (the electrostatic placer) and seed reach nextpnr and the
     report; an option the caller gives again replaces the board's instead of repeating it."""
     board = get_board("ulx3s")
-    assert board.nextpnr_options == ("--placer", "static") and board.seed == 3
+    assert board.nextpnr_options == ("--placer", "static") and board.seed == 5
     nextpnr_of = recording_toolchain(monkeypatch, board, tmp_path, constraint=25.0)
     argv, report = nextpnr_of()
     assert argv[argv.index("--placer") + 1] == "static"
-    assert argv[argv.index("--seed") + 1] == "3"
+    assert argv[argv.index("--seed") + 1] == "5"
     assert (report["nextpnr_seed"], report["nextpnr_extra_options"]) == \
-        (3, ["--placer", "static"])
+        (5, ["--placer", "static"])
     argv, report = nextpnr_of(seed=7, nextpnr_extra=["--placer", "heap", "--slack_redist_iter",
                                                      "2"])
     assert argv.count("--placer") == 1 and argv[argv.index("--placer") + 1] == "heap"
