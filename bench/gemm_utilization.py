@@ -113,7 +113,9 @@ def main(argv=None):
           f"simulating it (the first run builds it with Verilator)", flush=True)
     results = []
     start = time.monotonic()
-    with BoardProcess(config, connections=1, idle_timeout=300, time_limit=3600) as sim_board, \
+    # The first run builds the device with Verilator: over 10 minutes for the 16-row default.
+    with BoardProcess(config, connections=1, idle_timeout=300, time_limit=3600,
+                      startup_timeout=1800) as sim_board, \
             Device.open(sim_board.url, timeout=5.0, time_scale=sim_board.time_scale) as device:
         for name, M, K, N in WORKLOADS:
             if not fits(config, M, K, N):
