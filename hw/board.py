@@ -183,7 +183,7 @@ def _ulx3s(size):
         "85F": DeviceConfig(rows=16, cols=4, lane=32, weight_depth=3072, activation_depth=256,
                             result_depth=256, int_depth=32768, element_width=18,
                             bits_depth=3072, coef_depth=24576, param_depth=2048,
-                            program_depth=128, fixed_lanes=8),
+                            program_depth=128, fixed_lanes=8, fixed_channels=4),
     }[size]
     return Board(
         name="ulx3s", size=size, family="ecp5",

@@ -56,6 +56,11 @@ class DeviceConfig:
         ``cols``, or ``fixed_lanes`` if that is more. More lanes speed up the fixed-point ops
         (stems, transitions, pools) without widening the XNOR array, at about 7 multipliers
         per lane.
+    fixed_channels : int
+        Output channels the fixed-point unit computes at once for convs that allow it (the
+        ``parallel`` ops of :func:`sw.isa.parallel_ok`): a power of two, 1 to 16. Each lane
+        gets ``fixed_channels - 1`` more multipliers and accumulators, and COEFS is banked
+        so that a term's coefficients of all of them are read in one cycle.
     layer_program : bool
         Whether the build runs layer programs (the sequencer, the fixed-point unit, the binary
         conv engine and their memories). ``False`` gives a GEMM-only device for FPGAs too
@@ -80,6 +85,7 @@ class DeviceConfig:
     param_depth: int = 512
     program_depth: int = 256
     fixed_lanes: int = 0
+    fixed_channels: int = 1
     layer_program: bool = True
 
     def __post_init__(self):
@@ -116,6 +122,14 @@ class DeviceConfig:
                 or self.fixed_lanes & (self.fixed_lanes - 1)):
             raise ValueError(f"fixed_lanes must be 0 or a power of two up to 64, not "
                              f"{self.fixed_lanes!r}")
+        if (not isinstance(self.fixed_channels, int) or isinstance(self.fixed_channels, bool)
+                or not 1 <= self.fixed_channels <= 16
+                or self.fixed_channels & (self.fixed_channels - 1)):
+            raise ValueError(f"fixed_channels must be a power of two from 1 to 16, not "
+                             f"{self.fixed_channels!r}")
+        if self.coef_depth % self.fixed_channels:
+            raise ValueError(f"coef_depth must be a multiple of fixed_channels "
+                             f"({self.fixed_channels}, the COEFS banks), not {self.coef_depth}")
         if self.int_depth % self.int_banks or self.int_depth > 1 << 24:
             raise ValueError(f"int_depth must be a multiple of {self.int_banks} (the INTS "
                              f"banks) and at most 2**24, not {self.int_depth}")
@@ -190,7 +204,8 @@ class DeviceConfig:
             clock_hz=self.clock_hz, baud=self.baud, element_width=self.element_width,
             bits_depth=depths[M.BITS], int_depth=depths[M.INTS], coef_depth=depths[M.COEFS],
             param_depth=depths[M.PARAMS], program_depth=depths[M.PROGRAM],
-            fixed_lanes=self.int_banks if self.layer_program else 0, rx_buffer=self.rx_buffer)
+            fixed_lanes=self.int_banks if self.layer_program else 0, rx_buffer=self.rx_buffer,
+            fixed_channels=self.fixed_channels if self.layer_program else 0)
 
     @property
     def byte_timeout_cycles(self):

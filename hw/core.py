@@ -130,7 +130,8 @@ class DeviceCore(wiring.Component):
                 bits_addr_width=_addr_width(cfg.bits_depth),
                 coef_addr_width=_addr_width(cfg.coef_depth),
                 param_addr_width=_addr_width(cfg.param_depth),
-                max_terms=cfg.max_fixed_terms, lanes=cfg.int_banks)
+                max_terms=cfg.max_fixed_terms, lanes=cfg.int_banks,
+                channels=cfg.fixed_channels)
             bconv = BconvEngine(cfg, own_array=False)
             m.submodules.fixed = ResetInserter(run_abort)(fixed)
             m.submodules.bconv = ResetInserter(run_abort)(bconv)
@@ -269,24 +270,34 @@ class DeviceCore(wiring.Component):
             with m.Else():
                 host_writes(bits_write, Memory.BITS)
 
-            # COEFS and PARAMS: read by the fixed-point unit; PARAMS also by the binary conv
-            # engine's thresholds.
-            for mem, prefix in ((Memory.COEFS, "coef"), (Memory.PARAMS, "param")):
-                (read,), write = plain_memory(mem)
-                host_reads[mem] = read.data
-                host_writes(write, mem)
-                m.d.comb += getattr(fixed, f"{prefix}_rd_data").eq(read.data)
-                if mem == Memory.PARAMS:
-                    m.d.comb += bconv.param_rd_data.eq(read.data)
-                with m.If(fixed_active):
-                    m.d.comb += [read.addr.eq(getattr(fixed, f"{prefix}_rd_addr")),
-                                 read.en.eq(getattr(fixed, f"{prefix}_rd_en"))]
-                if mem == Memory.PARAMS:
-                    with m.Elif(bconv_active):
-                        m.d.comb += [read.addr.eq(bconv.param_rd_addr),
-                                     read.en.eq(bconv.param_rd_en)]
-                with m.Else():
-                    host_reads_from(read, mem)
+            # COEFS: banked like INTS, so that the fixed-point unit reads the coefficients
+            # of a term's `fixed_channels` output channels (one run) in one cycle.
+            m.submodules.coefs_memory = coefs = IntMemory(
+                depth=cfg.coef_depth, width=8, banks=cfg.fixed_channels)
+            host_reads[Memory.COEFS] = coefs.rd_data[0].as_unsigned()
+            m.d.comb += [
+                fixed.coef_rd_data.eq(coefs.rd_data),
+                coefs.wr_addr.eq(host_write_addr_q), coefs.wr_en.eq(host_write_q[Memory.COEFS]),
+                coefs.wr_mask.eq(1), coefs.wr_data[0].eq(host_data(Memory.COEFS)),
+            ]
+            with m.If(fixed_active):
+                m.d.comb += [coefs.rd_addr.eq(fixed.coef_rd_addr),
+                             coefs.rd_en.eq(fixed.coef_rd_en)]
+            with m.Else():
+                m.d.comb += [coefs.rd_addr.eq(host_addr),
+                             coefs.rd_en.eq(host_read_en & host_selected(Memory.COEFS))]
+
+            # PARAMS: read by the fixed-point unit and the binary conv engine's thresholds.
+            (read,), write = plain_memory(Memory.PARAMS)
+            host_reads[Memory.PARAMS] = read.data
+            host_writes(write, Memory.PARAMS)
+            m.d.comb += [fixed.param_rd_data.eq(read.data), bconv.param_rd_data.eq(read.data)]
+            with m.If(fixed_active):
+                m.d.comb += [read.addr.eq(fixed.param_rd_addr), read.en.eq(fixed.param_rd_en)]
+            with m.Elif(bconv_active):
+                m.d.comb += [read.addr.eq(bconv.param_rd_addr), read.en.eq(bconv.param_rd_en)]
+            with m.Else():
+                host_reads_from(read, Memory.PARAMS)
 
             # PROGRAM (read by the sequencer) and COUNTERS (written by it).
             (read,), write = plain_memory(Memory.PROGRAM)

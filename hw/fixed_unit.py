@@ -10,7 +10,7 @@ compiler's code generator and this unit cannot disagree.
 
 import itertools
 
-from amaranth import Const, Module, Mux, Signal, signed
+from amaranth import Array, Const, Module, Mux, Signal, signed
 from amaranth.lib import data, wiring
 from amaranth.lib.wiring import In, Out
 
@@ -247,7 +247,8 @@ class FixedUnit(wiring.Component):
     RUN_REGISTERS = isa.FIXED_RUN_REGISTERS
 
     def __init__(self, *, lane, int_addr_width, bits_addr_width, coef_addr_width,
-                 param_addr_width, max_terms, element_width=24, lanes=1, requant_pipes=None):
+                 param_addr_width, max_terms, element_width=24, lanes=1, requant_pipes=None,
+                 channels=1):
         if not isinstance(element_width, int) or not 2 <= element_width <= 63:
             raise ValueError(f"element_width must be an integer in [2, 63], not "
                              f"{element_width!r}")
@@ -261,6 +262,9 @@ class FixedUnit(wiring.Component):
                 or requant_pipes & (requant_pipes - 1)):
             raise ValueError(f"requant_pipes must be a power of two that divides lanes "
                              f"({lanes}), not {requant_pipes!r}")
+        if (not isinstance(channels, int) or isinstance(channels, bool) or channels < 1
+                or channels & (channels - 1)):
+            raise ValueError(f"channels must be a positive power of two, not {channels!r}")
         for name, value in (("lane", lane), ("int_addr_width", int_addr_width),
                             ("bits_addr_width", bits_addr_width),
                             ("coef_addr_width", coef_addr_width),
@@ -271,6 +275,9 @@ class FixedUnit(wiring.Component):
         self.lane = lane
         self.lanes = lanes
         self.requant_pipes = requant_pipes
+        self.channels = channels
+        # The extra channels' multipliers take this many signed bits of x (isa.parallel_ok).
+        self.parallel_x_bits = min(element_width, isa.PARALLEL_X_BITS)
         self.int_addr_width = int_addr_width
         self.bits_addr_width = bits_addr_width
         self.coef_addr_width = coef_addr_width
@@ -294,7 +301,7 @@ class FixedUnit(wiring.Component):
             "int_wr_data": Out(data.ArrayLayout(signed(element_width), lanes)),
             "coef_rd_addr": Out(coef_addr_width),
             "coef_rd_en": Out(1),
-            "coef_rd_data": In(signed(8)),
+            "coef_rd_data": In(data.ArrayLayout(signed(8), channels)),
             "param_rd_addr": Out(param_addr_width),
             "param_rd_en": Out(1),
             "param_rd_data": In(self.param_layout),
@@ -306,7 +313,7 @@ class FixedUnit(wiring.Component):
     def elaborate(self, platform):
         m = Module()
         cfg = self.config
-        ew, lane, lanes = self.element_width, self.lane, self.lanes
+        ew, lane, lanes, chans = self.element_width, self.lane, self.lanes, self.channels
         iaw, baw, caw = self.int_addr_width, self.bits_addr_width, self.coef_addr_width
         is_max = cfg.reduce == isa.Reduce.MAX
         post_requant = cfg.post == isa.Post.REQUANT
@@ -326,12 +333,20 @@ class FixedUnit(wiring.Component):
         wide = dense | spread
         # Pixels of a group (but the row's last).
         step = Mux(dense, lanes, Mux(spread, max(lanes // 2, 1), 1))
+        # Parallel: `chans` output channels of the group at once (sw.isa.parallel_ok); they
+        # share the INTS run of each term and take one coefficient each.
+        parallel = cfg.parallel if chans > 1 else Const(0)
+        chan_bits = (chans - 1).bit_length()
+        o_step = Mux(parallel, chans, 1)
         # REQUANT: cycles a group's accumulators take through the shared requantizers
-        # (sw.isa.requant_passes); an element of fewer slots is followed by padding slots.
+        # (sw.isa.requant_passes), per channel (`chunks`) and in all; an element of fewer
+        # slots is followed by padding slots.
         pipes = self.requant_pipes
-        max_passes = isa.requant_passes(lanes, pipes)
-        passes = Mux(dense, max_passes,
+        max_chunks = isa.requant_passes(lanes, pipes)
+        max_passes = chans * max_chunks
+        chunks = Mux(dense, max_chunks,
                      Mux(spread, isa.requant_passes(max(lanes // 2, 1), pipes), 1))
+        passes = Mux(parallel, chunks << chan_bits, chunks)
 
         # ---- Stage 0: the counter chain --------------------------------------------------
         running = Signal()
@@ -355,7 +370,7 @@ class FixedUnit(wiring.Component):
         ky_last = ky == cfg.kernel_h - 1
         tc_last = tc == cfg.terms_c - 1
         term_last = kx_last & ky_last & tc_last
-        o_last = o == cfg.out_channels - 1
+        o_last = o + o_step >= cfg.out_channels
         group_last = rem <= step
         oy_last = oy == cfg.out_h - 1
         first0 = (kx == 0) & (ky == 0) & (tc == 0) & ~res_phase
@@ -379,7 +394,8 @@ class FixedUnit(wiring.Component):
 
         with m.If(issue):
             with m.If(~res_phase):
-                m.d.sync += coef_addr.eq(coef_addr + 1)
+                # Parallel: the channels' coefficients of a term are one run.
+                m.d.sync += coef_addr.eq(coef_addr + o_step)
                 with m.If(kx_last):
                     m.d.sync += [kx.eq(0), ix.eq(ix0)]
                     with m.If(ky_last):
@@ -415,7 +431,9 @@ class FixedUnit(wiring.Component):
                         m.d.sync += [rem.eq(rem - step), ix0.eq(ix0 + ix_step),
                                      ix.eq(ix0 + ix_step)]
                 with m.Else():
-                    m.d.sync += [o.eq(o + 1), o_plane.eq(o_plane + cfg.out_plane),
+                    m.d.sync += [o.eq(o + o_step),
+                                 o_plane.eq(o_plane + Mux(parallel, cfg.out_plane << chan_bits,
+                                                          cfg.out_plane)),
                                  coef_el.eq(coef_el + cfg.coef_ostride),
                                  coef_addr.eq(coef_el + cfg.coef_ostride)]
                     with m.If(obit == lane - 1):
@@ -441,8 +459,14 @@ class FixedUnit(wiring.Component):
                 sat_hi.eq(Mux(cfg.relu, pow_bits - 1, (pow_bits >> 1) - 1)),
             ]
 
+        # Parallel: slot j < chans of an element reads channel o + j's record (the requantizers
+        # need every channel's); the others, and those of channels past out_channels (in a
+        # partial last group), read channel o's: every slot's in_offset is the group's.
+        param_chan = Signal(range(chans))
+        m.d.comb += param_chan.eq(Mux(parallel & (slot < chans)
+                                      & (o + slot < cfg.out_channels), slot, 0))
         m.d.comb += [
-            self.param_rd_addr.eq(cfg.param_base + o),
+            self.param_rd_addr.eq(cfg.param_base + o + param_chan),
             # Read every cycle rather than on first terms only: no reliance on the port holding
             # its data, which a port muxed by the core might not.
             self.param_rd_en.eq(running),
@@ -515,7 +539,7 @@ class FixedUnit(wiring.Component):
         rot3 = _delay(m, rot2, 1 + R, "rot")[-1]
         run3 = [_delay(m, self.int_rd_data[i], R, f"run_{i}")[-1] for i in range(lanes)]
         x4 = [Signal(signed(ew), name=f"x4_{i}") for i in range(lanes)]
-        c4 = Signal(signed(8))
+        c4 = [Signal(signed(8), name=f"c4_{j}") for j in range(chans)]
         # Stride 2: lane i's term is element 2 * i of the rotated run (the residual run is
         # consecutive pixels, as for stride 1).
         spread3 = _delay(m, spread & ~res[2], 1 + R, "spread")[-1]
@@ -525,17 +549,28 @@ class FixedUnit(wiring.Component):
                 m.d.sync += reg.eq(Mux(spread3, rotated[2 * i], rotated[i]))
             else:
                 m.d.sync += reg.eq(rotated[i])
-        # The coefficient (COEFS latency 1) waits for the run's registers.
-        m.d.sync += c4.eq(_delay(m, self.coef_rd_data, R, "coef")[-1])
+        # The coefficients (COEFS latency 1) wait for the run's registers.
+        for j in range(chans):
+            m.d.sync += c4[j].eq(_delay(m, self.coef_rd_data[j], R, f"coef_{j}")[-1])
 
         # ---- Stage 4 -> 5: the terms (registered multiplies, one per lane) -----------------
-        term5 = [Signal(signed(self.term_width), name=f"term5_{i}") for i in range(lanes)]
+        # term5[j][i]: channel j's term of lane i. Channel 0 multiplies the whole x (or takes
+        # it as it is); the parallel channels 1.. the low parallel_x_bits of it (one DSP each).
+        term5 = [[Signal(signed(self.term_width), name=f"term5_{j}_{i}") for i in range(lanes)]
+                 for j in range(chans)]
+        xb = self.parallel_x_bits
         for i in range(lanes):
-            m.d.sync += term5[i].eq(Mux(real[3 + R][i], Mux(cfg.multiply, x4[i] * c4, x4[i]), 0))
+            m.d.sync += term5[0][i].eq(
+                Mux(real[3 + R][i], Mux(cfg.multiply, x4[i] * c4[0], x4[i]), 0))
+            x_narrow = x4[i][:xb].as_signed() if xb < ew else x4[i]
+            for j in range(1, chans):
+                m.d.sync += term5[j][i].eq(Mux(real[3 + R][i], x_narrow * c4[j], 0))
 
         # ---- Stage 6: accumulators ----------------------------------------------------------
         aw = self.acc_width
-        acc6 = [Signal(signed(aw), name=f"acc6_{i}") for i in range(lanes)]
+        # acc6[j][i]: channel j's accumulator of lane i (channels 1.. sum only: parallel).
+        acc6 = [[Signal(signed(aw), name=f"acc6_{j}_{i}") for i in range(lanes)]
+                for j in range(chans)]
         most_negative = Const(-(1 << (aw - 1)), signed(aw))
         with m.If(valid[5 + R] & ~res[5 + R]):
             for i in range(lanes):
@@ -543,12 +578,16 @@ class FixedUnit(wiring.Component):
                 with m.If(is_max):
                     with m.If(first[5 + R]):
                         # Padding never wins: a padded first term starts from the most negative.
-                        m.d.sync += acc6[i].eq(Mux(real5, term5[i], most_negative))
-                    with m.Elif(real5 & (term5[i] > acc6[i])):
-                        m.d.sync += acc6[i].eq(term5[i])
+                        m.d.sync += acc6[0][i].eq(Mux(real5, term5[0][i], most_negative))
+                    with m.Elif(real5 & (term5[0][i] > acc6[0][i])):
+                        m.d.sync += acc6[0][i].eq(term5[0][i])
                 with m.Else():
                     # Padding terms are 0 here (stage 5).
-                    m.d.sync += acc6[i].eq(Mux(first[5 + R], term5[i], acc6[i] + term5[i]))
+                    m.d.sync += acc6[0][i].eq(
+                        Mux(first[5 + R], term5[0][i], acc6[0][i] + term5[0][i]))
+                for j in range(1, chans):
+                    m.d.sync += acc6[j][i].eq(
+                        Mux(first[5 + R], term5[j][i], acc6[j][i] + term5[j][i]))
         # The parameters of the element at stage 1 travel with it to stage 6.
         param_line = _delay(m, p1.as_value(), 5 + R, "param")
         p6 = data.View(self.param_layout, param_line[5 + R])
@@ -557,8 +596,8 @@ class FixedUnit(wiring.Component):
         thr = p6.threshold
         bit7 = Signal(lanes)
         for i in range(lanes):
-            m.d.sync += bit7[i].eq(Mux(p6.direction > 0, acc6[i] >= thr,
-                                       Mux(p6.direction < 0, acc6[i] <= thr, thr != 0)))
+            m.d.sync += bit7[i].eq(Mux(p6.direction > 0, acc6[0][i] >= thr,
+                                       Mux(p6.direction < 0, acc6[0][i] <= thr, thr != 0)))
         bit = _delay(m, bit7, 4, "bit")           # bit[k] is stage k + 7
         outa_line = _delay(m, outa1, 10 + R, "outa")
         outa11 = outa_line[-1]
@@ -570,16 +609,18 @@ class FixedUnit(wiring.Component):
 
         # ---- REQUANT: the requantizers, each shared by lanes // pipes lanes ----------------
         # The element's accumulators, residuals and parameters are held (stage 7, `h*`) when
-        # its last slot leaves stage 6; then `passes` passes (pass t: lanes t * pipes + j in
-        # requantizer j) run through six registered stages:
+        # its last slot leaves stage 6; then `passes` passes run, channel by channel (one
+        # channel but for parallel ops), `chunks` per channel (pass (c, t): channel c's lanes
+        # t * pipes + j in requantizer j), each through six registered stages:
         #   X+1 acc * mul and res * res_mul in partial products (17-bit slices, one 18 x 18
         #       DSP each, no wide adder behind them in the same cycle);
         #   X+2 the products combined: a = acc * mul, b = res * res_mul + bias + half;
         #   X+3 v = a + b;  X+4 v >> shift (round half up: the half is in b);
         #   X+5 the saturation compares (about 66 bits wide: a stage of their own);
-        #   X+6 the saturation mux into the lanes' write registers; the last pass also
-        #       registers the write (address, mask, enable), so every lane's value is in
-        #       place when it is issued.
+        #   X+6 the saturation mux into the lanes' write registers; a channel's last pass
+        #       also registers its write (address, mask, enable), so every lane's value is
+        #       in place when it is issued (the next channel's first pass lands a cycle
+        #       later).
         # The holds are stable for the passes: elements are issued at least `passes` slots
         # apart (stage 0) and a residual is held from its slot (stage 6) until the element
         # ends. The residual run (x4 of the residual slot) is registered alongside term5.
@@ -588,55 +629,92 @@ class FixedUnit(wiring.Component):
         res6 = [Signal(signed(ew), name=f"res6_{i}") for i in range(lanes)]
         with m.If(valid[5 + R] & res[5 + R]):
             m.d.sync += [reg.eq(x) for reg, x in zip(res6, resv5)]
-        hacc = [Signal(signed(aw), name=f"hacc_{i}") for i in range(lanes)]
+        # Held per element: the accumulators (channel j's lane i at j * lanes + i), the
+        # residuals (channel 0: parallel ops have none) and each channel's parameters. A
+        # parallel element's channel j record is read in its slot j (param_chan) and staged
+        # here as it passes stage 6 (the element has at least `chans` slots).
+        hacc = [Signal(signed(aw), name=f"hacc_{k}") for k in range(chans * lanes)]
         hres = [Signal(signed(ew), name=f"hres_{i}") for i in range(lanes)]
         mul_width = len(p6.mul)
-        hmul, hres_mul = Signal.like(p6.mul), Signal.like(p6.res_mul)
-        hbh = Signal(signed(max(len(p6.bias), 64) + 1))     # bias + half
-        hshift = Signal.like(p6.shift)
-        haddr, hlive = Signal(iaw), Signal(lanes)
+        hres_mul = Signal.like(p6.res_mul)
+        bh_shape = signed(max(len(p6.bias), 64) + 1)        # bias + half
+        hmul = [Signal.like(p6.mul, name=f"hmul_{j}") for j in range(chans)]
+        hbh = [Signal(bh_shape, name=f"hbh_{j}") for j in range(chans)]
+        hshift = [Signal.like(p6.shift, name=f"hshift_{j}") for j in range(chans)]
+        hlive_chan = Signal(chans)      # channel o + j exists
+        hlive = Signal(lanes)
         half6 = (Const(1, 1) << p6.shift)[1:]     # 2**(shift - 1); 0 when shift == 0
+        slot6 = _delay(m, slot, 6 + R, "slot")[-1]
+        o6 = _delay(m, o, 6 + R, "o")[-1]
+        staged = [(Signal.like(p6.mul, name=f"smul_{j}"), Signal(bh_shape, name=f"sbh_{j}"),
+                   Signal.like(p6.shift, name=f"sshift_{j}")) for j in range(chans)]
+        for j, (smul, sbh, sshift) in enumerate(staged):
+            with m.If(valid[6 + R] & (slot6 == j)):
+                m.d.sync += [smul.eq(p6.mul), sbh.eq(p6.bias + half6), sshift.eq(p6.shift)]
         pass_valid = Signal()
-        pass_index = Signal(range(max_passes))
+        pass_chunk = Signal(range(max_chunks))      # the channel's lanes chunk * pipes + ...
+        pass_chan = Signal(range(chans))
+        pass_addr = Signal(iaw)                     # the channel's run address
+        chunk_last = pass_chunk + 1 == chunks
         with m.If(end[6 + R] & post_requant):
+            for j, (smul, sbh, sshift) in enumerate(staged):
+                # This cycle's record is slot slot6's; slot 0 of a parallel element (at least
+                # two slots) was staged before.
+                now = (slot6 == j) if j else (~parallel | (slot6 == 0))
+                m.d.sync += [hmul[j].eq(Mux(now, p6.mul, smul)),
+                             hbh[j].eq(Mux(now, p6.bias + half6, sbh)),
+                             hshift[j].eq(Mux(now, p6.shift, sshift)),
+                             hlive_chan[j].eq(o6 + j < cfg.out_channels)]
             m.d.sync += [
-                *(h.eq(a) for h, a in zip(hacc, acc6)),
+                *(hacc[j * lanes + i].eq(acc6[j][i]) for j in range(chans) for i in range(lanes)),
                 *(h.eq(Mux(cfg.residual, r, 0)) for h, r in zip(hres, res6)),
-                hmul.eq(p6.mul), hres_mul.eq(p6.res_mul), hbh.eq(p6.bias + half6),
-                hshift.eq(p6.shift), haddr.eq(outa_line[5 + R]), hlive.eq(live_line[5 + R]),
-                pass_valid.eq(1), pass_index.eq(0),
+                hres_mul.eq(p6.res_mul), pass_addr.eq(outa_line[5 + R]),
+                hlive.eq(live_line[5 + R]),
+                pass_valid.eq(1), pass_chunk.eq(0), pass_chan.eq(0),
             ]
-        with m.Elif(pass_valid & (pass_index + 1 == passes)):
-            m.d.sync += pass_valid.eq(0)
+        with m.Elif(pass_valid & chunk_last):
+            m.d.sync += pass_chunk.eq(0)
+            with m.If(pass_chan + 1 >= Mux(parallel, chans, 1)):
+                m.d.sync += pass_valid.eq(0)
+            with m.Else():
+                m.d.sync += [pass_chan.eq(pass_chan + 1),
+                             pass_addr.eq(pass_addr + cfg.out_plane)]
         with m.Elif(pass_valid):
-            m.d.sync += pass_index.eq(pass_index + 1)
+            m.d.sync += pass_chunk.eq(pass_chunk + 1)
+
+        # Pass (pass_chan, pass_chunk) takes accumulator pass_chan * lanes + pass_chunk * pipes
+        # + j in requantizer j.
+        pass_sel = Signal(range(max_passes))
+        m.d.comb += pass_sel.eq(pass_chan * max_chunks + pass_chunk)
 
         def pass_lane(values, j):
-            # Requantizer j's input in pass `pass_index`: lane pass_index * pipes + j.
-            value = values[j]
-            for t in range(1, max_passes):
-                value = Mux(pass_index == t, values[t * pipes + j], value)
-            return value
+            return Array(values[t * pipes + j] for t in range(len(values) // pipes))[
+                pass_sel if len(values) > lanes else pass_chunk]
 
+        sel_mul = Array(hmul)[pass_chan]
+        sel_bh = Array(hbh)[pass_chan]
+        sel_shift = Array(hshift)[pass_chan]
         pv = _delay(m, pass_valid, 6, "pass_valid")     # pv[k] is stage X + k
-        pindex = _delay(m, pass_index, 6, "pass_index")
-        plast = _delay(m, pass_valid & (pass_index + 1 == passes), 6, "pass_last")
-        pshift = _delay(m, hshift, 4, "pass_shift")
-        paddr = _delay(m, haddr, 5, "pass_addr")
+        pchunk = _delay(m, pass_chunk, 6, "pass_chunk")
+        # A channel's run is written with its last pass (if the channel exists).
+        plast = _delay(m, pass_valid & chunk_last & Array(hlive_chan)[pass_chan], 6,
+                       "pass_last")
+        pshift = _delay(m, sel_shift, 4, "pass_shift")
+        paddr = _delay(m, pass_addr, 5, "pass_addr")
         plive = _delay(m, hlive, 5, "pass_live")
         prod_width = aw + mul_width + 1
-        v_width = max(prod_width, ew + len(hres_mul) + 1, len(hbh)) + 2
+        v_width = max(prod_width, ew + len(hres_mul) + 1, bh_shape.width) + 2
         for j in range(pipes):
-            mul_parts = _partial_products(pass_lane(hacc, j), hmul, f"mul_{j}")
+            mul_parts = _partial_products(pass_lane(hacc, j), sel_mul, f"mul_{j}")
             res_parts = _partial_products(pass_lane(hres, j), hres_mul, f"res_mul_{j}")
             m.d.sync += [reg.eq(product) for _, reg, product in mul_parts + res_parts]
-            bh1 = Signal.like(hbh, name=f"bh1_{j}")
+            bh1 = Signal(bh_shape, name=f"bh1_{j}")
             a2 = Signal(signed(prod_width), name=f"a2_{j}")
             b2 = Signal(signed(v_width), name=f"b2_{j}")
             v3 = Signal(signed(v_width), name=f"v3_{j}")
             y4 = Signal(signed(v_width), name=f"y4_{j}")
             m.d.sync += [
-                bh1.eq(hbh),
+                bh1.eq(sel_bh),
                 a2.eq(_sum_shifted(mul_parts)),
                 b2.eq(_sum_shifted(res_parts) + bh1),
                 v3.eq(a2 + b2),
@@ -646,12 +724,12 @@ class FixedUnit(wiring.Component):
             y5 = Signal(signed(ew), name=f"y5_{j}")
             m.d.sync += [below5.eq(y4 < sat_lo), above5.eq(y4 > sat_hi), y5.eq(y4)]
             sat5 = Mux(below5, sat_lo, Mux(above5, sat_hi, y5))
-            for t in range(max_passes):
+            for t in range(max_chunks):
                 lane_index = t * pipes + j
-                acc11 = _delay(m, acc6[lane_index], 5, f"acc_{lane_index}")[-1]
+                acc11 = _delay(m, acc6[0][lane_index], 5, f"acc_{lane_index}")[-1]
                 with m.If(~post_requant):
                     m.d.sync += self.int_wr_data[lane_index].eq(acc11)
-                with m.Elif(pv[5] & (pindex[5] == t)):
+                with m.Elif(pv[5] & (pchunk[5] == t)):
                     m.d.sync += self.int_wr_data[lane_index].eq(sat5)
 
         # BITS words (stage 12): each lane collects its pixel's bits; after a word's last channel

@@ -203,9 +203,15 @@ class Machine:
         addresses = p["in_offset"][:, None, None] + rel[None]        # (O, T, P)
         self._check_ints(addresses[:, real], where)
         x = self.ints[np.where(real[None], addresses, 0)]
+        together = self.geo.fixed_channels if f.get("parallel", 0) else 1
+        if together > 1:
+            self._check_parallel(f, p, x[:, real], together, where)
         if f["multiply"]:
             t = np.arange(tcs * kh * kw)
-            caddr = f["coef_base"] + np.arange(out_c)[:, None] * f["coef_ostride"] + t[None]
+            # Parallel: a term's coefficients of a group of `together` channels are one run.
+            o = np.arange(out_c)[:, None]
+            caddr = (f["coef_base"] + o // together * f["coef_ostride"] + t[None] * together
+                     + o % together)
             if caddr.max() >= self.geo.coef_depth:
                 raise ValueError(f"{where}: COEFS address {int(caddr.max())} outside the memory")
             coef = self.coefs[caddr]
@@ -233,6 +239,23 @@ class Machine:
         if post == isa.Post.REQUANT:
             acc = self._requant(f, p, acc, out_addr, where)
         self._store(out_addr, acc, where)
+
+    def _check_parallel(self, f, p, x, together, where):
+        """The requirements of a parallel FIXED op (sw.isa.parallel_ok and the notes above
+        it), which the hardware does not check: refuse what it would compute otherwise."""
+        if not isa.parallel_ok(f, together):
+            raise ValueError(f"{where}: a parallel FIXED op must be a conv (multiply, SUM, "
+                             f"REQUANT, no residual) of at least {together} terms")
+        offsets = p["in_offset"]
+        groups = offsets[np.arange(len(offsets)) // together * together]
+        if (offsets != groups).any():
+            raise ValueError(f"{where}: a parallel op's groups of {together} channels must "
+                             f"share in_offset")
+        if self.geo.element_width > isa.PARALLEL_X_BITS:
+            limit = 1 << (isa.PARALLEL_X_BITS - 1)
+            if x.size and (x.min() < -limit or x.max() >= limit):
+                raise ValueError(f"{where}: a parallel op's inputs must fit "
+                                 f"{isa.PARALLEL_X_BITS} signed bits")
 
     def _requant(self, f, p, acc, out_addr, where):
         mul, bias, shift = (p[n][:, None] for n in ("mul", "bias", "shift"))

@@ -30,10 +30,10 @@ Execution model (details in ``docs/accelerator.md``)
 import enum
 
 __all__ = [
-    "BCONV_FIELDS", "BCONV_POST", "DESCRIPTOR", "FIXED_FIELDS", "FIXED_LATENCY", "PARAM",
-    "SEQUENCER_CYCLES", "BitRecord", "Opcode", "Post", "Reduce", "bconv_bits_words",
+    "BCONV_FIELDS", "BCONV_POST", "DESCRIPTOR", "FIXED_FIELDS", "FIXED_LATENCY", "PARALLEL_X_BITS",
+    "PARAM", "SEQUENCER_CYCLES", "BitRecord", "Opcode", "Post", "Reduce", "bconv_bits_words",
     "bconv_cycles", "bconv_post", "fixed_cycles", "fixed_lanes", "int_banks", "op_cycles",
-    "requant_passes", "requant_pipes",
+    "parallel_ok", "requant_passes", "requant_pipes",
     "window_setup_cycles",
 ]
 
@@ -169,7 +169,35 @@ FIXED_FIELDS = (
     ("coef_ostride", 16, False),  # COEFS distance between output channels (0: shared)
     ("param_base", 16, False),
     ("res_base", 24, False),
+    # 1: the unit's `fixed_channels` output channels at once (parallel_ok; COEFS in
+    # channel-group order), 0: one output channel at a time.
+    ("parallel", 1, False),
 )
+
+# A FIXED op with ``parallel`` set computes ``M = fixed_channels`` output channels (the device's
+# :class:`hw.config.DeviceConfig` field, in its INFO record) of each lane group at once: one
+# INTS run of terms feeds ``M`` multipliers per lane, each with its own coefficient. It
+# needs (the compiler checks, :func:`parallel_ok`; the hardware does not): ``multiply``,
+# ``reduce`` SUM, ``post`` REQUANT, no ``residual``, at least ``M`` terms per output, the
+# ``M`` channels ``g * M .. g * M + M - 1`` of every group sharing ``in_offset``, and (with
+# ``element_width`` above :data:`PARALLEL_X_BITS`) every input value fitting that many signed
+# bits. Channel ``o``'s coefficient of term ``t`` is at COEFS ``coef_base + (o // M) *
+# coef_ostride + t * M + o % M`` (the ``M`` coefficients of a term are one run), and
+# ``out_channels`` need not be a multiple of ``M`` (the last group's extra channels are not
+# written).
+#: Signed bits of an input value a parallel op's extra channels multiply (one 18 x 18 DSP).
+PARALLEL_X_BITS = 18
+
+
+def parallel_ok(fields, channels):
+    """Whether a FIXED op (``fields``: FIXED_FIELDS names, ``parallel`` aside) may run with
+    ``parallel`` on a unit of ``channels`` output channels at once, as far as its fields tell
+    (the compiler also checks the inputs' ``in_offset`` and value range)."""
+    terms = fields["terms_c"] * fields["kernel_h"] * fields["kernel_w"]
+    return (channels > 1 and fields["multiply"] == 1 and fields["reduce"] == Reduce.SUM
+            and fields["post"] == Post.REQUANT and not fields["residual"]
+            and terms >= channels)
+
 
 #: Settings of a binary conv (:class:`hw.bconv_engine.BconvEngine`'s ``config``).
 BCONV_FIELDS = (
@@ -299,20 +327,24 @@ def requant_passes(group, pipes):
     return max(group // pipes, 1)
 
 
-def fixed_cycles(lanes, lane, fields, pipes=None):
+def fixed_cycles(lanes, lane, fields, pipes=None, channels=1):
     """Cycles the fixed-point unit is busy for a FIXED op (``fields``: FIXED_FIELDS names) on
-    a unit of ``lanes`` lanes, ``lane``-bit BITS words and ``pipes`` requantizers (default
-    :func:`requant_pipes` ``(lanes)``, as the device has)."""
+    a unit of ``lanes`` lanes, ``lane``-bit BITS words, ``pipes`` requantizers (default
+    :func:`requant_pipes` ``(lanes)``, as the device has) and ``channels`` output channels at
+    once for ops with ``parallel`` set (:class:`hw.config.DeviceConfig`'s ``fixed_channels``)."""
     terms = fields["terms_c"] * fields["kernel_h"] * fields["kernel_w"]
     if fields["post"] == Post.REQUANT and fields["residual"]:
         terms += 1
     group = fixed_lanes(lanes, lane, fields)
+    together = channels if fields.get("parallel", 0) else 1
     per_row = -(-fields["out_w"] // group)
-    elements = fields["out_h"] * per_row * fields["out_channels"]
+    elements = fields["out_h"] * per_row * -(-fields["out_channels"] // together)
     if fields["post"] == Post.REQUANT and elements * terms > 0:
         # Elements of fewer terms than passes wait (padding slots, but after the last);
-        # the last element's requantizer passes follow its last term.
-        passes = requant_passes(group, requant_pipes(lanes) if pipes is None else pipes)
+        # the last element's requantizer passes follow its last term. Each of the channels
+        # computed together takes its own passes.
+        passes = together * requant_passes(group, requant_pipes(lanes) if pipes is None
+                                           else pipes)
         pad = max(passes - terms, 0)
         return elements * (terms + pad) - pad + FIXED_LATENCY + passes
     cycles = elements * terms + FIXED_LATENCY
@@ -322,14 +354,16 @@ def fixed_cycles(lanes, lane, fields, pipes=None):
     return cycles
 
 
-def op_cycles(rows, cols, lane, descriptor, fixed_lanes=0):
-    """An op's cycle counter on a device with a ``rows x cols x lane`` array and
-    ``int_banks(cols, fixed_lanes)`` fixed-point lanes: ``descriptor`` is a dict of
-    :data:`DESCRIPTOR` fields."""
+def op_cycles(rows, cols, lane, descriptor, fixed_lanes=0, fixed_channels=1):
+    """An op's cycle counter on a device with a ``rows x cols x lane`` array,
+    ``int_banks(cols, fixed_lanes)`` fixed-point lanes and ``fixed_channels`` output channels
+    at once (``parallel`` ops): ``descriptor`` is a dict of :data:`DESCRIPTOR` fields."""
     opcode = descriptor["opcode"]
     if opcode == Opcode.FIXED:
         fields = {name: descriptor[f"fixed_{name}"] for name, _, _ in FIXED_FIELDS}
-        return fixed_cycles(int_banks(cols, fixed_lanes), lane, fields) + SEQUENCER_CYCLES
+        return (fixed_cycles(int_banks(cols, fixed_lanes), lane, fields,
+                             channels=fixed_channels)
+                + SEQUENCER_CYCLES)
     if opcode == Opcode.BCONV:
         return bconv_cycles(rows, cols, descriptor["bconv_k_words"],
                             descriptor["bconv_m_tiles"], descriptor["bconv_out_plane"],

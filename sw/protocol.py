@@ -74,7 +74,7 @@ __all__ = [
 
 REQUEST_SYNC = 0xA5
 REPLY_SYNC = 0x5A
-PROTOCOL_VERSION = 5
+PROTOCOL_VERSION = 6
 #: Command byte used in error replies when the request's command byte was never received.
 NO_COMMAND = 0x00
 #: Sync, command/status and two length bytes.
@@ -277,6 +277,7 @@ INFO = _Layout([
     ("program_depth", "I"),   # words in Memory.PROGRAM and Memory.COUNTERS
     ("fixed_lanes", "B"),     # output pixels the fixed-point unit computes per cycle (0: none)
     ("rx_buffer", "I"),       # request bytes the device buffers while it is busy (pipelining)
+    ("fixed_channels", "B"),  # output channels of a parallel FIXED op at once (0: none)
 ])
 #: Memories a WRITE may not change (answered with :attr:`Status.READ_ONLY`).
 READ_ONLY_MEMORIES = frozenset({Memory.COUNTERS})

@@ -50,8 +50,8 @@ class Harness(Elaboratable):
                                       init=[])
         else:
             raise ValueError(ints)
-        self.coefs = memory.Memory(shape=dut.coef_rd_data.shape(),
-                                   depth=1 << dut.coef_addr_width, init=[])
+        # COEFS as the core has it: banked, a run of `channels` coefficients per read.
+        self.coefs = IntMemory(depth=1 << dut.coef_addr_width, width=8, banks=dut.channels)
         self.params = memory.Memory(shape=unsigned(isa.PARAM.width),
                                     depth=1 << dut.param_addr_width, init=[])
 
@@ -67,13 +67,13 @@ class Harness(Elaboratable):
         m.submodules.dut = dut = self.dut
         m.submodules.ints, m.submodules.coefs, m.submodules.params = (
             self.ints, self.coefs, self.params)
-        for mem, name in ((self.coefs, "coef"), (self.params, "param")):
-            port = mem.read_port(transparent_for=())
-            m.d.comb += [
-                port.addr.eq(getattr(dut, f"{name}_rd_addr")),
-                port.en.eq(getattr(dut, f"{name}_rd_en")),
-                getattr(dut, f"{name}_rd_data").eq(port.data),
-            ]
+        port = self.params.read_port(transparent_for=())
+        m.d.comb += [
+            port.addr.eq(dut.param_rd_addr), port.en.eq(dut.param_rd_en),
+            dut.param_rd_data.eq(port.data),
+            self.coefs.rd_addr.eq(dut.coef_rd_addr), self.coefs.rd_en.eq(dut.coef_rd_en),
+            dut.coef_rd_data.eq(self.coefs.rd_data), self.coefs.wr_en.eq(0),
+        ]
         if isinstance(self.ints, IntMemory):
             ints = self.ints
             m.d.comb += [
@@ -132,7 +132,7 @@ def lower(op, inputs, dut, rng, *, in_base=3, param_base=2, coef_base=5):
            "stride": 1, "pad": 0, "terms_c": 1, "term_stride": plane, "out_channels": oc,
            "out_h": oh, "out_w": ow, "out_base": out_base, "out_plane": oh * ow,
            "out_words": 0, "coef_base": coef_base, "coef_ostride": 0,
-           "param_base": param_base, "res_base": 0}
+           "param_base": param_base, "res_base": 0, "parallel": 0}
     # Fields an op does not use get random values: the unit must ignore them.
     params = [{"in_offset": bases[0] + o * plane, "mul": rng.randint(-2**17, 2**17 - 1),
                "res_mul": rng.randint(-2**17, 2**17 - 1), "shift": rng.randint(0, 40),
@@ -158,8 +158,21 @@ def lower(op, inputs, dut, rng, *, in_base=3, param_base=2, coef_base=5):
         requant(a["relu"], a["bits"])
         for o in range(oc):
             params[o]["in_offset"] = bases[0] + (o // (oc // g)) * tc * plane
-        for i, v in enumerate(np.asarray(p["weight"]).flatten().tolist()):
-            coefs[coef_base + i] = int(v)
+        weight = np.asarray(p["weight"]).reshape(oc, -1)
+        together, xb = dut.channels, dut.parallel_x_bits
+        if (isa.parallel_ok(cfg, together) and (g == 1 or (oc // g) % together == 0)
+                and all(-(1 << (xb - 1)) <= v < 1 << (xb - 1) for v in x.flatten().tolist())):
+            # The channels of a group of `together` share in_offset; coefficients in
+            # channel-group order (sw.isa: a term's coefficients are one run).
+            terms = weight.shape[1]
+            cfg.update(parallel=1, coef_ostride=together * terms)
+            for o in range(oc):
+                for t in range(terms):
+                    coefs[coef_base + o // together * together * terms + t * together
+                          + o % together] = int(weight[o, t])
+        else:
+            for i, v in enumerate(weight.flatten().tolist()):
+                coefs[coef_base + i] = int(v)
     elif kind == "requant":
         requant(a["relu"], a["bits"])
     elif kind == "threshold":
@@ -208,10 +221,11 @@ def lower(op, inputs, dut, rng, *, in_base=3, param_base=2, coef_base=5):
         for o in range(oc):
             for pix in range(oh * ow):
                 words[out_base + o * oh * ow + pix] = wrap(expected[o][pix // ow][pix % ow], ew)
-    return cfg, ints, coefs, packed, words, cycles(cfg, dut.lanes, lane, dut.requant_pipes)
+    return cfg, ints, coefs, packed, words, cycles(cfg, dut.lanes, lane, dut.requant_pipes,
+                                                    dut.channels)
 
 
-def cycles(cfg, lanes, lane, pipes):
+def cycles(cfg, lanes, lane, pipes, channels):
     """The issue cycles of an op (``busy`` is high for them plus LATENCY): the docstring's
     formula, written independently of the unit's counters."""
     threshold = cfg["post"] == isa.Post.THRESHOLD
@@ -228,12 +242,13 @@ def cycles(cfg, lanes, lane, pipes):
     e = (cfg["terms_c"] * cfg["kernel_h"] * cfg["kernel_w"]
          + cfg["residual"] * (cfg["post"] == isa.Post.REQUANT))
     queue_tail = (cfg["out_w"] - 1) % step if threshold else 0
-    elements = cfg["out_h"] * groups * cfg["out_channels"]
+    together = channels if cfg["parallel"] else 1
+    elements = cfg["out_h"] * groups * -(-cfg["out_channels"] // together)
     if cfg["post"] == isa.Post.REQUANT:
-        # The step's accumulators pass `pipes` at a time through the requantizers; each
-        # element but the last takes at least that many slots, and the write follows the
-        # last element's passes.
-        passes = max(step // pipes, 1)
+        # The step's accumulators (of each channel computed together) pass `pipes` at a time
+        # through the requantizers; each element but the last takes at least that many
+        # slots, and the write follows the last element's passes.
+        passes = max(step // pipes, 1) * together
         slots = max(e, passes)
         return (elements - 1) * slots + e + passes
     return elements * e + queue_tail
@@ -259,7 +274,8 @@ def run_jobs(dut, jobs, seed, int_memory="banked"):
                 harness.set_int(ctx, addr, ints.get(addr, rng.randint(-(1 << (ew - 1)),
                                                                       (1 << (ew - 1)) - 1)))
             for addr in range(harness.coefs.depth):
-                ctx.set(harness.coefs.data[addr], coefs.get(addr, rng.randint(-128, 127)))
+                cells, row = harness.coefs.element(addr)
+                ctx.set(cells[row], coefs.get(addr, rng.randint(-128, 127)))
             for addr in range(harness.params.depth):
                 ctx.set(harness.params.data[addr],
                         params.get(addr, rng.getrandbits(isa.PARAM.width)))
@@ -294,7 +310,8 @@ def run_jobs(dut, jobs, seed, int_memory="banked"):
             assert cycles == issue + dut.LATENCY, (
                 f"{name}: busy for {cycles} cycles, expected {issue} + {dut.LATENCY}")
             # The host's timing model (code generation's per-op figures) agrees.
-            assert cycles == isa.fixed_cycles(dut.lanes, dut.lane, cfg, dut.requant_pipes), name
+            assert cycles == isa.fixed_cycles(dut.lanes, dut.lane, cfg, dut.requant_pipes,
+                                              dut.channels), name
             assert not ctx.get(dut.int_wr_en) and not ctx.get(dut.bits_wr_en), (
                 f"{name}: write after busy fell")
             threshold = cfg["post"] == isa.Post.THRESHOLD
@@ -365,8 +382,11 @@ def fit_requant(rng, op, inputs):
         params["bias"][c] = rng.randint(-limit, limit)
 
 
-def conv_job(rng, ew, *, cin, o, h, w, k, stride, pad, groups, extreme=False):
-    x = rand_tensor(rng, (cin, h, w), -(1 << (ew - 1)), (1 << (ew - 1)) - 1)
+def conv_job(rng, ew, *, cin, o, h, w, k, stride, pad, groups, extreme=False, x_bits=None):
+    """A conv of random weights and requantization on inputs of ``x_bits`` signed bits
+    (default ``ew``)."""
+    x_bits = x_bits or ew
+    x = rand_tensor(rng, (cin, h, w), -(1 << (x_bits - 1)), (1 << (x_bits - 1)) - 1)
     weight = rand_tensor(rng, (o, cin // groups, k, k), -128, 127, extremes=0.3)
     params = rand_requant(rng, o, ew, extreme=extreme)
     params["weight"] = weight.numpy()
@@ -406,7 +426,14 @@ def ops_for(rng, ew, lane):
             # stride 2 over long rows: half the lanes, every second element of a run
             (2, 3, 3, 17, 3, 2, 1, 1),
             (1, 2, 3, 15, 7, 2, 3, 1),
-            (2, 2, 2, 16, 2, 2, 0, 1)):
+            (2, 2, 2, 16, 2, 2, 0, 1),
+            # more output channels: several channel groups (parallel units), a partial last
+            # group, groups of exactly the channels at once, terms equal to the channels
+            (3, 7, 3, 5, 3, 1, 1, 1),
+            (4, 8, 2, 9, 3, 1, 1, 2),
+            (2, 6, 3, 11, 3, 2, 1, 1),
+            (4, 5, 2, 10, 1, 1, 0, 1),
+            (2, 9, 1, 3, 1, 1, 0, 1)):
         ops.append((f"conv{k}x{k}s{stride}p{pad}g{groups}",
                     *conv_job(rng, ew, cin=cin, o=o, h=h, w=w, k=k, stride=stride, pad=pad,
                               groups=groups)))
@@ -538,19 +565,26 @@ def random_ops(rng, ew, lane, count):
     return ops
 
 
-@pytest.mark.parametrize("element_width, lane, int_addr_width, seed, lanes, pipes", [
-    (24, 8, 10, 1, 1, None),
-    (24, 8, 10, 1, 4, None),
-    (10, 3, 10, 2, 1, None),    # narrow elements (more saturation), lane not a power of two
-    (10, 3, 10, 2, 4, None),
-    (24, 8, 10, 3, 8, None),
-    (24, 8, 10, 4, 4, 1),       # one requantizer: four passes
-    (24, 8, 10, 5, 8, 8),       # one requantizer per lane: one pass
+@pytest.mark.parametrize("element_width, lane, int_addr_width, seed, lanes, pipes, channels", [
+    (24, 8, 10, 1, 1, None, 1),
+    (24, 8, 10, 1, 4, None, 1),
+    (10, 3, 10, 2, 1, None, 1),    # narrow elements (more saturation), lane not a power of two
+    (10, 3, 10, 2, 4, None, 1),
+    (24, 8, 10, 3, 8, None, 1),
+    (24, 8, 10, 4, 4, 1, 1),       # one requantizer: four passes
+    (24, 8, 10, 5, 8, 8, 1),       # one requantizer per lane: one pass
+    # Several output channels at once (parallel convs): as the ULX3S default (18-bit
+    # elements, 8 lanes, 4 requantizers, 4 channels), one lane, and 24-bit elements whose
+    # small-valued convs run parallel (the extra channels multiply 18 bits of x).
+    (18, 8, 10, 6, 8, None, 4),
+    (12, 4, 10, 7, 1, None, 2),
+    (16, 8, 10, 8, 4, 1, 2),
+    (24, 8, 10, 9, 2, None, 4),
 ])
-def test_ops_match_golden(element_width, lane, int_addr_width, seed, lanes, pipes):
+def test_ops_match_golden(element_width, lane, int_addr_width, seed, lanes, pipes, channels):
     dut = FixedUnit(element_width=element_width, lane=lane, int_addr_width=int_addr_width,
-                    bits_addr_width=7, coef_addr_width=9, param_addr_width=5, max_terms=147,
-                    lanes=lanes, requant_pipes=pipes)
+                    bits_addr_width=7, coef_addr_width=10, param_addr_width=5, max_terms=147,
+                    lanes=lanes, requant_pipes=pipes, channels=channels)
     rng = random.Random(seed)
     jobs = []
     for name, op, inputs in (ops_for(rng, element_width, lane)
@@ -558,6 +592,20 @@ def test_ops_match_golden(element_width, lane, int_addr_width, seed, lanes, pipe
         jobs.append((name, lower(op, inputs, dut, rng,
                                  param_base=rng.randint(0, 5), coef_base=rng.randint(0, 30),
                                  in_base=rng.randint(0, 20))))
+    if channels > 1:
+        # Convs whose inputs fit the extra channels' multipliers (their extremes included).
+        for i in range(12):
+            groups = rng.choice((1, 1, 2))
+            cin = groups * rng.randint(1, 3)
+            op, inputs = conv_job(rng, element_width, cin=cin,
+                                  o=groups * channels * rng.randint(1, 2) - rng.randint(0, 1)
+                                  * (groups == 1), h=rng.randint(1, 3), w=rng.randint(1, 11),
+                                  k=3, stride=rng.randint(1, 2), pad=1, groups=groups,
+                                  x_bits=dut.parallel_x_bits)
+            jobs.append((f"parallel conv {i}", lower(op, inputs, dut, rng,
+                                                     coef_base=rng.randint(0, 30))))
+        parallel = sum(job[0]["parallel"] for _, job in jobs)
+        assert parallel >= 12, f"only {parallel} of the ops run parallel"
     run_jobs(dut, jobs, seed)
 
 

@@ -74,6 +74,9 @@ class Geometry:
     #: At least this many fixed-point lanes (0: as many as the columns need; the unit has
     #: :func:`sw.isa.int_banks` ``(cols, fixed_lanes)``); only cycle counts depend on it.
     fixed_lanes: int = 0
+    #: Output channels a ``parallel`` FIXED op computes at once (:func:`sw.isa.parallel_ok`;
+    #: its COEFS are laid out for it): convs that allow it are generated parallel.
+    fixed_channels: int = 1
 
     def __post_init__(self):
         for field in dataclasses.fields(self):
@@ -96,7 +99,8 @@ class Geometry:
         for field in dataclasses.fields(cls):
             if hasattr(config, field.name):
                 values[field.name] = getattr(config, field.name)
-            else:
+            elif field.name != "fixed_channels":
+                # (A device from before fixed_channels computes one channel at a time.)
                 raise ValueError(f"config has no attribute {field.name!r}")
         return cls(**values)
 
@@ -951,13 +955,34 @@ class _Mapper:
             "term_stride": self.plane(src) if term_stride is None else term_stride,
             "out_channels": out_c, "out_h": out_h, "out_w": out_w, "out_base": out_base,
             "out_plane": out_h * out_w, "out_words": out_words, "coef_ostride": coef_ostride,
-            "res_base": res_base,
+            "res_base": res_base, "parallel": 0,
         }
         params = [{"in_offset": int(offset)} for offset in in_offsets]
-        cycles = (isa.fixed_cycles(isa.int_banks(self.geo.cols, self.geo.fixed_lanes),
-                                   self.geo.lane, fields)
-                  + isa.SEQUENCER_CYCLES)
-        return _Lowered(isa.Opcode.FIXED, fields, params=params, cycles=cycles)
+        return _Lowered(isa.Opcode.FIXED, fields, params=params,
+                        cycles=self.fixed_cycles(fields))
+
+    def fixed_cycles(self, fields):
+        """A FIXED op's cycle counter on this geometry (:func:`sw.isa.op_cycles`)."""
+        geo = self.geo
+        return (isa.fixed_cycles(isa.int_banks(geo.cols, geo.fixed_lanes), geo.lane, fields,
+                                 channels=geo.fixed_channels)
+                + isa.SEQUENCER_CYCLES)
+
+    def parallel(self, op, src, fields, groups):
+        """Whether a conv (``fields``, ``groups``) reading ``src`` may compute the device's
+        ``fixed_channels`` output channels at once (:func:`sw.isa.parallel_ok`): besides its
+        fields, each group of that many channels must lie in one conv group (they share
+        ``in_offset``) and, on a device whose elements are wider than the extra channels'
+        multipliers take, every input value must fit :data:`sw.isa.PARALLEL_X_BITS`."""
+        together = self.geo.fixed_channels
+        if not isa.parallel_ok(fields, together):
+            return False
+        if groups != 1 and (fields["out_channels"] // groups) % together:
+            return False
+        spec = self.spec(src)
+        signed_bits = spec.bits + (0 if spec.signed else 1)
+        return (self.geo.element_width <= isa.PARALLEL_X_BITS
+                or signed_bits <= isa.PARALLEL_X_BITS)
 
     @staticmethod
     def requant_params(low, op, channels):
@@ -1047,7 +1072,18 @@ class _Mapper:
             # The accumulator's compare (no element_width clipping: it is not stored).
             self.threshold_params(low, op, thr, direction, width=None)
         # Flattened (o, tc, ky, kx): term t = (tc * k + ky) * k + kx of output o.
-        low.coefs = [int(v) for v in weight.reshape(-1)]
+        terms = weight.reshape(out_c, -1)
+        if to_bits is None and self.parallel(op, src, low.fields, groups):
+            # A term's coefficients of a group of `together` channels are one COEFS run
+            # (channels past out_c in the last group: 0, never written).
+            together = self.geo.fixed_channels
+            n_terms = terms.shape[1]
+            padded = np.zeros((_ceil_div(out_c, together) * together, n_terms), np.int64)
+            padded[:out_c] = terms
+            low.fields.update(parallel=1, coef_ostride=together * n_terms)
+            low.cycles = self.fixed_cycles(low.fields)
+            terms = padded.reshape(-1, together, n_terms).transpose(0, 2, 1)
+        low.coefs = [int(v) for v in terms.reshape(-1)]
         return low
 
     def _requant(self, op):
