@@ -32,4 +32,7 @@ def committed_fmax_mhz(board, config, *, layer_program):
     if layer_program and (isa.int_banks(built["cols"], built.get("fixed_lanes", 0))
                           != config.int_banks):
         return None
+    # Reports from before DeviceConfig.fixed_channels computed one channel at a time.
+    if layer_program and built.get("fixed_channels", 1) != config.fixed_channels:
+        return None
     return min(clock["achieved_mhz"] for clock in report["fmax"].values())

@@ -166,7 +166,7 @@ def run_network(name, program, images, config, images_to_run, batch):
         "config": {k: getattr(config, k) for k in (
             "rows", "cols", "lane", "max_depth", "weight_depth", "int_depth", "bits_depth",
             "coef_depth", "param_depth", "program_depth", "element_width", "clock_hz",
-            "baud")} | {"fixed_lanes": config.int_banks},
+            "baud", "fixed_channels")} | {"fixed_lanes": config.int_banks},
         "layers": layers,
     }
     return record

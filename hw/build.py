@@ -631,6 +631,9 @@ def make_parser():
             ("program-depth", "OPS", "descriptors of the PROGRAM memory (layer program)"),
             ("fixed-lanes", "N", ("at least this many output pixels the fixed-point unit "
                                   "computes per cycle, a power of two (layer program)")),
+            ("fixed-channels", "M", ("output channels the fixed-point unit computes at once "
+                                     "in parallel convs, a power of two up to 16 (layer "
+                                     "program)")),
             ("baud", "B", "UART baud rate")):
         config.add_argument(f"--{name}", metavar=metavar, type=_positive,
                             help=f"{what} (default: the board's)")

@@ -148,6 +148,11 @@ class FixedUnit(wiring.Component):
         Requantizers (``acc * mul + res * res_mul + bias``, shift and saturation), a power
         of two dividing ``lanes``; default :func:`sw.isa.requant_pipes` ``(lanes)``, as the
         device and its timing model have. Each costs 5 multipliers and a wide datapath.
+    channels : int
+        Output channels of a ``parallel`` op computed at once (a power of two, default 1; the
+        device's ``fixed_channels``): each lane gets ``channels - 1`` more multipliers (of
+        ``min(element_width, 18)``-bit x, one DSP each) and accumulators. With 1 the
+        ``parallel`` field is ignored.
 
     Members
     -------
@@ -170,12 +175,15 @@ class FixedUnit(wiring.Component):
         ``INTS[int_wr_addr + i] = int_wr_data[i]`` for each ``i`` with ``int_wr_mask[i]`` set
         (at least bit 0 in every write).
     coef_rd_addr, coef_rd_en : ``Out(coef_addr_width)``, ``Out(1)``; coef_rd_data :
-    ``In(signed(8))``
-        COEFS read port, latency 1.
+    ``In(data.ArrayLayout(signed(8), channels))``
+        COEFS run read port, latency 1: ``coef_rd_data[j]`` is ``COEFS[coef_rd_addr + j]``
+        (:class:`~hw.int_memory.IntMemory` of ``channels`` banks). Only element 0 is used
+        but by parallel ops.
     param_rd_addr, param_rd_en : ``Out(param_addr_width)``, ``Out(1)``; param_rd_data :
     ``In(hw.isa.PARAM_LAYOUT)``
         PARAMS read port, latency 1, read (``param_base + o``) in every cycle a term or
-        residual slot is issued.
+        residual slot is issued (``param_base + o + j`` in slot ``j < channels`` of a
+        parallel element, see below).
     bits_wr_addr, bits_wr_en, bits_wr_data : ``Out(bits_addr_width)``, ``Out(1)``, ``Out(lane)``
         BITS write port (post THRESHOLD), driven from registers.
 
@@ -193,7 +201,20 @@ class FixedUnit(wiring.Component):
 
     REQUANT: the group's ``L`` accumulators go through the ``requant_pipes`` requantizers in
     ``S = max(L // requant_pipes, 1)`` passes (:func:`sw.isa.requant_passes`), one per cycle,
-    and the group's write is issued at ``c + LATENCY + S``. An element of fewer than ``S``
+    and the group's write is issued at ``c + LATENCY + S``.
+
+    Parallel (``parallel`` set, ``channels = M > 1``; the requirements of
+    :func:`sw.isa.parallel_ok` and its notes, which the unit does not check): the loop over
+    ``o`` steps by ``M`` (``o_plane`` by ``M * out_plane``); a term is one INTS run as above
+    and one COEFS run of ``M`` coefficients at ``coef_addr`` (which steps by ``M`` per term,
+    ``coef_base + (o // M) * coef_ostride`` per element), and lane ``i`` of channel ``o + j``
+    accumulates ``x_i * coef_j``. Slot ``j < M`` of an element reads channel ``o + j``'s
+    PARAMS record (or channel ``o``'s where ``o + j >= out_channels``): every slot's
+    ``in_offset`` is the group's. The element's ``M * L`` accumulators then take ``S' = M *
+    S`` passes, channel by channel (``S`` each), and each channel ``o + j < out_channels``
+    gets its own run write after its last pass, ``S`` cycles apart. Elements are
+    ``out_h * ceil(out_w / L) * ceil(out_channels / M)`` and ``S'`` replaces ``S`` in the
+    formula below. An element of fewer than ``S``
     slots (``E < S``) is followed by ``S - E`` padding slots (none after the op's last), so
     ``busy`` is high for ``N * max(E, S) - max(S - E, 0) + LATENCY + S`` cycles (``N``
     elements). A new op can start in the cycle ``busy`` falls.
@@ -212,8 +233,10 @@ class FixedUnit(wiring.Component):
        says (the code's names keep the numbers);
     4. the lanes' ``x`` and the coefficient registered (the rotator gets no multiplier
        behind it in the same cycle);
-    5. ``x * coef`` registered (per lane one ``element_width x 8`` multiplier);
-    6. accumulators (sum or max); in the residual slot, the residual run held;
+    5. ``x * coef`` registered (per lane one ``element_width x 8`` multiplier, and one
+       per further channel);
+    6. accumulators (sum or max; further channels: sum); in the residual slot, the residual
+       run held; a parallel element's PARAMS records staged;
     7. the threshold compares; for REQUANT the element's accumulators, residuals, ``mul``,
        ``res_mul``, ``bias + half`` and ``shift`` held for the requantizers' passes
        (pass ``t`` at cycle ``7 + t`` takes lanes ``t * requant_pipes + j``);

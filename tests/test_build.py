@@ -572,6 +572,27 @@ def test_fixed_lanes_must_be_a_power_of_two(value):
         DeviceConfig(fixed_lanes=value)
 
 
+def test_fixed_channels_in_the_info_record():
+    info = protocol.INFO.unpack(DeviceConfig(fixed_channels=4).info())
+    assert info["fixed_channels"] == 4
+    assert protocol.INFO.unpack(DeviceConfig().info())["fixed_channels"] == 1
+    gemm_only = DeviceConfig(fixed_channels=4, layer_program=False)
+    assert protocol.INFO.unpack(gemm_only.info())["fixed_channels"] == 0
+
+
+@pytest.mark.parametrize("value", [0, 3, 32, True, 2.0])
+def test_fixed_channels_must_be_a_power_of_two(value):
+    with pytest.raises(ValueError, match=rf"^fixed_channels must be a power of two from 1 to "
+                                         rf"16, not {value!r}$"):
+        DeviceConfig(fixed_channels=value)
+
+
+def test_coef_depth_must_fill_the_coefs_banks():
+    with pytest.raises(ValueError, match=r"^coef_depth must be a multiple of fixed_channels "
+                                         r"\(4, the COEFS banks\), not 4098$"):
+        DeviceConfig(fixed_channels=4, coef_depth=4098)
+
+
 def test_clock_mhz_option():
     board = get_board("ulx3s")
     args = build.make_parser().parse_args(["--clock-mhz", "40"])
@@ -595,6 +616,8 @@ def test_config_from_args_applies_fixed_lanes():
     args = build.make_parser().parse_args(["--fixed-lanes", "16"])
     assert build.config_from_args(board, args).int_banks == 16
     assert board.default_config.int_banks == 8
+    args = build.make_parser().parse_args(["--fixed-channels", "2"])
+    assert build.config_from_args(board, args).fixed_channels == 2
 
 
 def test_committed_fmax_needs_the_same_lanes(tmp_path, monkeypatch):
@@ -621,6 +644,18 @@ def test_committed_fmax_needs_the_same_lanes(tmp_path, monkeypatch):
     assert committed.committed_fmax_mhz(board, config, layer_program=True) is None
     assert committed.committed_fmax_mhz(board, config.replace(fixed_lanes=0),
                                         layer_program=True) == 51.0
+    # Another number of channels at once, or a report from before fixed_channels (one).
+    built = dataclasses.asdict(config)
+    report.write_text(json.dumps({"config": built, "clock_hz": clock,
+                                  "fmax": {"clk": {"achieved_mhz": 47.0}}}))
+    assert committed.committed_fmax_mhz(board, config.replace(fixed_channels=1),
+                                        layer_program=True) is None
+    del built["fixed_channels"]
+    report.write_text(json.dumps({"config": built, "clock_hz": clock,
+                                  "fmax": {"clk": {"achieved_mhz": 47.0}}}))
+    assert committed.committed_fmax_mhz(board, config, layer_program=True) is None
+    assert committed.committed_fmax_mhz(board, config.replace(fixed_channels=1),
+                                        layer_program=True) == 47.0
 
 
 class RecordingProgress:

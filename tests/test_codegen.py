@@ -1014,3 +1014,61 @@ def test_meliusnet_small_is_resident_on_the_default():
     assert len(dp.segments) == 1 and not dp.split
     assert dp.ints_used <= default.int_depth and default.element_width == 18
     check_exact(program, dp, torch.as_tensor(images[:1]))
+
+
+# -- parallel convs (fixed_channels) -------------------------------------------------------------
+
+@pytest.mark.parametrize("channels", [2, 4])
+@pytest.mark.parametrize("name", ["melius", "melius-pool-shuffle", "abc", "plain"])
+def test_parallel_convs_stay_exact(name, channels):
+    """With ``fixed_channels`` > 1 the convs that allow it (sw.isa.parallel_ok) are generated
+    parallel, their coefficients in channel-group order: the isa model (which checks the
+    parallel rules) gives the golden output, every op's cycles are the timing model's, and no
+    op takes longer than with one channel at a time."""
+    program = compiled(name, 0)
+    one = generate(program, config(fixed_channels=1))
+    dp = generate(program, config(fixed_channels=channels))
+    parallel = [op for op in dp.ops if op.fields.get("fixed_parallel")]
+    geo = dp.geometry
+    for op in dp.ops:
+        assert op.cycles == isa.op_cycles(geo.rows, geo.cols, geo.lane, op.fields,
+                                          geo.fixed_lanes, channels), op.name
+    for op in parallel:
+        assert op.kind == "conv"
+        fields = {name: op.fields[f"fixed_{name}"] for name, _, _ in isa.FIXED_FIELDS}
+        assert isa.parallel_ok(fields, channels), op.name
+    if name.startswith("melius"):
+        assert parallel            # the stem's convs
+    assert all(b.cycles <= a.cycles for a, b in zip(one.ops, dp.ops))
+    assert (sum(op.cycles for op in dp.ops) < sum(op.cycles for op in one.ops)) == bool(parallel)
+    check_exact(program, dp, images_for(name, 0, count=2), fill=3)
+
+
+@pytest.mark.parametrize("bits, parallel", [(17, 1), (18, 0), (20, 0)])
+def test_parallel_conv_inputs_must_fit_18_bits(bits, parallel):
+    """On a device of 24-bit elements a conv is parallel only if its input's values fit the
+    extra channels' 18-bit multipliers (unsigned: 17 bits and the sign)."""
+    program, images = single_op_program("conv", 0)
+    conv = first_op(program, "conv")
+    src = conv.inputs[0].tensor
+    tensors = dict(program.tensors)
+    tensors[src] = dataclasses.replace(tensors[src], bits=bits, signed=False)
+    program = dataclasses.replace(program, tensors=tensors)
+    dp = generate(program, config(fixed_channels=2, element_width=24))
+    op = next(op for op in dp.ops if op.name == conv.name)
+    assert op.fields["fixed_parallel"] == parallel
+    check_exact(program, dp, torch.as_tensor(images))
+
+
+def test_isa_model_refuses_a_parallel_op_that_breaks_the_rules():
+    program = compiled("melius", 0)
+    dp = generate(program, config(fixed_channels=4))
+    image = images_for("melius", 0, count=1)[0].numpy()
+    index = next(i for i, op in enumerate(dp.ops)
+                 if op.opcode == isa.Opcode.FIXED and op.kind != "conv")
+    fields = isa.DESCRIPTOR.unpack(dp.descriptors[index])
+    fields["fixed_parallel"] = 1
+    descriptors = list(dp.descriptors)
+    descriptors[index] = isa.DESCRIPTOR.pack(**fields)
+    with pytest.raises(ValueError, match="a parallel FIXED op must be a conv"):
+        isa_model.run(dataclasses.replace(dp, descriptors=descriptors), image)
