@@ -167,23 +167,25 @@ def _ulx3s(size):
                             result_depth=128, int_depth=16384, bits_depth=512,
                             coef_depth=8192, param_depth=1024, program_depth=128),
         # 85F: every weight of CNV-W1A1 and of MeliusNet-small at 28x28 is resident (one
-        # segment): WEIGHTS 3,072 words of 16 rows (CNV's 1.56 Mbit need 3,052; 87 of the 208
+        # segment): WEIGHTS 3,072 words of 16 rows (CNV's 1.56 Mbit need 3,052; 86 of the 208
         # block RAMs), BITS 3,072 (CNV's bit-plane image and conv1's bits: 2,824), COEFS and PARAMS
         # MeliusNet's 16,912 and 1,931 words. INTS holds MeliusNet's peak (26,656 elements)
         # in 18-bit elements: two 2048 x 9 block RAMs wide where 24 bits took three, so the
         # INTS banks take 32 block RAMs, not 72 (every count, activation and logit of both
-        # networks fits 18 signed bits; the compiler refuses a tensor that does not). 194
+        # networks fits 18 signed bits; the compiler refuses a tensor that does not). 193
         # block RAMs in all; the static placer legalises them. 16 rows, four columns: more
         # rows cost no block RAM (WEIGHTS keeps its bits), while each column needs a BITS copy
         # (6 block RAMs), and nextpnr's router has not converged on 8 x 8 x 32 (`--cols 8`);
         # docs/builds.md. Eight fixed-point lanes: the fixed-point ops (stem, transitions) take
         # most of MeliusNet's cycles, and the lanes' multipliers are plentiful; with 16 lanes
         # as well (47,180 LUT4) router2 still had 6,351 overused wires after 20 iterations
-        # (docs/builds.md).
+        # (docs/builds.md). One output channel at a time (fixed_channels 1): with four
+        # (MeliusNet 56,247 cycles instead of 131,894) and with two (81,409, and the binary
+        # convs' compares in the array) router2 diverged (docs/builds.md).
         "85F": DeviceConfig(rows=16, cols=4, lane=32, weight_depth=3072, activation_depth=256,
                             result_depth=256, int_depth=32768, element_width=18,
                             bits_depth=3072, coef_depth=24576, param_depth=2048,
-                            program_depth=128, fixed_lanes=8, fixed_channels=4),
+                            program_depth=128, fixed_lanes=8, fixed_channels=1),
     }[size]
     return Board(
         name="ulx3s", size=size, family="ecp5",
