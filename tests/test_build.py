@@ -645,16 +645,18 @@ def test_committed_fmax_needs_the_same_lanes(tmp_path, monkeypatch):
     assert committed.committed_fmax_mhz(board, config.replace(fixed_lanes=0),
                                         layer_program=True) == 51.0
     # Another number of channels at once, or a report from before fixed_channels (one).
-    built = dataclasses.asdict(config)
+    two = config.replace(fixed_channels=2)
+    built = dataclasses.asdict(two)
     report.write_text(json.dumps({"config": built, "clock_hz": clock,
                                   "fmax": {"clk": {"achieved_mhz": 47.0}}}))
-    assert committed.committed_fmax_mhz(board, config.replace(fixed_channels=1),
+    assert committed.committed_fmax_mhz(board, two, layer_program=True) == 47.0
+    assert committed.committed_fmax_mhz(board, two.replace(fixed_channels=1),
                                         layer_program=True) is None
     del built["fixed_channels"]
     report.write_text(json.dumps({"config": built, "clock_hz": clock,
                                   "fmax": {"clk": {"achieved_mhz": 47.0}}}))
-    assert committed.committed_fmax_mhz(board, config, layer_program=True) is None
-    assert committed.committed_fmax_mhz(board, config.replace(fixed_channels=1),
+    assert committed.committed_fmax_mhz(board, two, layer_program=True) is None
+    assert committed.committed_fmax_mhz(board, two.replace(fixed_channels=1),
                                         layer_program=True) == 47.0
 
 
