@@ -136,7 +136,8 @@ class BconvEngine(wiring.Component):
 
         cycles = S + M * (N - 1) * P + (M - 1) * Q + k + 2 * R + C + 5
 
-    cycles (plus ``W - 1`` with *threshold*, the last tile's queued words) from the cycle
+    cycles (plus ``W - 1 + sw.isa.BCONV_PARAM_REGISTERS`` with *threshold*: the last tile's
+    queued words and the PARAMS record's registers before the compares) from the cycle
     ``start`` is seen (cycle 0) to the first cycle with ``busy`` low:
     ``S`` for the window's geometry pipeline to settle on the config, ``k + 1`` until the
     first tile's last word enters the array, ``R + C + 2`` more until its first result row,
@@ -397,25 +398,47 @@ class BconvEngine(wiring.Component):
             mask1.eq(mask),
             counts1.eq(res.payload.counts),
         ]
-        # Threshold mode, stage 1: compare the counts with the record (latency 1), reduce each
-        # pooling window's four compares (OR for direction +1, AND for -1: max >= t is any
-        # count >= t, max <= t is every count <= t), and shift the bit of each word slot into
-        # its `rows`-bit collector (channel r of the row tile ends in bit r). After the last
-        # row the slots' words go to the write queue, slot 0's at once.
+        # Threshold mode, stage 1: the record arrives from PARAMS. It and the beat are
+        # registered (isa.BCONV_PARAM_REGISTERS times: the block RAM's output straight into the
+        # compares, the pooling reduction and the BITS write data was the routed build's
+        # critical path), then the counts are compared with the record, each pooling window's
+        # four compares reduced (OR for direction +1, AND for -1: max >= t is any count >= t,
+        # max <= t is every count <= t), and the bit of each word slot shifted into its
+        # `rows`-bit collector (channel r of the row tile ends in bit r). After the last row
+        # the slots' words go to the write queue, slot 0's at once.
         rec = self.param_rd_data
-        row1 = Signal.like(res.payload.row)
-        o1 = Signal.like(o)
-        baddr1 = Signal(bw)
-        group1 = Signal.like(group)
         pix1 = Signal(cols)        # traversed pixel i of the tile exists
-        m.d.sync += [row1.eq(res.payload.row), o1.eq(o), baddr1.eq(bt_addr), group1.eq(group)]
         for i in range(cols):
             m.d.sync += pix1[i].eq(n0 + i < plane)
+        channel1 = Signal()        # the row's channel exists
+        row1 = Signal.like(res.payload.row)
+        baddr1 = Signal(bw)
+        group1 = Signal.like(group)
+        m.d.sync += [channel1.eq(o < cfg.out_channels), row1.eq(res.payload.row),
+                     baddr1.eq(bt_addr), group1.eq(group)]
+
+        def staged(value, name):
+            for i in range(isa.BCONV_PARAM_REGISTERS):
+                register = Signal.like(value, name=f"{name}_t{i}")
+                m.d.sync += register.eq(value)
+                value = register
+            return value
+
+        rec_threshold = staged(rec.threshold, "rec_threshold")
+        rec_direction = staged(rec.direction, "rec_direction")
+        valid_t = staged(valid1 & threshold, "valid_t")
+        final_t = staged(final1, "final_t")
+        counts_t = staged(counts1, "counts_t")
+        pix_t = staged(pix1, "pix_t")
+        channel_t = staged(channel1, "channel_t")
+        row_t = staged(row1, "row_t")
+        baddr_t = staged(baddr1, "baddr_t")
+        group_t = staged(group1, "group_t")
         ge = [Signal(name=f"ge_{i}") for i in range(cols)]
         le = [Signal(name=f"le_{i}") for i in range(cols)]
         for i in range(cols):
-            m.d.comb += [ge[i].eq(counts1[i] >= rec.threshold),
-                         le[i].eq(counts1[i] <= rec.threshold)]
+            m.d.comb += [ge[i].eq(counts_t[i] >= rec_threshold),
+                         le[i].eq(counts_t[i] <= rec_threshold)]
         slot_bits = []
         for j in range(words):
             if self.cols % 4 == 0 and j < self.cols // 4:
@@ -426,12 +449,12 @@ class BconvEngine(wiring.Component):
             else:
                 up, down = ge[j], le[j]
             bit = Signal(name=f"slot_bit_{j}")
-            m.d.comb += bit.eq((o1 < cfg.out_channels) & Mux(
-                rec.direction > 0, up, Mux(rec.direction < 0, down, rec.threshold != 0)))
+            m.d.comb += bit.eq(channel_t & Mux(
+                rec_direction > 0, up, Mux(rec_direction < 0, down, rec_threshold != 0)))
             slot_bits.append(bit)
         collect = [Signal(rows, name=f"collect_{j}") for j in range(words)]
         slot_words = [Cat(c[1:], b) for c, b in zip(collect, slot_bits)]
-        slot_live = [Mux(pool, pix1[4 * j] if 4 * j < cols else 0, pix1[j])
+        slot_live = [Mux(pool, pix_t[4 * j] if 4 * j < cols else 0, pix_t[j])
                      for j in range(words)]
         # The queue: words 1.. of the last tile (slot 0's is written from stage 2 directly).
         queue = [Signal(rows, name=f"queue_{j}") for j in range(1, words)]
@@ -450,18 +473,18 @@ class BconvEngine(wiring.Component):
                     self.bits_wr_data.eq(vector << (grp * rows))]
 
         m.d.sync += self.bits_wr_en.eq(0)
-        with m.If(valid1 & threshold):
+        with m.If(valid_t):
             m.d.sync += [c.eq(w) for c, w in zip(collect, slot_words)]
-        with m.If(valid1 & threshold & (row1 == rows - 1)):
-            m.d.sync += bits_write(slot_live[0], baddr1, slot_words[0], group1)
+        with m.If(valid_t & (row_t == rows - 1)):
+            m.d.sync += bits_write(slot_live[0], baddr_t, slot_words[0], group_t)
             m.d.sync += [q.eq(w) for q, w in zip(queue, slot_words[1:])]
             m.d.sync += [
                 queue_live.eq(Cat(*slot_live[1:]) if words > 1 else 0),
                 queue_left.eq(Mux(pool, self.cols // 4 - 1 if self.cols >= 4 else 0,
                                   words - 1)),
-                queue_addr.eq(baddr1 + post.out_words),
-                queue_group.eq(group1),
-                draining.eq(final1),
+                queue_addr.eq(baddr_t + post.out_words),
+                queue_group.eq(group_t),
+                draining.eq(final_t),
             ]
         if words > 1:
             with m.Elif(queue_left != 0):

@@ -347,23 +347,18 @@ class DeviceCore(wiring.Component):
                 ]
             m.d.comb += [bconv.int_rd_data.eq(ints.rd_data), fixed.int_rd_data.eq(ints.rd_data)]
 
-        # A READ sends a word a byte at a time, in two registered steps: each memory picks byte
-        # `word_byte` of its own read port's data (which holds until the port's next enable)
-        # into a register next to it, then the selected memory's register goes to the
-        # transmitter through one more. Latching whole words of every memory into one register
-        # (as before) drew thousands of wires to one spot of the chip, a hot spot nextpnr's
-        # router could not clear; without the registers the block RAM output, the byte select
-        # (a 57:1 multiplexer for PROGRAM's words) and the memory mux each limited Fmax in turn
-        # (docs/builds.md).
-        # The word itself is registered first, as it leaves the memory: the byte select of a
-        # wide word (64 bytes of WEIGHTS on the 16-row array) straight behind a block RAM's
-        # output was the critical path (docs/builds.md). The register takes the word in
-        # "Latch word", the cycle its read data appear, and holds it: the port is not enabled
-        # again until the word has been sent.
-        # Each memory selects its byte with its own copy of `word_byte`, next to it: the one
-        # counter fanned out to every memory's select across the die was a critical path.
-        # The copies count in the same states as `word_byte` (only the selected memory's:
-        # copies with equal inputs would be merged back into one).
+        # A READ sends a word a byte at a time through three registers. (1) The word is
+        # registered as it leaves its memory, in "Latch word", the cycle its read data appear,
+        # and held (the port is not enabled again until the word has been sent): the byte
+        # select of a wide word (64 bytes of WEIGHTS on the 16-row array) straight behind a
+        # block RAM's output was the critical path. (2) Each memory selects byte `word_byte`
+        # of its word into a register next to it, with its own copy of the byte counter: the
+        # one counter fanned out to every memory's select across the die was a critical path
+        # (the copies count in the same states as `word_byte`, only the selected memory's:
+        # copies with equal inputs would be merged back into one). (3) The selected memory's
+        # byte goes to the transmitter through one more register. Latching whole words of
+        # every memory into one register (as once) drew thousands of wires to one spot of the
+        # chip, a hot spot nextpnr's router could not clear (docs/builds.md).
         memory_byte_q = {}
         read_byte_index = {}
         for mem, data in host_reads.items():

@@ -261,7 +261,10 @@ class FixedUnit(wiring.Component):
     and compares. With a requantizer per lane (before ``requant_pipes``), Yosys
     ``synth_ecp5`` of the ULX3S-85F default's unit (``lanes=8``) counted 9,086 LUT4, 2,652
     CCU2C, 8,538 FFs and 59 ``MULT18X18D``: 43% of the whole device's logic cells, and
-    nextpnr's router2 found most of its overused wires there (docs/builds.md).
+    nextpnr's router2 found most of its overused wires there (docs/builds.md). Each further
+    channel (``channels > 1``) adds per lane an 18 x 8 multiplier (one ``MULT18X18D``), its
+    product register and accumulator, and widens the requantizers' pass multiplexer by the
+    channel count (the four-channel ULX3S-85F build did not route: docs/builds.md).
 
     """
 

@@ -30,10 +30,10 @@ Execution model (details in ``docs/accelerator.md``)
 import enum
 
 __all__ = [
-    "BCONV_FIELDS", "BCONV_POST", "DESCRIPTOR", "FIXED_FIELDS", "FIXED_LATENCY", "PARALLEL_X_BITS",
-    "PARAM", "SEQUENCER_CYCLES", "BitRecord", "Opcode", "Post", "Reduce", "bconv_bits_words",
-    "bconv_cycles", "bconv_post", "fixed_cycles", "fixed_lanes", "int_banks", "op_cycles",
-    "parallel_ok", "requant_passes", "requant_pipes",
+    "BCONV_FIELDS", "BCONV_PARAM_REGISTERS", "BCONV_POST", "DESCRIPTOR", "FIXED_FIELDS",
+    "FIXED_LATENCY", "PARALLEL_X_BITS", "PARAM", "SEQUENCER_CYCLES", "BitRecord", "Opcode",
+    "Post", "Reduce", "bconv_bits_words", "bconv_cycles", "bconv_post", "fixed_cycles",
+    "fixed_lanes", "int_banks", "op_cycles", "parallel_ok", "requant_passes", "requant_pipes",
     "window_setup_cycles",
 ]
 
@@ -262,6 +262,11 @@ FIXED_RUN_REGISTERS = 1
 #: Pipeline latency of :class:`hw.fixed_unit.FixedUnit` (posts NONE and THRESHOLD; a REQUANT
 #: write comes :func:`requant_passes` cycles later): its 12 stages and the run registers.
 FIXED_LATENCY = 12 + FIXED_RUN_REGISTERS
+#: Registers of :class:`hw.bconv_engine.BconvEngine` between the PARAMS block RAM's (unregistered)
+#: output and its threshold compares (a BCONV with ``threshold``): the record's path through
+#: the compare, the pooling OR and the BITS write data was the routed ULX3S build's critical
+#: path (docs/builds.md).
+BCONV_PARAM_REGISTERS = 1
 #: Cycles the sequencer adds to an op's unit time in its counter: fetch, decode, dispatch,
 #: the cycle that sees the unit idle again and the record cycle.
 SEQUENCER_CYCLES = 5
@@ -293,7 +298,7 @@ def bconv_cycles(rows, cols, k_words, m_tiles, out_plane, threshold=0, pool=0):
     ``pool``: :func:`bconv_post` of its descriptor)."""
     n_tiles = -(-out_plane // cols)
     p, q = max(k_words, rows), max(k_words + 2, rows)
-    drain = bconv_bits_words(cols, pool) - 1 if threshold else 0
+    drain = bconv_bits_words(cols, pool) - 1 + BCONV_PARAM_REGISTERS if threshold else 0
     return (window_setup_cycles(cols) + m_tiles * (n_tiles - 1) * p + (m_tiles - 1) * q
             + k_words + 2 * rows + cols + 5 + drain)
 

@@ -627,37 +627,35 @@ def test_committed_fmax_needs_the_same_lanes(tmp_path, monkeypatch):
     report = tmp_path / "bitstreams" / "ulx3s" / "report.json"
     report.parent.mkdir(parents=True)
     monkeypatch.setattr(committed, "ROOT", tmp_path)
-    built = dataclasses.asdict(config)
-    clock = config.clock_hz
-    report.write_text(json.dumps({"config": built, "clock_hz": clock,
-                                  "fmax": {"clk": {"achieved_mhz": 44.5}}}))
-    assert committed.committed_fmax_mhz(board, config, layer_program=True) == 44.5
+
+    def commit_report(built_config, mhz, *, without=None):
+        """A committed report of `built_config` at `mhz`, from before field `without` existed."""
+        built = dataclasses.asdict(built_config)
+        if without:
+            del built[without]
+        report.write_text(json.dumps({"config": built, "clock_hz": config.clock_hz,
+                                      "fmax": {"clk": {"achieved_mhz": mhz}}}))
+
+    def fmax(asked):
+        return committed.committed_fmax_mhz(board, asked, layer_program=True)
+
+    commit_report(config, 44.5)
+    assert fmax(config) == 44.5
     # A build for another core clock (before the PLL: the oscillator's) is another build.
-    assert committed.committed_fmax_mhz(board, config.replace(clock_hz=25_000_000),
-                                        layer_program=True) is None
-    assert committed.committed_fmax_mhz(board, config.replace(fixed_lanes=0),
-                                        layer_program=True) is None
+    assert fmax(config.replace(clock_hz=25_000_000)) is None
+    assert fmax(config.replace(fixed_lanes=0)) is None
     # A report from before fixed_lanes existed had the columns' lanes.
-    del built["fixed_lanes"]
-    report.write_text(json.dumps({"config": built, "clock_hz": clock,
-                                  "fmax": {"clk": {"achieved_mhz": 51.0}}}))
-    assert committed.committed_fmax_mhz(board, config, layer_program=True) is None
-    assert committed.committed_fmax_mhz(board, config.replace(fixed_lanes=0),
-                                        layer_program=True) == 51.0
+    commit_report(config, 51.0, without="fixed_lanes")
+    assert fmax(config) is None
+    assert fmax(config.replace(fixed_lanes=0)) == 51.0
     # Another number of channels at once, or a report from before fixed_channels (one).
     two = config.replace(fixed_channels=2)
-    built = dataclasses.asdict(two)
-    report.write_text(json.dumps({"config": built, "clock_hz": clock,
-                                  "fmax": {"clk": {"achieved_mhz": 47.0}}}))
-    assert committed.committed_fmax_mhz(board, two, layer_program=True) == 47.0
-    assert committed.committed_fmax_mhz(board, two.replace(fixed_channels=1),
-                                        layer_program=True) is None
-    del built["fixed_channels"]
-    report.write_text(json.dumps({"config": built, "clock_hz": clock,
-                                  "fmax": {"clk": {"achieved_mhz": 47.0}}}))
-    assert committed.committed_fmax_mhz(board, two, layer_program=True) is None
-    assert committed.committed_fmax_mhz(board, two.replace(fixed_channels=1),
-                                        layer_program=True) == 47.0
+    commit_report(two, 47.0)
+    assert fmax(two) == 47.0
+    assert fmax(two.replace(fixed_channels=1)) is None
+    commit_report(two, 47.0, without="fixed_channels")
+    assert fmax(two) is None
+    assert fmax(two.replace(fixed_channels=1)) == 47.0
 
 
 class RecordingProgress:

@@ -497,6 +497,15 @@ def test_fit_requant_is_exact_and_fits():
 
 # -- the reference model refuses what it does not model ----------------------------------------
 
+def with_fields(dp, index, **changes):
+    """`dp` with descriptor `index`'s fields changed (a program the compiler would not emit)."""
+    fields = isa.DESCRIPTOR.unpack(dp.descriptors[index])
+    fields.update(changes)
+    descriptors = list(dp.descriptors)
+    descriptors[index] = isa.DESCRIPTOR.pack(**fields)
+    return dataclasses.replace(dp, descriptors=descriptors)
+
+
 def test_isa_model_refuses_the_unmodeled():
     program = compiled("plain", 0)
     dp = generate(program, CONFIG)
@@ -505,12 +514,8 @@ def test_isa_model_refuses_the_unmodeled():
     with pytest.raises(ValueError, match="unknown opcode 7"):
         isa_model.run(bad, image)
     index = next(i for i, op in enumerate(program.ops) if op.kind == "bconv")
-    fields = isa.DESCRIPTOR.unpack(dp.descriptors[index])
-    fields["bconv_kernel"] = 2
-    descriptors = list(dp.descriptors)
-    descriptors[index] = isa.DESCRIPTOR.pack(**fields)
     with pytest.raises(ValueError, match="BCONV kernel 2"):
-        isa_model.run(dataclasses.replace(dp, descriptors=descriptors), image)
+        isa_model.run(with_fields(dp, index, bconv_kernel=2), image)
     segment = dp.segments[0]
     bad = dataclasses.replace(dp, segments=[segment._replace(writes=[("FOO", 0, [1])])])
     with pytest.raises(ValueError, match="no memory 'FOO'"):
@@ -1066,9 +1071,5 @@ def test_isa_model_refuses_a_parallel_op_that_breaks_the_rules():
     image = images_for("melius", 0, count=1)[0].numpy()
     index = next(i for i, op in enumerate(dp.ops)
                  if op.opcode == isa.Opcode.FIXED and op.kind != "conv")
-    fields = isa.DESCRIPTOR.unpack(dp.descriptors[index])
-    fields["fixed_parallel"] = 1
-    descriptors = list(dp.descriptors)
-    descriptors[index] = isa.DESCRIPTOR.pack(**fields)
     with pytest.raises(ValueError, match="a parallel FIXED op must be a conv"):
-        isa_model.run(dataclasses.replace(dp, descriptors=descriptors), image)
+        isa_model.run(with_fields(dp, index, fixed_parallel=1), image)
