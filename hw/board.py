@@ -179,13 +179,12 @@ def _ulx3s(size):
         # docs/builds.md. Eight fixed-point lanes: the fixed-point ops (stem, transitions) take
         # most of MeliusNet's cycles, and the lanes' multipliers are plentiful; with 16 lanes
         # as well (47,180 LUT4) router2 still had 6,351 overused wires after 20 iterations
-        # (docs/builds.md). One output channel at a time (fixed_channels 1): with four
-        # (MeliusNet 56,247 cycles instead of 131,894) and with two (81,409, and the binary
-        # convs' compares in the array) router2 diverged (docs/builds.md).
+        # (docs/builds.md). Two output channels at a time (fixed_channels 2: MeliusNet 81,409
+        # cycles, not 131,894 with one); with four (56,247) router2 diverged (docs/builds.md).
         "85F": DeviceConfig(rows=16, cols=4, lane=32, weight_depth=3072, activation_depth=256,
                             result_depth=256, int_depth=32768, element_width=18,
                             bits_depth=3072, coef_depth=24576, param_depth=2048,
-                            program_depth=128, fixed_lanes=8, fixed_channels=1),
+                            program_depth=128, fixed_lanes=8, fixed_channels=2),
     }[size]
     return Board(
         name="ulx3s", size=size, family="ecp5",
