@@ -16,12 +16,14 @@ TESTS = 5
 
 #: Small memories keep the builds and the runs short; the byte timeout is 1000 cycles. The
 #: smallest receive FIFO (64 bytes), so that pipelined requests fill it and the core holds the
-#: request stream off (``pipelined_requests``).
+#: request stream off (``pipelined_requests``). The odd 2x3x8 shape is a GEMM-only core (as the
+#: iCEBreaker's device), the 4x4x32 one runs the layer program too, its GEMM engine sharing
+#: the array with the binary conv engine (as the ULX3S's).
 CONFIGS = {
     "2x3x8": DeviceConfig(rows=2, cols=3, lane=8, max_depth=64, weight_depth=32,
                           activation_depth=32, result_depth=32, max_payload=64,
                           clock_hz=1_000_000, baud=250_000, byte_timeout_us=1000,
-                          rx_buffer=64),
+                          rx_buffer=64, layer_program=False),
     "4x4x32": DeviceConfig(rows=4, cols=4, lane=32, max_depth=512, weight_depth=64,
                            activation_depth=64, result_depth=64, max_payload=128,
                            clock_hz=1_000_000, baud=250_000, byte_timeout_us=1000,
