@@ -86,9 +86,10 @@ class XnorArray(wiring.Component):
         restart), ``last`` its final word. A tile is the beats from ``first`` to ``last``;
         a one-word tile has both set. Gaps (``valid`` low) are allowed anywhere.
         ``planes`` selects the bit-plane mode (see the module documentation; ignored unless
-        ``lane % 8 == 0``, :attr:`supports_planes`). It travels with the beat's weights
-        through the PEs, so each beat is counted in its own mode: tiles of both modes may
-        follow each other back to back.
+        ``lane % 8 == 0``, :attr:`supports_planes`). The array takes it from each accepted
+        beat and applies it to every PE at once, so all tiles in the array at the same time
+        must carry the same value: change it only once the previous tile's results have left
+        (the device runs one op at a time; a unit stays busy until its last result is out).
         ``ready`` is low only while a ``last`` beat is offered less than ``rows`` cycles after
         the previous accepted ``last`` beat: the result path drains one row per cycle, so tiles
         shorter than ``rows`` words are throttled to ``rows`` cycles each.
@@ -160,6 +161,11 @@ class XnorArray(wiring.Component):
         in_valid = Signal()
         in_beat = Signal(self.i_layout)
         m.d.sync += [in_valid.eq(accepted), in_beat.eq(self.i.payload)]
+        # The mode of the tiles in flight (one op's tiles at a time): one register for all PEs.
+        planes = Signal()
+        if self.supports_planes:
+            with m.If(accepted):
+                m.d.sync += planes.eq(self.i.payload.planes)
 
         def delayed(value, cycles, name):
             for stage in range(cycles):
@@ -168,11 +174,7 @@ class XnorArray(wiring.Component):
                 value = reg
             return value
 
-        # The control travels with the weights: each PE registers it for its right
-        # neighbour. It carries the beat's mode (`planes`), so that no register drives all
-        # PEs' popcount multiplexers at once (one did: the routed build's critical path,
-        # docs/builds.md).
-        control_layout = data.StructLayout({"valid": 1, "first": 1, "last": 1, "planes": 1})
+        control_layout = data.StructLayout({"valid": 1, "first": 1, "last": 1})
         row_weights, row_control = [], []
         for r in range(rows):
             control = Signal(control_layout, name=f"row{r}_control")
@@ -180,7 +182,6 @@ class XnorArray(wiring.Component):
                 control.valid.eq(in_valid),
                 control.first.eq(in_beat.first),
                 control.last.eq(in_beat.last),
-                control.planes.eq(in_beat.planes if self.supports_planes else 0),
             ]
             row_weights.append(delayed(in_beat.weights[r * lane:(r + 1) * lane], r,
                                        f"row{r}_weights"))
@@ -212,7 +213,7 @@ class XnorArray(wiring.Component):
                 if self.supports_planes:
                     most = (2 ** PLANES - 1) * (lane // PLANES)
                     ones = Signal(range(most + 1), name=f"{pe}_ones")
-                    count = plane_popcount(agree, ctl.planes)
+                    count = plane_popcount(agree, planes)
                 else:
                     ones = Signal(range(lane + 1), name=f"{pe}_ones")
                     count = popcount(agree)
