@@ -32,8 +32,8 @@ from tests.compile_nets import compile_net, raw_images
 from tests.device_programs import KINDS, cnv_like_program, fused_program, single_op_program
 
 #: A 4x4x32 array with eight fixed-point lanes (INTS banks: twice the columns, as in the
-#: ULX3S-85F default) computing four output channels at once in parallel convs (as the
-#: default), memories that hold the test networks, 4 clock cycles per UART bit (the
+#: ULX3S-85F default) computing four output channels at once in parallel convs (the default
+#: computes two), memories that hold the test networks, 4 clock cycles per UART bit (the
 #: fastest the UART allows: loading weights costs fewer simulated cycles). ``max_depth`` 4096
 #: gives the ULX3S default's 13-bit counts, which a 3-channel 3x3 bit-plane conv needs (up to
 #: 255 * 27 = 6,885).
