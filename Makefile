@@ -27,11 +27,12 @@ bitstream: setup
 	$(BIN)/python -m hw.build --board $(BOARD) $(BUILD_OPTIONS)
 
 # One pytest worker per core (pytest-xdist); each test file runs whole on one worker, so that
-# a file's simulated board (a module fixture) is built and started once. The slowest tests are
-# listed at the end (CI's time budget is 20 minutes).
+# a file's simulated board (a module fixture) is built and started once. The files are handed
+# out in tests/conftest.py's order, the slowest first. The slowest tests are listed at the end
+# (CI's time budget is 20 minutes).
 test: setup
 	$(BIN)/python -m ruff check .
-	$(BIN)/python -m pytest -n auto --dist loadfile --durations=25
+	$(BIN)/python -m pytest -n auto --dist loadfile --no-loadscope-reorder --durations=25
 
 lint: setup
 	$(BIN)/python -m ruff check .

@@ -16,9 +16,11 @@ TESTS = 5
 
 #: Small memories keep the builds and the runs short; the byte timeout is 1000 cycles. The
 #: smallest receive FIFO (64 bytes), so that pipelined requests fill it and the core holds the
-#: request stream off (``pipelined_requests``). The odd 2x3x8 shape is a GEMM-only core (as the
-#: iCEBreaker's device), the 4x4x32 one runs the layer program too, its GEMM engine sharing
-#: the array with the binary conv engine (as the ULX3S's).
+#: request stream off (``pipelined_requests``). GEMM-only cores (as the iCEBreaker's device):
+#: with the layer program's units a core took 5.5 minutes of Verilator's C++ compile in CI.
+#: The GEMM command on a device that runs the layer program (its GEMM engine sharing the array
+#: with the binary conv engine, as on the ULX3S) is checked by tests/test_network_end_to_end.py
+#: (``test_gemm_and_networks_share_the_array``) and the README's GEMM example (tests/test_docs.py).
 CONFIGS = {
     "2x3x8": DeviceConfig(rows=2, cols=3, lane=8, max_depth=64, weight_depth=32,
                           activation_depth=32, result_depth=32, max_payload=64,
@@ -27,7 +29,7 @@ CONFIGS = {
     "4x4x32": DeviceConfig(rows=4, cols=4, lane=32, max_depth=512, weight_depth=64,
                            activation_depth=64, result_depth=64, max_payload=128,
                            clock_hz=1_000_000, baud=250_000, byte_timeout_us=1000,
-                           rx_buffer=64),
+                           rx_buffer=64, layer_program=False),
 }
 
 
